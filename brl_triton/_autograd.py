@@ -1,0 +1,43 @@
+"""One autograd Function for every loss and backend.
+
+A backend is an object with
+
+- ``forward(s, y, delta, kind) -> (losses, state) | None``: flat logits ``s`` (compute dtype) and
+  targets ``y``; ``None`` when there is no positive.
+- ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
+
+The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
+zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import LossKind, compute_dtype, flat_inputs
+
+
+class RankingLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, delta: float, kind: LossKind, backend):
+        s, y = flat_inputs(logits, targets)
+        result = backend.forward(s, y, delta, kind)
+        ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
+        ctx.state = None if result is None else result[1]
+        ctx.save_for_backward(logits, targets)
+        out_dtype = compute_dtype(logits.dtype)
+        if result is None:
+            return tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.num_outputs))
+        return tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in result[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        logits, targets = ctx.saved_tensors
+        if ctx.state is None:
+            grad = torch.zeros_like(logits)
+        else:
+            s, y = flat_inputs(logits, targets)
+            grad = ctx.backend.backward(ctx.state, s, y, grad_outputs)
+            grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
+        return grad, None, None, None, None

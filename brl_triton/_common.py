@@ -1,0 +1,100 @@
+"""Host-side helpers shared by every backend: loss kinds, input checks, flattening."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """Which loss of ``shared/ALGORITHM.md`` is computed.
+
+    ``bucketed``: negatives grouped into buckets between consecutive positives (BRS/BAP).
+    ``sorting``: Rank & Sort (two outputs: ranking and sorting loss) instead of AP (one output).
+    ``interpolated``: the original, interpolated AP loss (exact FP, running-max precision).
+    """
+
+    name: str
+    bucketed: bool
+    sorting: bool
+    interpolated: bool = False
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 if self.sorting else 1
+
+
+BUCKETED_RANK_SORT = LossKind("bucketed_rank_sort", bucketed=True, sorting=True)
+RANK_SORT = LossKind("rank_sort", bucketed=False, sorting=True)
+BUCKETED_AP = LossKind("bucketed_ap", bucketed=True, sorting=False)
+AP = LossKind("ap", bucketed=False, sorting=False)
+INTERPOLATED_AP = LossKind("interpolated_ap", bucketed=False, sorting=False, interpolated=True)
+
+ALL_KINDS = (BUCKETED_RANK_SORT, RANK_SORT, BUCKETED_AP, AP, INTERPOLATED_AP)
+
+
+def check_delta(delta, kind: LossKind) -> float:
+    """Return ``delta`` as a Python float, or raise if it is not a valid smoothing width."""
+    if isinstance(delta, torch.Tensor):
+        if delta.numel() != 1:
+            raise ValueError(f"delta must be a scalar, got a tensor of shape {tuple(delta.shape)}")
+        delta = delta.item()
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise TypeError(f"delta must be a real number, got {type(delta).__name__}")
+    delta = float(delta)
+    if math.isnan(delta) or math.isinf(delta) or delta < 0:
+        raise ValueError(f"delta must be a finite number >= 0, got {delta}")
+    if kind.interpolated and delta == 0:
+        raise ValueError("delta must be > 0 for the interpolated AP loss, got 0.0")
+    return delta
+
+
+def check_inputs(logits, targets) -> None:
+    """Raise a clear TypeError/ValueError for inputs no backend accepts.
+
+    NaN/Inf checks read every element once; they make the loss fail here rather than return
+    a silent NaN or crash inside a kernel.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(
+            f"logits must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {logits.dtype}"
+        )
+    if targets.is_complex():
+        raise TypeError(f"targets must be a real (float, integer or bool) tensor, got {targets.dtype}")
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"logits and targets must have the same shape, got logits {tuple(logits.shape)} "
+            f"and targets {tuple(targets.shape)}"
+        )
+    if logits.device != targets.device:
+        raise ValueError(
+            f"logits and targets must be on the same device, got {logits.device} and {targets.device}"
+        )
+    if logits.numel() == 0:
+        return
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
+    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are upcast; float32 and float64 are kept."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flat_inputs(logits: torch.Tensor, targets: torch.Tensor):
+    """Flatten to 1-D: logits in the compute dtype, targets as they are (any real dtype)."""
+    s = logits.detach().reshape(-1).to(compute_dtype(logits.dtype))
+    y = targets.detach().reshape(-1)
+    if y.dtype == torch.bool:
+        y = y.to(torch.uint8)
+    return s, y

@@ -1,0 +1,113 @@
+"""The test oracle: the losses of ``shared/ALGORITHM.md`` as O(P*N) loops, one positive at a time.
+
+Nothing here is clever on purpose. Every quantity is computed in float64 straight from its
+definition, so that the fast backends can be checked against it. It is also reachable as
+``backend="reference"``; it keeps N-sized gradient vectors and is far too slow for training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import LossKind
+
+
+def step(x: torch.Tensor, delta: float) -> torch.Tensor:
+    """The smoothed step function H of the spec."""
+    if delta > 0:
+        return (x / (2 * delta) + 0.5).clamp(0, 1)
+    return (x >= 0).to(x.dtype)
+
+
+def _buckets(pos_logits, neg_logits):
+    """Bucket id of each relevant negative, and per bucket (count, mean), non-empty buckets only."""
+    bucket = torch.zeros(neg_logits.numel(), dtype=torch.long)
+    for s_i in pos_logits:
+        bucket += (s_i > neg_logits).long()
+    ids, member_of, counts = torch.unique(bucket, return_inverse=True, return_counts=True)
+    counts = counts.double()
+    means = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, member_of, neg_logits) / counts
+    return member_of, counts, means
+
+
+def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+    """Losses and, per output, the gradient d(output)/d(logits) of the identity update.
+
+    Args:
+        s: flat logits, any float dtype. y: flat targets (>0 positive, 0 negative, <0 ignored).
+    Returns:
+        ``(losses, grads)``: tuples with one float64 0-d tensor / one float64 (M,) tensor per
+        output (ranking and sorting for Rank & Sort, one for AP), or ``None`` when there is no
+        positive (all losses and gradients are zero).
+    """
+    s = s.detach().reshape(-1).double().cpu()
+    y = y.detach().reshape(-1).double().cpu()
+    pos_index = (y > 0).nonzero().squeeze(1)
+    p = pos_index.numel()
+    if p == 0:
+        return None
+    s_pos, y_pos = s[pos_index], y[pos_index]
+    neg_index = ((y == 0) & (s >= s_pos.min() - delta)).nonzero().squeeze(1)
+    s_neg = s[neg_index]
+    if kind.bucketed:
+        member_of, counts, means = _buckets(s_pos, s_neg)
+
+    def false_positives(i):
+        """FP(i) and the factor H(s_j - s_i) (or H(m_b - s_i)) of every relevant negative."""
+        if kind.bucketed:
+            h = step(means - s_pos[i], delta)
+            return (counts * h).sum(), h[member_of]
+        h = step(s_neg - s_pos[i], delta)
+        return h.sum(), h
+
+    rank_plus = torch.zeros(p, dtype=torch.float64)
+    fp = torch.zeros(p, dtype=torch.float64)
+    for i in range(p):
+        h_pos = step(s_pos - s_pos[i], delta)
+        rank_plus[i] = h_pos.sum() if not kind.interpolated else 1 + h_pos.sum() - h_pos[i]
+        fp[i] = false_positives(i)[0]
+
+    grad_rank = torch.zeros_like(s)
+    neg_grad = torch.zeros_like(s_neg)
+    if kind.interpolated:
+        precision = rank_plus / (rank_plus + fp)
+        best = 0.0
+        best_after = torch.zeros(p, dtype=torch.float64)
+        for i in torch.argsort(s_pos, stable=True).tolist():
+            if best <= precision[i]:
+                best, factor = float(precision[i]), 1.0
+            else:
+                factor = (1 - best) / (1 - float(precision[i]))
+            best_after[i] = best
+            neg_grad += factor * false_positives(i)[1] / (rank_plus[i] + fp[i]) / p
+        grad_rank[pos_index] = -(1 - best_after) / p
+        grad_rank[neg_index] = neg_grad
+        return (1 - best_after.mean(),), (grad_rank,)
+
+    ranking_error = fp / (rank_plus + fp)
+    for i in range(p):
+        if fp[i] > 0:
+            neg_grad += ranking_error[i] * false_positives(i)[1] / fp[i] / p
+    grad_rank[pos_index] = -ranking_error / p
+    grad_rank[neg_index] = neg_grad
+    if not kind.sorting:
+        return (ranking_error.mean(),), (grad_rank,)
+
+    sorting_error = torch.zeros(p, dtype=torch.float64)
+    lower_quality = torch.zeros(p, dtype=torch.float64)  # D(i)
+    for i in range(p):
+        h_pos = step(s_pos - s_pos[i], delta)
+        not_worse = (y_pos >= y_pos[i]).double()
+        current = (h_pos * (1 - y_pos)).sum() / rank_plus[i]
+        target = (h_pos * not_worse * (1 - y_pos)).sum() / (h_pos * not_worse).sum()
+        sorting_error[i] = current - target
+        lower_quality[i] = (h_pos * (y_pos < y_pos[i]).double()).sum()
+    pos_sort_grad = torch.zeros(p, dtype=torch.float64)
+    for k in range(p):
+        if lower_quality[k] > 0:
+            pos_sort_grad[k] -= sorting_error[k]
+            h = step(s_pos - s_pos[k], delta) * (y_pos < y_pos[k]).double()
+            pos_sort_grad += sorting_error[k] * h / lower_quality[k]
+    grad_sort = torch.zeros_like(s)
+    grad_sort[pos_index] = pos_sort_grad / p
+    return (ranking_error.mean(), sorting_error.mean()), (grad_rank, grad_sort)

@@ -1,0 +1,249 @@
+"""Torch backend: the losses of ``shared/ALGORITHM.md`` at bucketed cost, in plain torch ops.
+
+It runs on every device torch runs on and is the fallback wherever Triton is not used.
+
+Data flow (M logits, p positives, E bin edges, E <= 2p):
+
+forward
+    1. positives: compact (``nonzero``) and sort only their p logits.
+    2. edges: the sorted positive logits (bucketed, with ``min - delta`` in front), or the 2p
+       breakpoints ``s_i -/+ delta`` (exact), or the positives alone when ``delta == 0``, where
+       bucketed and exact are the same computation (Theorem 4.1).
+    3. one pass over M: each logit's bin ``key = #{edges <= s}`` by binary search, 0 for
+       anything but a relevant negative; ``bincount`` of count and of the offset from the bin's
+       lower edge (offsets, not raw logits, so that large logits do not cancel).
+    4. positives x occupied bins, and positives x positives, in row blocks of at most
+       ``PAIR_BLOCK`` float64 elements: FP, rank+, errors, and per bin the gradient
+       ``grad[j] = const[bin] + slope[bin] * (s_j - lower_edge[bin])``. Only O(p + E) tables are kept.
+
+backward
+    5. one pass over M: the bins again (recomputed, not saved) and one gather, scaled by the
+       upstream gradients; positives are written from their table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import LossKind
+
+# Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
+PAIR_BLOCK = 1 << 20
+
+
+@dataclass
+class _Bins:
+    """Occupied bins: count, sum of offsets from the lower edge, lower edge (all float64)."""
+
+    count: torch.Tensor
+    offset_sum: torch.Tensor
+    lower: torch.Tensor
+
+
+@dataclass
+class _Tables:
+    """What forward keeps for backward: O(p + E) tensors."""
+
+    edges: torch.Tensor  # (E,), compute dtype, ascending
+    lower_of_key: torch.Tensor  # (E + 1,), lower edge of bin key (key 0 is the "no bin" key)
+    bin_const: torch.Tensor  # (E + 1,), gradient of the ranking output, constant part
+    bin_slope: torch.Tensor | None  # (E + 1,), slope part (exact RS/AP with delta > 0)
+    pos_index: torch.Tensor  # (p,), flat positions of the positives
+    pos_rank_grad: torch.Tensor  # (p,)
+    pos_sort_grad: torch.Tensor | None  # (p,)
+
+
+def _step(x: torch.Tensor, delta: float) -> torch.Tensor:
+    if delta > 0:
+        return x.mul_(0.5 / delta).add_(0.5).clamp_(0, 1)
+    return (x >= 0).to(x.dtype)
+
+
+def _row_blocks(rows: int, cols: int):
+    size = max(1, PAIR_BLOCK // max(cols, 1))
+    for start in range(0, rows, size):
+        yield slice(start, min(start + size, rows))
+
+
+def _edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
+    if delta == 0:
+        return s_pos
+    if kind.bucketed:
+        return torch.cat([s_pos[:1] - delta, s_pos])
+    return torch.sort(torch.cat([s_pos - delta, s_pos + delta])).values
+
+
+def _bin_keys(s: torch.Tensor, y: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Bin of every logit: ``#{edges <= s}`` for negatives, 0 for positives and ignored.
+
+    Key 0 also holds negatives below ``edges[0] = min positive - delta``: the irrelevant ones.
+    """
+    key = torch.searchsorted(edges, s, right=True)
+    return key.masked_fill_(y != 0, 0)
+
+
+class _BinResponse:
+    """Tiles of ``H(v - s_i)`` of positives (rows) against occupied bins (columns).
+
+    ``mean``: the bin acts as n copies of its mean (bucketed, delta > 0).
+    ``affine``: H is affine inside the bin, so the bin contributes
+        ``count * H(lower - s_i) + slope * offset_sum`` (exact, delta > 0).
+    ``step``: delta == 0: the bin is wholly above or wholly below s_i.
+    """
+
+    def __init__(self, s_pos: torch.Tensor, bins: _Bins, delta: float, kind: LossKind):
+        self.delta = delta
+        self.bins = bins
+        self.s_pos = s_pos.double()
+        if delta == 0:
+            self.mode = "step"
+        elif kind.bucketed:
+            self.mode = "mean"
+            self.value = bins.lower + bins.offset_sum / bins.count
+        else:
+            self.mode = "affine"
+            # the breakpoints exactly as they were built, so that bin edges compare equal
+            self.lo = (s_pos - delta).double()
+            self.hi = (s_pos + delta).double()
+
+    def tile(self, rows: slice):
+        """``(h, slope)`` for positives ``rows``; slope is ``None`` unless affine."""
+        if self.mode == "step":
+            return (self.bins.lower[None, :] >= self.s_pos[rows, None]).double(), None
+        if self.mode == "mean":
+            return _step(self.value[None, :] - self.s_pos[rows, None], self.delta), None
+        lower, lo, hi = self.bins.lower[None, :], self.lo[rows, None], self.hi[rows, None]
+        h = (lower - lo).mul_(0.5 / self.delta).clamp_(0, 1)
+        inside = ((lower >= lo) & (lower < hi)).double()
+        return h, inside.mul_(0.5 / self.delta)
+
+    def false_positives(self) -> torch.Tensor:
+        p, nbins = self.s_pos.numel(), self.bins.count.numel()
+        fp = torch.empty(p, dtype=torch.float64, device=self.s_pos.device)
+        for rows in _row_blocks(p, nbins):
+            h, slope = self.tile(rows)
+            fp[rows] = h @ self.bins.count
+            if slope is not None:
+                fp[rows] += slope @ self.bins.offset_sum
+        return fp
+
+    def gradient(self, weight: torch.Tensor):
+        """Per bin ``sum_i weight_i H(v - s_i)``, and the same for the slope (or ``None``)."""
+        nbins = self.bins.count.numel()
+        const = torch.zeros(nbins, dtype=torch.float64, device=weight.device)
+        slope = torch.zeros_like(const) if self.mode == "affine" else None
+        for rows in _row_blocks(weight.numel(), nbins):
+            h, s = self.tile(rows)
+            const += weight[rows] @ h
+            if s is not None:
+                slope += weight[rows] @ s
+        return const, slope
+
+
+def _positive_pairs(s_pos: torch.Tensor, y_pos: torch.Tensor, delta: float, sorting: bool):
+    """rank+ of every positive and, for Rank & Sort, the sorting error and D (positive x positive)."""
+    p = s_pos.numel()
+    rank_plus = torch.empty_like(s_pos)
+    if sorting:
+        sorting_error, lower_quality = torch.empty_like(s_pos), torch.empty_like(s_pos)
+        one_minus_y = 1 - y_pos
+    for rows in _row_blocks(p, p):
+        h = _step(s_pos[None, :] - s_pos[rows, None], delta)
+        rank_plus[rows] = h.sum(1)
+        if not sorting:
+            continue
+        h_not_worse = h * (y_pos[None, :] >= y_pos[rows, None])
+        current = (h @ one_minus_y) / rank_plus[rows]
+        target = (h_not_worse @ one_minus_y) / h_not_worse.sum(1)
+        sorting_error[rows] = current - target
+        lower_quality[rows] = h.sub_(h_not_worse).sum(1)
+    if not sorting:
+        return rank_plus, None, None
+    return rank_plus, sorting_error, lower_quality
+
+
+def _sorting_gradient(s_pos, y_pos, delta, sorting_error, lower_quality):
+    """Identity-update gradient of the sorting error on the positives (times p)."""
+    has_lower = lower_quality > 0
+    share = torch.where(has_lower, sorting_error / lower_quality.clamp(min=1e-300), 0.0)
+    received = torch.empty_like(s_pos)
+    for rows in _row_blocks(s_pos.numel(), s_pos.numel()):
+        h = _step(s_pos[rows, None] - s_pos[None, :], delta)
+        h.mul_(y_pos[rows, None] < y_pos[None, :])
+        received[rows] = h @ share
+    return received - torch.where(has_lower, sorting_error, 0.0)
+
+
+def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+    """Losses (float64 0-d tensors) and the backward tables, or ``None`` without positives.
+
+    ``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype.
+    """
+    pos_index = (y > 0).nonzero().squeeze(1)
+    p = pos_index.numel()
+    if p == 0:
+        return None
+    s_pos, order = torch.sort(s[pos_index])
+    pos_index = pos_index[order]
+    y_pos = y[pos_index].double()
+
+    edges = _edges(s_pos, delta, kind)
+    nkeys = edges.numel() + 1
+    key = _bin_keys(s, y, edges)
+    lower_of_key = torch.cat([edges[:1], edges])
+    count = torch.bincount(key, minlength=nkeys)
+    offset_sum = torch.bincount(key, weights=s - lower_of_key[key], minlength=nkeys)
+    del key
+    occupied = count[1:].nonzero().squeeze(1) + 1
+    bins = _Bins(count[occupied].double(), offset_sum[occupied].double(), lower_of_key[occupied].double())
+    response = _BinResponse(s_pos, bins, delta, kind)
+
+    s64 = s_pos.double()
+    fp = response.false_positives()
+    rank_plus, sorting_error, lower_quality = _positive_pairs(s64, y_pos, delta, kind.sorting)
+
+    if kind.interpolated:
+        rank_plus = rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
+        precision = rank_plus / (rank_plus + fp)
+        best = torch.cummax(precision, 0).values  # positives are in ascending logit order
+        factor = torch.where(best <= precision, 1.0, (1 - best) / (1 - precision))
+        losses = (1 - best.mean(),)
+        pos_rank_grad = -(1 - best) / p
+        weight = factor / (rank_plus + fp) / p
+    else:
+        ranking_error = fp / (rank_plus + fp)
+        losses = (ranking_error.mean(),)
+        pos_rank_grad = -ranking_error / p
+        weight = torch.where(fp > 0, ranking_error / fp.clamp(min=1e-300), 0.0) / p
+
+    pos_sort_grad = None
+    if kind.sorting:
+        losses = losses + (sorting_error.mean(),)
+        pos_sort_grad = _sorting_gradient(s64, y_pos, delta, sorting_error, lower_quality) / p
+
+    const, slope = response.gradient(weight)
+    bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s.device)
+    bin_const[occupied] = const
+    bin_slope = None
+    if slope is not None:
+        bin_slope = torch.zeros_like(bin_const)
+        bin_slope[occupied] = slope
+    tables = _Tables(edges, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
+    return losses, tables
+
+
+def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
+    """Flat gradient (compute dtype) for upstream gradients ``grad_outputs`` (one per output)."""
+    g_rank = grad_outputs[0].double()
+    key = _bin_keys(s, y, tables.edges)
+    grad = (tables.bin_const * g_rank).to(s.dtype)[key]
+    if tables.bin_slope is not None:
+        slope = (tables.bin_slope * g_rank).to(s.dtype)
+        grad.addcmul_(slope[key], s - tables.lower_of_key[key])
+    pos_grad = tables.pos_rank_grad * g_rank
+    if tables.pos_sort_grad is not None:
+        pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()
+    grad[tables.pos_index] = pos_grad.to(s.dtype)
+    return grad

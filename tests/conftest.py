@@ -1,0 +1,103 @@
+"""Shared helpers: random cases, the loss table, and running a loss with upstream gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import brl_triton
+from brl_triton import _common as kinds
+from brl_triton.reference import reference_forward
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "official_cases.pt"
+
+# name -> (public function, extra keyword arguments, LossKind of the reference)
+LOSSES = {
+    "bucketed_rank_sort": (brl_triton.bucketed_rank_sort_loss, {}, kinds.BUCKETED_RANK_SORT),
+    "rank_sort": (brl_triton.rank_sort_loss, {}, kinds.RANK_SORT),
+    "bucketed_ap": (brl_triton.bucketed_ap_loss, {}, kinds.BUCKETED_AP),
+    "ap": (brl_triton.ap_loss, {}, kinds.AP),
+    "interpolated_ap": (brl_triton.ap_loss, {"interpolated": True}, kinds.INTERPOLATED_AP),
+}
+
+# upstream gradients other than 1, and different for the two Rank & Sort outputs
+UPSTREAM = (0.7, -1.3)
+
+
+def make_case(n, p, seed, *, ignored=0.1, heavy=False, grid=None, shape=None, dtype=torch.float64):
+    """Random logits/targets with exactly p positives (IoU-like targets), some ignored entries.
+
+    heavy: Cauchy logits (huge outliers). grid: round logits to multiples of ``grid`` so that
+    positives tie with each other, negatives tie with positives and sit on the breakpoints.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if heavy:
+        logits = torch.empty(n, dtype=torch.float64).cauchy_(generator=g)
+    else:
+        logits = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    if grid:
+        logits = torch.round(logits / grid) * grid
+    targets = torch.zeros(n, dtype=torch.float64)
+    perm = torch.randperm(n, generator=g)
+    pos = perm[:p]
+    # quality targets in (0, 1], a few repeated so that y_k == y_i ties occur
+    quality = torch.rand(p, generator=g, dtype=torch.float64).clamp_min(0.05)
+    quality[: p // 4] = torch.round(quality[: p // 4] * 4) / 4 + 0.25
+    targets[pos] = quality.clamp(max=1)
+    rest = perm[p:]
+    n_ignored = int(ignored * rest.numel())
+    targets[rest[:n_ignored]] = -1
+    # positives a bit higher on average, like a trained detector
+    logits[pos] += 1.0
+    if grid:
+        logits = torch.round(logits / grid) * grid
+    if shape is not None:
+        logits, targets = logits.reshape(shape), targets.reshape(shape)
+    return logits.to(dtype), targets
+
+
+def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
+    """Losses (tuple) and the gradient w.r.t. logits for the given upstream gradients."""
+    fn, kwargs, kind = LOSSES[name]
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, targets, delta, backend=backend, **kwargs)
+    out = out if isinstance(out, tuple) else (out,)
+    grads = [torch.tensor(g, dtype=o.dtype) for g, o in zip(upstream, out)]
+    torch.autograd.backward(out, grads)
+    return out, x.grad
+
+
+def expected(name, logits, targets, delta, upstream=UPSTREAM):
+    """The oracle: reference losses and the upstream-weighted reference gradient (float64)."""
+    kind = LOSSES[name][2]
+    result = reference_forward(logits, targets, delta, kind)
+    if result is None:
+        zeros = torch.zeros(logits.numel(), dtype=torch.float64)
+        return (torch.zeros((), dtype=torch.float64),) * kind.num_outputs, zeros.view(logits.shape)
+    losses, grads = result
+    grad = sum(g * grad_o for g, grad_o in zip(upstream, grads))
+    return losses, grad.view(logits.shape)
+
+
+def assert_close(actual, expected, *, atol, rtol, what=""):
+    """allclose that says where and by how much it differs."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    diff = (actual - expected).abs()
+    bad = diff > atol + rtol * expected.abs()
+    if bool(bad.any()):
+        idx = int(torch.argmax(diff - (atol + rtol * expected.abs())))
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; worst at flat index {idx}: "
+            f"actual {actual.reshape(-1)[idx].item():.10g} vs expected {expected.reshape(-1)[idx].item():.10g} "
+            f"(max abs diff {diff.max().item():.3g}, atol {atol}, rtol {rtol})"
+        )
+
+
+@pytest.fixture(scope="session")
+def golden_cases():
+    if not GOLDEN.exists():
+        pytest.fail(f"golden data not found at {GOLDEN}: the repository expects ../shared beside it")
+    return torch.load(GOLDEN, weights_only=False)["cases"]
