@@ -46,7 +46,7 @@ class _Bins:
 class _Tables:
     """What forward keeps for backward: O(p + E) tensors."""
 
-    edges: torch.Tensor  # (E,), compute dtype, ascending
+    lookup: BinLookup  # the distinct edges (E,) and their grid
     lower_of_key: torch.Tensor  # (E + 1,), lower edge of bin key (key 0 is the "no bin" key)
     bin_const: torch.Tensor  # (E + 1,), gradient of the ranking output, constant part
     bin_slope: torch.Tensor | None  # (E + 1,), slope part (exact RS/AP with delta > 0)
@@ -75,13 +75,65 @@ def _edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
     return torch.sort(torch.cat([s_pos - delta, s_pos + delta])).values
 
 
-def _bin_keys(s: torch.Tensor, y: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+class BinLookup:
+    """``key(s) = #{edges <= s}`` for many logits against a few sorted edges.
+
+    ``torch.searchsorted`` costs about as much per element on CPU whatever the number of edges
+    (it dominated the whole loss). This uses a uniform grid over the edges instead: the cell of a
+    value, the number of edges in earlier cells, then one compare for each edge that shares the
+    cell (at most ``MAX_LEVELS``). All of it is elementwise ops and ``index_select``. ``_cell`` is
+    monotone and computed by the same float ops for edges and logits, so an edge in an earlier
+    (later) cell is below (above) the value and the count is exact, ties included. When the edges
+    cluster (many in one cell) it falls back to ``torch.searchsorted``.
+    """
+
+    CELLS_PER_EDGE = 32
+    MAX_CELLS = 1 << 21
+    MAX_LEVELS = 4
+
+    def __init__(self, edges: torch.Tensor):
+        self.edges = torch.unique_consecutive(edges)  # bins between equal edges would be empty
+        self.levels = None
+        d = self.edges.numel()
+        if d < 2:
+            return
+        cells = min(self.CELLS_PER_EDGE * d, self.MAX_CELLS)
+        scale = torch.tensor(cells / float(self.edges[-1] - self.edges[0]), dtype=edges.dtype)
+        if not bool(torch.isfinite(scale)):
+            return
+        self.cells, self.scale, self.origin = cells, scale.to(edges.device), self.edges[0]
+        per_cell = torch.bincount(self._cell(self.edges), minlength=cells)
+        levels = int(per_cell.max())
+        if levels > self.MAX_LEVELS:
+            return
+        first = torch.cumsum(per_cell, 0) - per_cell
+        self.base = first.to(torch.int32)
+        # the t-th edge of each cell; for cells with fewer, an edge of a later cell or +inf
+        padded = torch.cat([self.edges, self.edges.new_full((levels,), float("inf"))])
+        self.levels = [padded.index_select(0, first + t) for t in range(levels)]
+
+    def _cell(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sub(x, self.origin).mul_(self.scale).clamp_(0, self.cells - 1).to(torch.int32)
+
+    def keys(self, s: torch.Tensor) -> torch.Tensor:
+        """int32 ``#{edges <= s}`` for every element of the flat tensor ``s``."""
+        if self.levels is None:
+            if self.edges.numel() == 1:
+                return (s >= self.edges[0]).to(torch.int32)
+            return torch.searchsorted(self.edges, s, right=True, out_int32=True)
+        cell = self._cell(s)
+        key = self.base.index_select(0, cell)
+        for level in self.levels:
+            key += level.index_select(0, cell) <= s
+        return key
+
+
+def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Bin of every logit: ``#{edges <= s}`` for negatives, 0 for positives and ignored.
 
     Key 0 also holds negatives below ``edges[0] = min positive - delta``: the irrelevant ones.
     """
-    key = torch.searchsorted(edges, s, right=True)
-    return key.masked_fill_(y != 0, 0)
+    return lookup.keys(s).masked_fill_(y != 0, 0)
 
 
 class _BinResponse:
@@ -189,12 +241,13 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     pos_index = pos_index[order]
     y_pos = y[pos_index].double()
 
-    edges = _edges(s_pos, delta, kind)
+    lookup = BinLookup(_edges(s_pos, delta, kind))
+    edges = lookup.edges
     nkeys = edges.numel() + 1
-    key = _bin_keys(s, y, edges)
+    key = _negative_keys(lookup, s, y)
     lower_of_key = torch.cat([edges[:1], edges])
     count = torch.bincount(key, minlength=nkeys)
-    offset_sum = torch.bincount(key, weights=s - lower_of_key[key], minlength=nkeys)
+    offset_sum = torch.bincount(key, weights=s - lower_of_key.index_select(0, key), minlength=nkeys)
     del key
     occupied = count[1:].nonzero().squeeze(1) + 1
     bins = _Bins(count[occupied].double(), offset_sum[occupied].double(), lower_of_key[occupied].double())
@@ -230,18 +283,18 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     if slope is not None:
         bin_slope = torch.zeros_like(bin_const)
         bin_slope[occupied] = slope
-    tables = _Tables(edges, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
+    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
     return losses, tables
 
 
 def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
     """Flat gradient (compute dtype) for upstream gradients ``grad_outputs`` (one per output)."""
     g_rank = grad_outputs[0].double()
-    key = _bin_keys(s, y, tables.edges)
-    grad = (tables.bin_const * g_rank).to(s.dtype)[key]
+    key = _negative_keys(tables.lookup, s, y)
+    grad = (tables.bin_const * g_rank).to(s.dtype).index_select(0, key)
     if tables.bin_slope is not None:
         slope = (tables.bin_slope * g_rank).to(s.dtype)
-        grad.addcmul_(slope[key], s - tables.lower_of_key[key])
+        grad.addcmul_(slope.index_select(0, key), s - tables.lower_of_key.index_select(0, key))
     pos_grad = tables.pos_rank_grad * g_rank
     if tables.pos_sort_grad is not None:
         pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()

@@ -1,0 +1,187 @@
+"""Input handling: errors for bad input, dtypes, empty and no-positive batches."""
+
+import math
+
+import pytest
+import torch
+
+import brl_triton
+from conftest import LOSSES, assert_close, expected, make_case, run_loss
+
+BACKENDS = ["torch", "reference", "auto"]
+
+
+def _call(name, logits, targets, delta=0.5, **kwargs):
+    fn, extra, _ = LOSSES[name]
+    return fn(logits, targets, delta, **extra, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+class TestBadInput:
+    def test_shape_mismatch(self, name):
+        with pytest.raises(ValueError, match="same shape"):
+            _call(name, torch.randn(4, 5), torch.zeros(20))
+
+    def test_integer_logits(self, name):
+        with pytest.raises(TypeError, match="logits must be a floating-point"):
+            _call(name, torch.arange(5), torch.ones(5))
+
+    def test_not_a_tensor(self, name):
+        with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+            _call(name, [0.1, 0.2], torch.ones(2))
+
+    def test_complex_targets(self, name):
+        with pytest.raises(TypeError, match="targets must be a real"):
+            _call(name, torch.randn(3), torch.ones(3, dtype=torch.complex64))
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    def test_non_finite_logits(self, name, bad):
+        logits = torch.randn(10)
+        logits[3] = bad
+        with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+            _call(name, logits, torch.ones(10))
+
+    def test_nan_targets(self, name):
+        targets = torch.zeros(10)
+        targets[2] = math.nan
+        with pytest.raises(ValueError, match="targets contain NaN or Inf"):
+            _call(name, torch.randn(10), targets)
+
+    @pytest.mark.parametrize("delta", [-0.1, math.nan, math.inf])
+    def test_bad_delta(self, name, delta):
+        with pytest.raises(ValueError, match="delta must be a finite number >= 0"):
+            _call(name, torch.randn(5), torch.ones(5), delta)
+
+    def test_delta_not_a_number(self, name):
+        with pytest.raises(TypeError, match="delta must be a real number"):
+            _call(name, torch.randn(5), torch.ones(5), "0.5")
+
+    @pytest.mark.parametrize("backend", ["triton_typo", "cuda", None])
+    def test_unknown_backend(self, name, backend):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            _call(name, torch.randn(5), torch.ones(5), backend=backend)
+
+    def test_device_mismatch(self, name):
+        with pytest.raises(ValueError, match="same device"):
+            _call(name, torch.randn(5), torch.ones(5, device="meta"))
+
+
+def test_interpolated_ap_needs_positive_delta():
+    with pytest.raises(ValueError, match="delta must be > 0 for the interpolated AP loss"):
+        brl_triton.ap_loss(torch.randn(5), torch.ones(5), 0.0, interpolated=True)
+    brl_triton.ap_loss(torch.randn(5), torch.ones(5), 0.0)  # the exact AP loss accepts 0
+
+
+def _zero_case(kind_of_input):
+    if kind_of_input == "empty":
+        return torch.randn(0, 4), torch.zeros(0, 4)
+    if kind_of_input == "no_positive":
+        return torch.randn(3, 50), torch.zeros(3, 50)
+    if kind_of_input == "all_ignored":
+        return torch.randn(60), -torch.ones(60)
+    if kind_of_input == "only_negatives_and_ignored":
+        targets = torch.zeros(60)
+        targets[::2] = -1
+        return torch.randn(60), targets
+    raise AssertionError(kind_of_input)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("kind_of_input", ["empty", "no_positive", "all_ignored", "only_negatives_and_ignored"])
+def test_zero_losses_attached_to_graph(name, backend, kind_of_input):
+    logits, targets = _zero_case(kind_of_input)
+    logits.requires_grad_(True)
+    out = _call(name, logits, targets, backend=backend)
+    out = out if isinstance(out, tuple) else (out,)
+    assert len(out) == LOSSES[name][2].num_outputs
+    for loss in out:
+        assert loss.shape == () and loss.item() == 0.0
+        assert loss.requires_grad and loss.grad_fn is not None
+    sum(out).backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+    assert not bool(logits.grad.any())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_low_precision_logits(name, dtype, tol):
+    logits, targets = make_case(1500, 30, seed=5, dtype=dtype)
+    # the oracle sees exactly the rounded logits the loss sees
+    want_losses, want_grad = expected(name, logits.double(), targets, 0.5)
+    losses, grad = run_loss(name, logits, targets, 0.5, "torch")
+    assert grad.dtype == dtype
+    for got, want in zip(losses, want_losses):
+        assert got.dtype == torch.float32
+        assert_close(got, want, atol=1e-6, rtol=1e-5, what="loss")
+    scale = want_grad.abs().max().item()
+    assert_close(grad, want_grad, atol=tol * scale, rtol=tol, what="grad")
+
+
+@pytest.mark.parametrize(
+    "target_dtype", [torch.int64, torch.int32, torch.int8, torch.bool, torch.float16, torch.float64]
+)
+@pytest.mark.parametrize("name", ["bucketed_ap", "ap", "interpolated_ap", "bucketed_rank_sort"])
+def test_target_dtypes(name, target_dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, generator=g, dtype=torch.float64)
+    labels = (torch.rand(400, generator=g) > 0.9).long()
+    if target_dtype not in (torch.bool,):
+        labels[::7] = -1 * (target_dtype != torch.bool)
+    targets = labels.to(target_dtype)
+    want_losses, want_grad = expected(name, logits, labels.double(), 0.5)
+    losses, grad = run_loss(name, logits, targets, 0.5, "torch")
+    for got, want in zip(losses, want_losses):
+        assert_close(got, want, atol=1e-10, rtol=1e-9, what="loss")
+    assert_close(grad, want_grad, atol=1e-10, rtol=1e-8, what="grad")
+
+
+def test_quality_targets_above_one_are_used_as_given():
+    logits, targets = make_case(800, 20, seed=9)
+    targets = torch.where(targets > 0, targets * 1.5, targets)
+    assert bool((targets > 1).any())
+    want_losses, want_grad = expected("rank_sort", logits, targets, 0.5)
+    losses, grad = run_loss("rank_sort", logits, targets, 0.5, "torch")
+    for got, want in zip(losses, want_losses):
+        assert_close(got, want, atol=1e-10, rtol=1e-9, what="loss")
+    assert_close(grad, want_grad, atol=1e-10, rtol=1e-8, what="grad")
+
+
+def test_targets_do_not_require_grad_and_logits_are_not_modified():
+    logits, targets = make_case(500, 12, seed=1, dtype=torch.float32)
+    before = logits.clone()
+    x = logits.clone().requires_grad_(True)
+    ranking, sorting = brl_triton.rank_sort_loss(x, targets)
+    (ranking + sorting).backward()
+    assert torch.equal(x.detach(), before)
+    assert targets.grad is None
+
+
+def test_no_grad_mode():
+    logits, targets = make_case(200, 5, seed=2)
+    with torch.no_grad():
+        ranking, sorting = brl_triton.bucketed_rank_sort_loss(logits.requires_grad_(), targets)
+    assert not ranking.requires_grad
+    want, _ = expected("bucketed_rank_sort", logits, targets, 0.5)
+    assert_close(ranking, want[0], atol=1e-12, rtol=0, what="loss")
+
+
+@pytest.mark.parametrize(
+    "module,name,kwargs",
+    [
+        (brl_triton.BucketedRankSortLoss, "bucketed_rank_sort", {}),
+        (brl_triton.RankSortLoss, "rank_sort", {}),
+        (brl_triton.BucketedAPLoss, "bucketed_ap", {}),
+        (brl_triton.APLoss, "ap", {}),
+        (brl_triton.APLoss, "interpolated_ap", {"interpolated": True}),
+    ],
+)
+def test_modules_match_functions(module, name, kwargs):
+    logits, targets = make_case(700, 15, seed=4)
+    criterion = module(delta=0.25, backend="torch", **kwargs)
+    out = criterion(logits, targets)
+    out = out if isinstance(out, tuple) else (out,)
+    want, _ = expected(name, logits, targets, 0.25)
+    for got, w in zip(out, want):
+        assert_close(got, w, atol=1e-10, rtol=1e-9, what=name)
+    assert "delta=0.25" in repr(criterion)
