@@ -55,12 +55,6 @@ class _Tables:
     pos_sort_grad: torch.Tensor | None  # (p,)
 
 
-def _step(x: torch.Tensor, delta: float) -> torch.Tensor:
-    if delta > 0:
-        return x.mul_(0.5 / delta).add_(0.5).clamp_(0, 1)
-    return (x >= 0).to(x.dtype)
-
-
 def _row_blocks(rows: int, cols: int):
     size = max(1, PAIR_BLOCK // max(cols, 1))
     for start in range(0, rows, size):
@@ -136,73 +130,74 @@ def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch
     return lookup.keys(s).masked_fill_(y != 0, 0)
 
 
-class _BinResponse:
-    """Tiles of ``H(v - s_i)`` of positives (rows) against occupied bins (columns).
+class _StepTiles:
+    """Tiles ``T[r, c] = H(col_c - row_r)`` of the step function, in float64.
 
-    ``mean``: the bin acts as n copies of its mean (bucketed, delta > 0).
-    ``affine``: H is affine inside the bin, so the bin contributes
-        ``count * H(lower - s_i) + slope * offset_sum`` (exact, delta > 0).
-    ``step``: delta == 0: the bin is wholly above or wholly below s_i.
+    The scaling of H is applied once to the O(p) vectors, so a tile costs one subtraction and
+    one clamp: ``H(v - u) = clamp((v / 2delta + 1/2) - u / 2delta, 0, 1)``.
     """
 
-    def __init__(self, s_pos: torch.Tensor, bins: _Bins, delta: float, kind: LossKind):
+    def __init__(self, delta: float):
         self.delta = delta
-        self.bins = bins
-        self.s_pos = s_pos.double()
-        if delta == 0:
-            self.mode = "step"
-        elif kind.bucketed:
-            self.mode = "mean"
-            self.value = bins.lower + bins.offset_sum / bins.count
-        else:
-            self.mode = "affine"
-            # the breakpoints exactly as they were built, so that bin edges compare equal
-            self.lo = (s_pos - delta).double()
-            self.hi = (s_pos + delta).double()
 
-    def tile(self, rows: slice):
-        """``(h, slope)`` for positives ``rows``; slope is ``None`` unless affine."""
-        if self.mode == "step":
-            return (self.bins.lower[None, :] >= self.s_pos[rows, None]).double(), None
-        if self.mode == "mean":
-            return _step(self.value[None, :] - self.s_pos[rows, None], self.delta), None
-        lower, lo, hi = self.bins.lower[None, :], self.lo[rows, None], self.hi[rows, None]
-        h = (lower - lo).mul_(0.5 / self.delta).clamp_(0, 1)
-        inside = ((lower >= lo) & (lower < hi)).double()
-        return h, inside.mul_(0.5 / self.delta)
+    def columns(self, v: torch.Tensor) -> torch.Tensor:
+        return v * (0.5 / self.delta) + 0.5 if self.delta > 0 else v
 
-    def false_positives(self) -> torch.Tensor:
-        p, nbins = self.s_pos.numel(), self.bins.count.numel()
-        fp = torch.empty(p, dtype=torch.float64, device=self.s_pos.device)
-        for rows in _row_blocks(p, nbins):
-            h, slope = self.tile(rows)
-            fp[rows] = h @ self.bins.count
-            if slope is not None:
-                fp[rows] += slope @ self.bins.offset_sum
-        return fp
+    def rows(self, u: torch.Tensor) -> torch.Tensor:
+        return u * (0.5 / self.delta) if self.delta > 0 else u
 
-    def gradient(self, weight: torch.Tensor):
-        """Per bin ``sum_i weight_i H(v - s_i)``, and the same for the slope (or ``None``)."""
-        nbins = self.bins.count.numel()
-        const = torch.zeros(nbins, dtype=torch.float64, device=weight.device)
-        slope = torch.zeros_like(const) if self.mode == "affine" else None
-        for rows in _row_blocks(weight.numel(), nbins):
-            h, s = self.tile(rows)
-            const += weight[rows] @ h
-            if s is not None:
-                slope += weight[rows] @ s
-        return const, slope
+    def tile(self, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``cols``/``rows`` from :meth:`columns`/:meth:`rows`."""
+        if self.delta > 0:
+            return (cols[None, :] - rows[:, None]).clamp_(0, 1)
+        return (cols[None, :] >= rows[:, None]).double()
 
 
-def _positive_pairs(s_pos: torch.Tensor, y_pos: torch.Tensor, delta: float, sorting: bool):
+def _bin_values(bins: _Bins, delta: float) -> torch.Tensor:
+    """Where H is evaluated for a bin, so that ``count * H(value - s_i)`` is the bin's share of FP(i).
+
+    delta > 0: the mean. For a bucket that is the paper's prototype; for a breakpoint bin H is
+    affine on the whole bin, so H at the mean times the count is the exact sum over its members.
+    delta == 0: the lower edge, so that a bin tied with a positive counts as above it, exactly.
+    """
+    return bins.lower + bins.offset_sum / bins.count if delta > 0 else bins.lower
+
+
+def _false_positives(steps: _StepTiles, bin_cols, count, pos_rows) -> torch.Tensor:
+    fp = torch.empty_like(pos_rows)
+    for rows in _row_blocks(pos_rows.numel(), bin_cols.numel()):
+        fp[rows] = steps.tile(bin_cols, pos_rows[rows]) @ count
+    return fp
+
+
+def _bin_gradient(steps: _StepTiles, bin_cols, pos_rows, weight) -> torch.Tensor:
+    """Per bin ``sum_i weight_i H(value - s_i)``."""
+    const = torch.zeros_like(bin_cols)
+    for rows in _row_blocks(pos_rows.numel(), bin_cols.numel()):
+        const += weight[rows] @ steps.tile(bin_cols, pos_rows[rows])
+    return const
+
+
+def _bin_slopes(s_pos: torch.Tensor, lower: torch.Tensor, weight: torch.Tensor, delta: float):
+    """Per breakpoint bin, d grad / d s = sum of weight_i / 2delta over the positives whose
+    window [s_i - delta, s_i + delta) holds the bin: a contiguous run of the sorted positives."""
+    lo = (s_pos - delta).double()  # the breakpoints exactly as the edges were built
+    hi = (s_pos + delta).double()
+    first = torch.searchsorted(hi, lower, right=True)  # #{i : s_i + delta <= lower}
+    end = torch.searchsorted(lo, lower, right=True)  # #{i : s_i - delta <= lower}
+    cumulative = torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])
+    return (cumulative[end] - cumulative[first]) * (0.5 / delta)
+
+
+def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, sorting: bool):
     """rank+ of every positive and, for Rank & Sort, the sorting error and D (positive x positive)."""
-    p = s_pos.numel()
-    rank_plus = torch.empty_like(s_pos)
+    p = s_rows.numel()
+    rank_plus = torch.empty_like(s_rows)
     if sorting:
-        sorting_error, lower_quality = torch.empty_like(s_pos), torch.empty_like(s_pos)
+        sorting_error, lower_quality = torch.empty_like(s_rows), torch.empty_like(s_rows)
         one_minus_y = 1 - y_pos
     for rows in _row_blocks(p, p):
-        h = _step(s_pos[None, :] - s_pos[rows, None], delta)
+        h = steps.tile(s_cols, s_rows[rows])  # H(s_k - s_i), i in rows
         rank_plus[rows] = h.sum(1)
         if not sorting:
             continue
@@ -216,15 +211,15 @@ def _positive_pairs(s_pos: torch.Tensor, y_pos: torch.Tensor, delta: float, sort
     return rank_plus, sorting_error, lower_quality
 
 
-def _sorting_gradient(s_pos, y_pos, delta, sorting_error, lower_quality):
+def _sorting_gradient(steps: _StepTiles, s_cols, s_rows, y_pos, sorting_error, lower_quality):
     """Identity-update gradient of the sorting error on the positives (times p)."""
     has_lower = lower_quality > 0
     share = torch.where(has_lower, sorting_error / lower_quality.clamp(min=1e-300), 0.0)
-    received = torch.empty_like(s_pos)
-    for rows in _row_blocks(s_pos.numel(), s_pos.numel()):
-        h = _step(s_pos[rows, None] - s_pos[None, :], delta)
-        h.mul_(y_pos[rows, None] < y_pos[None, :])
-        received[rows] = h @ share
+    received = torch.zeros_like(s_rows)
+    for rows in _row_blocks(s_rows.numel(), s_rows.numel()):
+        h = steps.tile(s_cols, s_rows[rows])  # H(s_i - s_k), k in rows
+        h.mul_(y_pos[None, :] < y_pos[rows, None])
+        received += share[rows] @ h
     return received - torch.where(has_lower, sorting_error, 0.0)
 
 
@@ -251,11 +246,13 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     del key
     occupied = count[1:].nonzero().squeeze(1) + 1
     bins = _Bins(count[occupied].double(), offset_sum[occupied].double(), lower_of_key[occupied].double())
-    response = _BinResponse(s_pos, bins, delta, kind)
 
+    steps = _StepTiles(delta)
     s64 = s_pos.double()
-    fp = response.false_positives()
-    rank_plus, sorting_error, lower_quality = _positive_pairs(s64, y_pos, delta, kind.sorting)
+    s_cols, s_rows = steps.columns(s64), steps.rows(s64)
+    bin_cols = steps.columns(_bin_values(bins, delta))
+    fp = _false_positives(steps, bin_cols, bins.count, s_rows)
+    rank_plus, sorting_error, lower_quality = _positive_pairs(steps, s_cols, s_rows, y_pos, kind.sorting)
 
     if kind.interpolated:
         rank_plus = rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
@@ -274,15 +271,17 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     pos_sort_grad = None
     if kind.sorting:
         losses = losses + (sorting_error.mean(),)
-        pos_sort_grad = _sorting_gradient(s64, y_pos, delta, sorting_error, lower_quality) / p
+        pos_sort_grad = _sorting_gradient(steps, s_cols, s_rows, y_pos, sorting_error, lower_quality) / p
 
-    const, slope = response.gradient(weight)
+    const = _bin_gradient(steps, bin_cols, s_rows, weight)
     bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s.device)
-    bin_const[occupied] = const
     bin_slope = None
-    if slope is not None:
+    if delta > 0 and not kind.bucketed:
+        slope = _bin_slopes(s_pos, bins.lower, weight, delta)
+        const -= slope * (bins.offset_sum / bins.count)  # from the bin's mean to its lower edge
         bin_slope = torch.zeros_like(bin_const)
         bin_slope[occupied] = slope
+    bin_const[occupied] = const
     tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
     return losses, tables
 
