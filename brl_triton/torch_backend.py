@@ -92,8 +92,9 @@ class BinLookup:
         if d < 2:
             return
         cells = min(self.CELLS_PER_EDGE * d, self.MAX_CELLS)
-        scale = torch.tensor(cells / float(self.edges[-1] - self.edges[0]), dtype=edges.dtype)
-        if not bool(torch.isfinite(scale)):
+        # the span in Python floats: edges[-1] - edges[0] may overflow the dtype
+        scale = torch.tensor(cells / (float(self.edges[-1]) - float(self.edges[0])), dtype=edges.dtype)
+        if not bool(torch.isfinite(scale) & (scale > 0)):
             return
         self.cells, self.scale, self.origin = cells, scale.to(edges.device), self.edges[0]
         per_cell = torch.bincount(self._cell(self.edges), minlength=cells)
