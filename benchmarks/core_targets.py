@@ -49,16 +49,10 @@ def loss_step(fn, logits, targets, delta=0.5):
 
 
 def seconds(stmt, repeats: int) -> float:
-    """Median of ``repeats`` timed calls after one warm-up (torch.utils.benchmark)."""
+    """Median time of one call (torch.utils.benchmark), after a warm-up call."""
     stmt()
-    return benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}).timeit(1).median if repeats <= 1 else (
-        _median([benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}).timeit(1).median for _ in range(repeats)])
-    )
-
-
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
+    return timer.blocked_autorange(min_run_time=0.2 * repeats).median
 
 
 def _rss_kib(field: str) -> int:
@@ -70,7 +64,6 @@ def _rss_kib(field: str) -> int:
 
 def peak_memory_child(n: int, p: int) -> None:
     """Runs in a fresh process: prints the extra peak RSS (bytes) of one forward+backward."""
-    torch.set_num_threads(torch.get_num_threads())
     logits, targets = random_case(n, p)
     x = logits.clone().requires_grad_(True)
     brl_triton.bucketed_rank_sort_loss(x[:1000], targets[:1000])  # import-time and lazy init
@@ -92,7 +85,7 @@ def extra_peak_bytes(n: int, p: int) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="time budget per measurement, in 0.2 s units")
     parser.add_argument("--csv", type=Path, default=Path(__file__).parent / "results" / "core_targets.csv")
     parser.add_argument("--peak-memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,12 +9,14 @@ forward
     2. edges: the sorted positive logits (bucketed, with ``min - delta`` in front), or the 2p
        breakpoints ``s_i -/+ delta`` (exact), or the positives alone when ``delta == 0``, where
        bucketed and exact are the same computation (Theorem 4.1).
-    3. one pass over M: each logit's bin ``key = #{edges <= s}`` by binary search, 0 for
+    3. one pass over M: each logit's bin ``key = #{edges <= s}`` (``BinLookup``: a uniform grid
+       over the edges, exact by construction; ``torch.searchsorted`` when edges cluster), 0 for
        anything but a relevant negative; ``bincount`` of count and of the offset from the bin's
        lower edge (offsets, not raw logits, so that large logits do not cancel).
-    4. positives x occupied bins, and positives x positives, in row blocks of at most
+    4. positives x occupied bins, and positives x positives, in row tiles of at most
        ``PAIR_BLOCK`` float64 elements: FP, rank+, errors, and per bin the gradient
-       ``grad[j] = const[bin] + slope[bin] * (s_j - lower_edge[bin])``. Only O(p + E) tables are kept.
+       ``grad[j] = const[bin] + slope[bin] * (s_j - lower_edge[bin])`` (slope only for the exact
+       losses, from prefix sums over the positives). Only O(p + E) tables are kept.
 
 backward
     5. one pass over M: the bins again (recomputed, not saved) and one gather, scaled by the
