@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import LossKind
+from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
@@ -192,38 +193,35 @@ def _bin_slopes(s_pos: torch.Tensor, lower: torch.Tensor, weight: torch.Tensor, 
     return (cumulative[end] - cumulative[first]) * (0.5 / delta)
 
 
-def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, sorting: bool):
-    """rank+ of every positive and, for Rank & Sort, the sorting error and D (positive x positive)."""
+def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, fp, sorting: bool) -> PositiveSums:
+    """rank+ and, for Rank & Sort, the sorting sums of every positive (positives x positives)."""
     p = s_rows.numel()
-    rank_plus = torch.empty_like(s_rows)
+    sums = PositiveSums(fp, torch.empty_like(s_rows))
     if sorting:
-        sorting_error, lower_quality = torch.empty_like(s_rows), torch.empty_like(s_rows)
+        sums.sort_current, sums.sort_target = torch.empty_like(s_rows), torch.empty_like(s_rows)
+        sums.sort_target_count, sums.lower_quality = torch.empty_like(s_rows), torch.empty_like(s_rows)
         one_minus_y = 1 - y_pos
     for rows in _row_blocks(p, p):
         h = steps.tile(s_cols, s_rows[rows])  # H(s_k - s_i), i in rows
-        rank_plus[rows] = h.sum(1)
+        sums.rank_plus[rows] = h.sum(1)
         if not sorting:
             continue
         h_not_worse = h * (y_pos[None, :] >= y_pos[rows, None])
-        current = (h @ one_minus_y) / rank_plus[rows]
-        target = (h_not_worse @ one_minus_y) / h_not_worse.sum(1)
-        sorting_error[rows] = current - target
-        lower_quality[rows] = h.sub_(h_not_worse).sum(1)
-    if not sorting:
-        return rank_plus, None, None
-    return rank_plus, sorting_error, lower_quality
+        sums.sort_current[rows] = h @ one_minus_y
+        sums.sort_target[rows] = h_not_worse @ one_minus_y
+        sums.sort_target_count[rows] = h_not_worse.sum(1)
+        sums.lower_quality[rows] = h.sub_(h_not_worse).sum(1)
+    return sums
 
 
-def _sorting_gradient(steps: _StepTiles, s_cols, s_rows, y_pos, sorting_error, lower_quality):
-    """Identity-update gradient of the sorting error on the positives (times p)."""
-    has_lower = lower_quality > 0
-    share = torch.where(has_lower, sorting_error / lower_quality.clamp(min=1e-300), 0.0)
+def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.Tensor:
+    """``sum_k share_k H(s_i - s_k) [y_i < y_k]`` for every positive i."""
     received = torch.zeros_like(s_rows)
     for rows in _row_blocks(s_rows.numel(), s_rows.numel()):
         h = steps.tile(s_cols, s_rows[rows])  # H(s_i - s_k), k in rows
         h.mul_(y_pos[None, :] < y_pos[rows, None])
         received += share[rows] @ h
-    return received - torch.where(has_lower, sorting_error, 0.0)
+    return received
 
 
 def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
@@ -255,38 +253,24 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     s_cols, s_rows = steps.columns(s64), steps.rows(s64)
     bin_cols = steps.columns(_bin_values(bins, delta))
     fp = _false_positives(steps, bin_cols, bins.count, s_rows)
-    rank_plus, sorting_error, lower_quality = _positive_pairs(steps, s_cols, s_rows, y_pos, kind.sorting)
-
-    if kind.interpolated:
-        rank_plus = rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
-        precision = rank_plus / (rank_plus + fp)
-        best = torch.cummax(precision, 0).values  # positives are in ascending logit order
-        factor = torch.where(best <= precision, 1.0, (1 - best) / (1 - precision))
-        losses = (1 - best.mean(),)
-        pos_rank_grad = -(1 - best) / p
-        weight = factor / (rank_plus + fp) / p
-    else:
-        ranking_error = fp / (rank_plus + fp)
-        losses = (ranking_error.mean(),)
-        pos_rank_grad = -ranking_error / p
-        weight = torch.where(fp > 0, ranking_error / fp.clamp(min=1e-300), 0.0) / p
+    terms = positive_terms(kind, _positive_pairs(steps, s_cols, s_rows, y_pos, fp, kind.sorting))
 
     pos_sort_grad = None
     if kind.sorting:
-        losses = losses + (sorting_error.mean(),)
-        pos_sort_grad = _sorting_gradient(steps, s_cols, s_rows, y_pos, sorting_error, lower_quality) / p
+        received = _sorting_received(steps, s_cols, s_rows, y_pos, terms.sorting_share)
+        pos_sort_grad = sorting_gradient(terms, received)
 
-    const = _bin_gradient(steps, bin_cols, s_rows, weight)
+    const = _bin_gradient(steps, bin_cols, s_rows, terms.weight)
     bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s.device)
     bin_slope = None
     if delta > 0 and not kind.bucketed:
-        slope = _bin_slopes(s_pos, bins.lower, weight, delta)
+        slope = _bin_slopes(s_pos, bins.lower, terms.weight, delta)
         const -= slope * (bins.offset_sum / bins.count)  # from the bin's mean to its lower edge
         bin_slope = torch.zeros_like(bin_const)
         bin_slope[occupied] = slope
     bin_const[occupied] = const
-    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
-    return losses, tables
+    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, terms.pos_rank_grad, pos_sort_grad)
+    return terms.losses, tables
 
 
 def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
