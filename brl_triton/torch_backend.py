@@ -64,7 +64,8 @@ def _row_blocks(rows: int, cols: int):
         yield slice(start, min(start + size, rows))
 
 
-def _edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
+def bin_edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
+    """Sorted bin edges for ascending positives ``s_pos``; bins lie between consecutive edges."""
     if delta == 0:
         return s_pos
     if kind.bucketed:
@@ -237,7 +238,7 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     pos_index = pos_index[order]
     y_pos = y[pos_index].double()
 
-    lookup = BinLookup(_edges(s_pos, delta, kind))
+    lookup = BinLookup(bin_edges(s_pos, delta, kind))
     edges = lookup.edges
     nkeys = edges.numel() + 1
     key = _negative_keys(lookup, s, y)

@@ -1,0 +1,21 @@
+"""Autotuning configurations that also work under the Triton interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Read when the kernels are defined, which is when triton decides to interpret them.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def configs(default: dict, *alternatives: dict, num_warps=(4,)) -> list:
+    """One config under the interpreter (multi-config autotuning needs a GPU), else all of them."""
+    if INTERPRET:
+        return [triton.Config(default, num_warps=num_warps[0])]
+    return [triton.Config(kw, num_warps=w) for kw in (default, *alternatives) for w in num_warps]
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))

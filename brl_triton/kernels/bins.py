@@ -1,0 +1,101 @@
+"""The two streaming passes over all N elements: bucket reduction (forward) and gradient
+distribution (backward).
+
+Each element finds its bin by a binary search in registers among the E sorted edges (the
+positive logits with ``min - delta`` in front for the bucketed losses, the 2P breakpoints
+``s_i -/+ delta`` for the exact ones): ``key = #{edges <= s}``, bin ``key`` being
+``[edges[key - 1], edges[key])``. Only relevant negatives (``y == 0`` and ``s >= edges[0]``)
+take part. Offsets use int64, so N > 2^31 is safe.
+
+- reduction: per bin, count (int64) and the sum of ``s - lower edge`` (offsets, so that large
+  logits do not cancel), added with atomics; float atomics make the sums' round-off depend on
+  the order. Reads 4 + 4 bytes per element (float32 logits and targets); the binary search reads
+  edges that stay in cache.
+- distribution: ``grad = const[key] + slope[key] * (s - lower edge)`` for relevant negatives,
+  0 for everything else (positives are written afterwards from their O(P) table). Reads
+  4 + 4 bytes and writes the gradient (4 bytes for float32) per element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import configs
+
+_BLOCKS = configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8))
+
+
+@triton.jit
+def _count_edges_at_or_below(edges_ptr, num_edges, x, steps):
+    """``#{edges <= x}`` for every element of x (upper bound), in ``steps = ceil(log2(E + 1))``."""
+    low = tl.zeros(x.shape, dtype=tl.int32)
+    high = tl.full(x.shape, num_edges, dtype=tl.int32)
+    for _ in range(steps):
+        active = low < high
+        mid = (low + high) // 2
+        edge = tl.load(edges_ptr + mid, mask=active, other=0.0)
+        right = active & (edge <= x)
+        low = tl.where(right, mid + 1, low)
+        high = tl.where(active & (edge > x), mid, high)
+    return low
+
+
+@triton.autotune(configs=_BLOCKS, key=["n", "num_edges"], reset_to_zero=["count_ptr", "offset_sum_ptr"])
+@triton.jit
+def _reduce_bins_kernel(s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    y = tl.load(y_ptr + offs, mask=inside, other=1)
+    relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
+    key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
+    lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
+    tl.atomic_add(count_ptr + key, tl.full(key.shape, 1, tl.int64), mask=relevant)
+    tl.atomic_add(offset_sum_ptr + key, (s - lower).to(offset_sum_ptr.dtype.element_ty), mask=relevant)
+
+
+@triton.autotune(configs=_BLOCKS, key=["n", "num_edges"])
+@triton.jit
+def _distribute_kernel(
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, n,
+    HAS_SLOPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    y = tl.load(y_ptr + offs, mask=inside, other=1)
+    relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
+    key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
+    grad = tl.load(const_ptr + key, mask=relevant, other=0.0)
+    if HAS_SLOPE:
+        lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
+        grad += tl.load(slope_ptr + key, mask=relevant, other=0.0) * (s - lower)
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def _steps(num_edges: int) -> int:
+    return max(1, int(num_edges).bit_length())  # ceil(log2(E + 1))
+
+
+def reduce_bins(s: torch.Tensor, y: torch.Tensor, edges: torch.Tensor):
+    """Per key 0..E: count (int64) and sum of offsets from the bin's lower edge (s.dtype).
+    Key 0 (below every edge) stays 0."""
+    num_edges = edges.numel()
+    count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
+    offset_sum = torch.zeros(num_edges + 1, dtype=s.dtype, device=s.device)
+    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
+    _reduce_bins_kernel[grid](s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel())
+    return count, offset_sum
+
+
+def distribute(s, y, edges, const, slope, out_dtype):
+    """The gradient of every element from the per-key tables (``const``/``slope`` in s.dtype)."""
+    grad = torch.empty(s.numel(), dtype=out_dtype, device=s.device)
+    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
+    _distribute_kernel[grid](
+        s, y, edges, edges.numel(), _steps(edges.numel()), const, const if slope is None else slope,
+        grad, s.numel(), HAS_SLOPE=slope is not None,
+    )
+    return grad

@@ -1,0 +1,92 @@
+"""Positives: one pass over all N elements compacts the positives and checks finiteness;
+then the p positive logits are argsorted, in one program with ``tl.sort`` when they fit a block.
+
+Memory traffic of the pass: reads the logit and the target of every element (4 + 4 bytes for
+float32 logits and targets), writes 16 bytes per positive.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import configs, next_power_of_2
+
+SORT_IN_ONE_PROGRAM_MAX = 4096
+_BAD_LOGITS, _BAD_TARGETS = 1, 2
+
+
+@triton.autotune(
+    configs=configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8)), key=["n"]
+)
+@triton.jit
+def _compact_positives_kernel(
+    s_ptr, y_ptr, pos_index_ptr, status_ptr, n, capacity,
+    TARGETS_FLOAT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """status[0]: positives found (atomic slot counter); status[1]: bit flags of non-finite input."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+    y = tl.load(y_ptr + offs, mask=inside, other=0)
+    bad_logit = inside & ((s != s) | (tl.abs(s) == float("inf")))
+    flags = tl.max(bad_logit.to(tl.int32), axis=0) * 1
+    if TARGETS_FLOAT:
+        bad_target = inside & ((y != y) | (tl.abs(y) == float("inf")))
+        flags = flags | tl.max(bad_target.to(tl.int32), axis=0) * 2
+    tl.atomic_or(status_ptr + 1, flags.to(tl.int64))
+    is_pos = inside & (y > 0)
+    first = tl.atomic_add(status_ptr, tl.sum(is_pos.to(tl.int64), axis=0))
+    slot = first + tl.cumsum(is_pos.to(tl.int64), axis=0) - 1
+    tl.store(pos_index_ptr + slot, offs, mask=is_pos & (slot < capacity))
+
+
+@triton.jit
+def _argsort_positives_kernel(s_ptr, pos_index_ptr, sorted_index_ptr, p, BLOCK: tl.constexpr):
+    """Sort p <= BLOCK float32 logits ascending: key = order-preserving int of the float in the
+    high 32 bits, flat index in the low 32 bits (ties by index, so the order is deterministic)."""
+    offs = tl.arange(0, BLOCK)
+    inside = offs < p
+    index = tl.load(pos_index_ptr + offs, mask=inside, other=0)
+    s = tl.load(s_ptr + index, mask=inside, other=0.0)
+    bits = tl.where(s == 0, 0.0, s).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (ordered.to(tl.int64) << 32) | index
+    packed = tl.where(inside, packed, 0x7FFFFFFFFFFFFFFF)
+    packed = tl.sort(packed, 0)
+    tl.store(sorted_index_ptr + offs, packed & 0xFFFFFFFF, mask=inside)
+
+
+def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
+    pos_index = torch.empty(capacity, dtype=torch.int64, device=s.device)
+    status = torch.zeros(2, dtype=torch.int64, device=s.device)
+    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
+    _compact_positives_kernel[grid](s, y, pos_index, status, s.numel(), capacity, TARGETS_FLOAT=y.is_floating_point())
+    found, flags = status.tolist()
+    return pos_index, found, flags
+
+
+def sorted_positives(s: torch.Tensor, y: torch.Tensor):
+    """Flat positions of the positives (``y > 0``) in ascending logit order (ties by position).
+
+    Raises ValueError for NaN/Inf in the logits or in float targets.
+    """
+    if s.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=s.device)
+    # room for 1/64 of the elements; a second pass only when there are more positives
+    capacity = min(s.numel(), max(SORT_IN_ONE_PROGRAM_MAX, s.numel() // 64))
+    pos_index, found, flags = _compact(s, y, capacity)
+    if flags & _BAD_LOGITS:
+        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
+    if flags & _BAD_TARGETS:
+        raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
+    if found > capacity:
+        pos_index, found, _ = _compact(s, y, found)
+    pos_index = pos_index[:found]
+    if found <= SORT_IN_ONE_PROGRAM_MAX and s.dtype == torch.float32 and s.numel() < 2**31:
+        sorted_index = torch.empty_like(pos_index)
+        _argsort_positives_kernel[(1,)](s, pos_index, sorted_index, found, BLOCK=next_power_of_2(found))
+        return sorted_index
+    pos_index = torch.sort(pos_index).values  # ties by position, as in the one-program sort
+    return pos_index[torch.sort(s[pos_index], stable=True).indices]

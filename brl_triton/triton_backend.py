@@ -1,0 +1,84 @@
+"""Triton backend: the same computation as ``torch_backend``, with its N-sized and P x bins
+steps as Triton kernels (``brl_triton.kernels``).
+
+Data flow (N elements, p positives, E <= 2p edges):
+
+forward
+    1. ``positives``: one pass over N compacts the positives' positions and checks that logits
+       and targets are finite; their p logits are argsorted (one program, ``tl.sort``, for
+       p <= 4096; ``torch.sort`` of the p positives beyond).
+    2. edges (torch, O(p)): as the torch backend.
+    3. ``bins.reduce_bins``: one pass over N: binary search, count and offset sum per bin.
+    4. ``tiles``: FP, rank+ and sorting sums per positive, the sorting gradient, and per bin the
+       gradient constant (and slope, exact losses), tiled in registers. O(p) host formulas
+       (``_positive_terms``) in between.
+backward
+    5. ``bins.distribute``: one pass over N writes every gradient; the p positives are then
+       written from their table.
+
+Memory beyond inputs and the gradient: O(p + E) tables, plus room for N/64 positive positions
+(a second compaction pass runs only when there are more positives than that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import LossKind
+from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
+from .kernels import bins, positives, tiles
+from .torch_backend import bin_edges
+
+
+@dataclass
+class _Tables:
+    edges: torch.Tensor  # (E,), s.dtype, ascending (not deduplicated: bins between equal edges stay empty)
+    bin_const: torch.Tensor  # (E + 1,) float64, key 0 = no bin
+    bin_slope: torch.Tensor | None
+    pos_index: torch.Tensor
+    pos_rank_grad: torch.Tensor
+    pos_sort_grad: torch.Tensor | None
+
+
+def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+    pos_index = positives.sorted_positives(s, y)
+    if pos_index.numel() == 0:
+        return None
+    s_pos, y_pos = s[pos_index], y[pos_index].double()
+    edges = bin_edges(s_pos, delta, kind)
+    count, offset_sum = bins.reduce_bins(s, y, edges)
+    count, offset_sum = count[1:], offset_sum[1:]  # bin b = key b + 1 = [edges[b], edges[b + 1])
+
+    sums = tiles.positive_sums(s_pos, y_pos, edges, count, offset_sum, delta, kind.sorting)
+    terms = positive_terms(kind, PositiveSums(*sums) if kind.sorting else PositiveSums(*sums[:2]))
+    pos_sort_grad = None
+    if kind.sorting:
+        received = tiles.sorting_received(s_pos, y_pos, terms.sorting_share, delta)
+        pos_sort_grad = sorting_gradient(terms, received)
+
+    windows = (s_pos - delta, s_pos + delta) if delta > 0 and not kind.bucketed else None
+    const, slope = tiles.bin_gradient(s_pos, terms.weight, edges, count, offset_sum, delta, windows)
+    no_bin = const.new_zeros(1)
+    tables = _Tables(
+        edges,
+        torch.cat([no_bin, const]),
+        None if slope is None else torch.cat([no_bin, slope]),
+        pos_index,
+        terms.pos_rank_grad,
+        pos_sort_grad,
+    )
+    return terms.losses, tables
+
+
+def triton_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
+    g_rank = grad_outputs[0].double()
+    const = (tables.bin_const * g_rank).to(s.dtype)
+    slope = None if tables.bin_slope is None else (tables.bin_slope * g_rank).to(s.dtype)
+    grad = bins.distribute(s, y, tables.edges, const, slope, s.dtype)
+    pos_grad = tables.pos_rank_grad * g_rank
+    if tables.pos_sort_grad is not None:
+        pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()
+    grad.index_copy_(0, tables.pos_index, pos_grad.to(s.dtype))
+    return grad
