@@ -1,19 +1,30 @@
-"""Backend names and dispatch: which implementation computes a loss for given inputs."""
+"""Backend names and dispatch: which implementation computes a loss for given inputs.
+
+``"auto"`` picks Triton for CUDA tensors when triton imports and the GPU can run it, else torch.
+The environment variable ``BRL_BACKEND`` (``torch``, ``triton`` or ``reference``) replaces what
+``"auto"`` would pick; an explicit ``backend=`` argument always wins.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 import torch
 
 from .reference import reference_forward
 from .torch_backend import torch_backward, torch_forward
 
-BACKEND_NAMES = ("auto", "torch", "reference")
+BACKEND_NAMES = ("auto", "torch", "triton", "reference")
+BACKEND_ENV_VAR = "BRL_BACKEND"
 
 
 class TorchBackend:
     """Sort-free bucketed/breakpoint computation in plain torch ops; runs on any device."""
 
     name = "torch"
+    checks_finite = False
     forward = staticmethod(torch_forward)
     backward = staticmethod(torch_backward)
 
@@ -22,6 +33,7 @@ class ReferenceBackend:
     """The O(P*N) float64 loops of ``reference.py``; keeps N-sized gradient vectors."""
 
     name = "reference"
+    checks_finite = False
     forward = staticmethod(reference_forward)
 
     @staticmethod
@@ -30,13 +42,57 @@ class ReferenceBackend:
         return grad.to(s.device)
 
 
-_IMPLEMENTATIONS = {"torch": TorchBackend, "reference": ReferenceBackend}
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run (or, not yet defined, will run) through the Triton interpreter."""
+    config = sys.modules.get("brl_triton.kernels._config")
+    if config is not None:
+        return config.INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _gpu_runs_triton(device: torch.device) -> bool:
+    if torch.version.hip is not None:
+        return True
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def _triton_backend(logits: torch.Tensor):
+    if not _triton_installed():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    if logits.device.type == "cpu":
+        if not _interpreting():
+            raise ValueError(
+                "backend='triton' runs on CUDA tensors; for CPU tensors it needs the Triton interpreter: "
+                "set TRITON_INTERPRET=1 before brl_triton's kernels are first used (slow, meant for tests), "
+                "or use backend='torch'"
+            )
+    elif logits.device.type != "cuda":
+        raise ValueError(f"backend='triton' runs on CUDA tensors, got logits on {logits.device}")
+    from .triton_backend import TritonBackend
+
+    return TritonBackend
 
 
 def resolve_backend(backend: str, logits: torch.Tensor):
-    """The implementation for ``backend`` ("auto", "torch" or "reference") and these logits."""
+    """The implementation for ``backend`` and these logits."""
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
     if backend == "auto":
-        return TorchBackend
-    return _IMPLEMENTATIONS[backend]
+        forced = os.environ.get(BACKEND_ENV_VAR, "")
+        if forced:
+            if forced not in BACKEND_NAMES[1:]:
+                raise ValueError(
+                    f"{BACKEND_ENV_VAR} must be one of {', '.join(BACKEND_NAMES[1:])} (or unset), got {forced!r}"
+                )
+            backend = forced
+        elif logits.is_cuda and _triton_installed() and _gpu_runs_triton(logits.device):
+            backend = "triton"
+        else:
+            backend = "torch"
+    if backend == "triton":
+        return _triton_backend(logits)
+    return TorchBackend if backend == "torch" else ReferenceBackend

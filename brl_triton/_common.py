@@ -53,11 +53,7 @@ def check_delta(delta, kind: LossKind) -> float:
 
 
 def check_inputs(logits, targets) -> None:
-    """Raise a clear TypeError/ValueError for inputs no backend accepts.
-
-    NaN/Inf checks read every element once; they make the loss fail here rather than return
-    a silent NaN or crash inside a kernel.
-    """
+    """Raise a clear TypeError/ValueError for inputs no backend accepts (see also ``check_finite``)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(targets, torch.Tensor):
@@ -78,6 +74,14 @@ def check_inputs(logits, targets) -> None:
         raise ValueError(
             f"logits and targets must be on the same device, got {logits.device} and {targets.device}"
         )
+
+
+def check_finite(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """ValueError for NaN/Inf in the logits or in float targets.
+
+    It reads every element once, so that the loss fails here rather than return a silent NaN;
+    backends that check finiteness in a pass of their own skip it.
+    """
     if logits.numel() == 0:
         return
     if not _all_finite(logits):

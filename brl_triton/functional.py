@@ -14,8 +14,10 @@ All of them follow ``shared/ALGORITHM.md``. Common conventions:
 - Losses are 0-d tensors in float32 (float64 for float64 logits); the gradient has the logits' dtype.
   Without any positive (or for empty input) the losses are 0, attached to the graph, with zero
   gradients.
-- ``backend``: ``"auto"`` (the best available for the logits' device), ``"torch"`` (plain torch
-  ops, any device) or ``"reference"`` (the O(P*N) float64 oracle; slow, for tests).
+- ``backend``: ``"auto"`` (Triton for CUDA tensors when triton is installed, else torch; the
+  environment variable ``BRL_BACKEND`` overrides it), ``"torch"`` (plain torch ops, any device),
+  ``"triton"`` (Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
+  ``"reference"`` (the O(P*N) float64 oracle; slow, for tests).
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ import torch
 
 from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
-from ._common import AP, BUCKETED_AP, BUCKETED_RANK_SORT, INTERPOLATED_AP, RANK_SORT, check_delta, check_inputs
+from ._common import (
+    AP,
+    BUCKETED_AP,
+    BUCKETED_RANK_SORT,
+    INTERPOLATED_AP,
+    RANK_SORT,
+    check_delta,
+    check_finite,
+    check_inputs,
+)
 
 __all__ = ["bucketed_rank_sort_loss", "rank_sort_loss", "bucketed_ap_loss", "ap_loss"]
 
@@ -33,6 +44,8 @@ def _apply(kind, logits, targets, delta, backend):
     delta = check_delta(delta, kind)
     check_inputs(logits, targets)
     implementation = resolve_backend(backend, logits)
+    if not implementation.checks_finite:
+        check_finite(logits, targets)
     losses = RankingLossFunction.apply(logits, targets, delta, kind, implementation)
     return losses if kind.sorting else losses[0]
 
@@ -51,7 +64,7 @@ def bucketed_rank_sort_loss(
         targets: ``(*)``, same shape, any real dtype: ``> 0`` positive with its IoU (quality)
             target, ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 0.5).
-        backend: ``"auto"``, ``"torch"`` or ``"reference"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         ``(ranking_loss, sorting_loss)``: 0-d tensors, the means over positives of the
@@ -61,7 +74,7 @@ def bucketed_rank_sort_loss(
     Raises:
         TypeError: logits not floating point, targets complex, delta not a number.
         ValueError: shape or device mismatch, NaN/Inf in logits or targets, delta < 0 or NaN,
-            unknown backend.
+            unknown backend, ``backend="triton"`` where it cannot run.
 
     Example:
         >>> logits = torch.tensor([2.0, 1.0, 0.5, -1.0], requires_grad=True)
@@ -86,7 +99,7 @@ def rank_sort_loss(
         targets: ``(*)``, same shape, any real dtype: ``> 0`` positive with its IoU (quality)
             target, ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 0.5).
-        backend: ``"auto"``, ``"torch"`` or ``"reference"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         ``(ranking_loss, sorting_loss)``: 0-d tensors (ranking error in [0, 1], sorting error in
@@ -117,7 +130,7 @@ def bucketed_ap_loss(
         targets: ``(*)``, same shape, any real dtype: ``> 0`` positive, ``0`` negative,
             ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 1.0).
-        backend: ``"auto"``, ``"torch"`` or ``"reference"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         0-d tensor in [0, 1].
@@ -155,7 +168,7 @@ def ap_loss(
         delta: smoothing width of the step function (default 1.0); ``>= 0``, or ``> 0`` when
             interpolated.
         interpolated: use the original interpolated AP-loss.
-        backend: ``"auto"``, ``"torch"`` or ``"reference"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         0-d tensor in [0, 1].

@@ -82,3 +82,12 @@ def triton_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outp
         pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()
     grad.index_copy_(0, tables.pos_index, pos_grad.to(s.dtype))
     return grad
+
+
+class TritonBackend:
+    """Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+    checks_finite = True  # the positive-compaction pass checks logits and targets
+    forward = staticmethod(triton_forward)
+    backward = staticmethod(triton_backward)

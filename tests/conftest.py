@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run through the interpreter; triton reads this when the
+# kernels are defined, i.e. on their first use, so it must be set before any test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import brl_triton
 from brl_triton import _common as kinds

@@ -14,6 +14,7 @@ import triton.language as tl
 from ._config import configs, next_power_of_2
 
 SORT_IN_ONE_PROGRAM_MAX = 4096
+MIN_CAPACITY = 4096  # room for positive positions in the first compaction pass, at least
 _BAD_LOGITS, _BAD_TARGETS = 1, 2
 
 
@@ -75,7 +76,7 @@ def sorted_positives(s: torch.Tensor, y: torch.Tensor):
     if s.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=s.device)
     # room for 1/64 of the elements; a second pass only when there are more positives
-    capacity = min(s.numel(), max(SORT_IN_ONE_PROGRAM_MAX, s.numel() // 64))
+    capacity = min(s.numel(), max(MIN_CAPACITY, s.numel() // 64))
     pos_index, found, flags = _compact(s, y, capacity)
     if flags & _BAD_LOGITS:
         raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")

@@ -1,0 +1,167 @@
+"""The Triton backend against the reference loops and the golden data.
+
+Without a GPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+about 100x slower than torch: sizes stay small (N <= 20k). Select with ``-m triton``.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import LOSSES, assert_close, expected, make_case, run_loss
+from test_golden import GOLDEN_KEYS
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (id, number of logits, number of positives, make_case options)
+CASES = [
+    ("p1", 1500, 1, {}),
+    ("odd_multi_block", 5003, 41, {}),
+    ("ties_on_grid", 2501, 70, {"grid": 0.25}),
+    ("mostly_ignored_shaped", 2 * 1000 * 3, 25, {"ignored": 0.6, "shape": (2, 1000, 3)}),
+]
+
+
+def _on_device(logits, targets):
+    return logits.to(DEVICE), targets.to(DEVICE)
+
+
+def _check(name, logits, targets, delta, *, loss_tol=(1e-6, 1e-5), grad_tol=1e-5):
+    want_losses, want_grad = expected(name, logits.cpu(), targets.cpu(), delta)
+    losses, grad = run_loss(name, *_on_device(logits, targets), delta, "triton")
+    assert grad.dtype == logits.dtype and grad.device.type == DEVICE
+    for got, want in zip(losses, want_losses):
+        assert_close(got, want, atol=loss_tol[0], rtol=loss_tol[1], what=f"{name} loss")
+    scale = want_grad.abs().max().item()
+    assert_close(grad, want_grad, atol=grad_tol * scale, rtol=grad_tol * 10, what=f"{name} grad")
+    return losses, grad
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_against_reference(case, name, delta):
+    if name == "interpolated_ap" and delta == 0:
+        pytest.skip("interpolated AP needs delta > 0")
+    _, n, p, options = case
+    logits, targets = make_case(n, p, seed=n + 3 * p, dtype=torch.float32, **options)
+    _check(name, logits, targets, delta)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_agrees_with_torch_backend(name):
+    logits, targets = make_case(4001, 60, seed=12, dtype=torch.float32)
+    t_losses, t_grad = run_loss(name, logits, targets, 0.5, "torch")
+    losses, grad = run_loss(name, *_on_device(logits, targets), 0.5, "triton")
+    for a, b in zip(losses, t_losses):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, what="loss")
+    assert_close(grad, t_grad, atol=1e-5 * t_grad.abs().max().item(), rtol=1e-4, what="grad")
+
+
+@pytest.mark.parametrize("name", ["bucketed_rank_sort", "rank_sort", "interpolated_ap"])
+def test_many_positives_take_the_torch_sort_and_second_compaction_paths(name, monkeypatch):
+    """More positives than one program sorts and than the first compaction pass has room for."""
+    from brl_triton.kernels import positives
+
+    monkeypatch.setattr(positives, "SORT_IN_ONE_PROGRAM_MAX", 32)
+    monkeypatch.setattr(positives, "MIN_CAPACITY", 16)
+    logits, targets = make_case(3001, 150, seed=5, dtype=torch.float32, grid=0.125)
+    _check(name, logits, targets, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_logit_dtypes(dtype):
+    logits, targets = make_case(3001, 40, seed=8, dtype=dtype)
+    _check("rank_sort", logits, targets, 0.5, grad_tol=1e-2 if dtype != torch.float64 else 1e-9,
+           loss_tol=(1e-6, 1e-5) if dtype != torch.float64 else (1e-10, 1e-9))
+
+
+def test_theorem_4_1_at_delta_zero():
+    logits, targets = make_case(4003, 50, seed=2, dtype=torch.float32, grid=0.5)
+    logits, targets = _on_device(logits, targets)
+    bucketed, b_grad = run_loss("bucketed_rank_sort", logits, targets, 0.0, "triton")
+    exact, e_grad = run_loss("rank_sort", logits, targets, 0.0, "triton")
+    for b, e in zip(bucketed, exact):
+        assert_close(b, e, atol=1e-7, rtol=1e-6, what="loss")
+    assert_close(b_grad, e_grad, atol=1e-8, rtol=1e-5, what="grad")
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_no_positive_and_empty(name):
+    fn, extra, kind = LOSSES[name]
+    for logits, targets in [(torch.randn(0), torch.zeros(0)), (torch.randn(3000), -torch.ones(3000)),
+                            (torch.randn(3000), torch.zeros(3000))]:
+        x = logits.to(DEVICE).requires_grad_(True)
+        out = fn(x, targets.to(DEVICE), 0.5, backend="triton", **extra)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(loss.item() == 0 and loss.requires_grad for loss in out)
+        sum(out).backward()
+        assert not bool(x.grad.any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_fails_in_the_compaction_pass(bad):
+    import brl_triton
+
+    logits = torch.randn(5000)
+    logits[4321] = bad
+    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+        brl_triton.rank_sort_loss(logits.to(DEVICE), torch.ones(5000, device=DEVICE), backend="triton")
+    targets = torch.zeros(5000)
+    targets[17] = bad
+    with pytest.raises(ValueError, match="targets contain NaN or Inf"):
+        brl_triton.bucketed_ap_loss(torch.randn(5000, device=DEVICE), targets.to(DEVICE), backend="triton")
+
+
+SMALL_GOLDEN = [i for i in range(21) if i not in (5, 12, 19)]  # the N = 50,000 cases take minutes here
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_KEYS))
+@pytest.mark.parametrize("index", SMALL_GOLDEN)
+def test_matches_official(golden_cases, index, name):
+    case = golden_cases[index]
+    key, logits_key, targets_key, delta_key = GOLDEN_KEYS[name]
+    if key not in case:
+        pytest.skip("the official interpolated AP loss needs delta > 0")
+    losses, grad = run_loss(name, *_on_device(case[logits_key], case[targets_key]), case[delta_key], "triton",
+                            upstream=(1.0, 1.0))
+    assert_close(torch.stack([v.cpu() for v in losses]), torch.tensor([float(v) for v in case[key]]),
+                 atol=1e-7, rtol=1e-5, what=f"case {index} {name} losses")
+    assert_close(grad, case[key + "_grad"], atol=1e-6, rtol=0, what=f"case {index} {name} grad")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error without a GPU")
+def test_cpu_without_interpreter_is_a_clear_error():
+    code = textwrap.dedent("""
+        import torch, brl_triton
+        try:
+            brl_triton.rank_sort_loss(torch.randn(10), torch.ones(10), backend="triton")
+        except ValueError as e:
+            print("ValueError:", e)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "ValueError: backend='triton' runs on CUDA tensors" in out and "TRITON_INTERPRET=1" in out
+
+
+def test_environment_variable_forces_the_backend(monkeypatch):
+    from brl_triton._backends import resolve_backend
+
+    logits = torch.randn(4)
+    monkeypatch.setenv("BRL_BACKEND", "reference")
+    assert resolve_backend("auto", logits).name == "reference"
+    assert resolve_backend("torch", logits).name == "torch"  # an explicit backend wins
+    monkeypatch.setenv("BRL_BACKEND", "triton")
+    assert resolve_backend("auto", logits).name == "triton"
+    monkeypatch.setenv("BRL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="BRL_BACKEND must be one of"):
+        resolve_backend("auto", logits)
+    monkeypatch.delenv("BRL_BACKEND")
+    assert resolve_backend("auto", logits).name == ("triton" if logits.is_cuda else "torch")
