@@ -165,3 +165,26 @@ def test_environment_variable_forces_the_backend(monkeypatch):
         resolve_backend("auto", logits)
     monkeypatch.delenv("BRL_BACKEND")
     assert resolve_backend("auto", logits).name == ("triton" if logits.is_cuda else "torch")
+
+
+@pytest.mark.parametrize("preaggregate", [True, False])
+@pytest.mark.parametrize("num_edges", [1, 7, 300])
+def test_bucket_reduction_variants(preaggregate, num_edges):
+    """Both reduction variants (per-element atomics; block sorted by bin, one atomic per bin)."""
+    from brl_triton.kernels.bins import reduce_bins
+
+    g = torch.Generator().manual_seed(num_edges)
+    n = 701  # six blocks of 128: the interpreter runs the segmented scan element by element
+    s = torch.round(torch.randn(n, generator=g) * 8) / 8
+    y = torch.zeros(n)
+    y[::5], y[::7] = 1, -1
+    edges = torch.sort(torch.round(torch.randn(num_edges, generator=g) * 8) / 8).values
+    count, offset_sum = reduce_bins(s.to(DEVICE), y.to(DEVICE), edges.to(DEVICE), preaggregate, block=128)
+    relevant = (y == 0) & (s >= edges[0])
+    key = torch.where(relevant, torch.searchsorted(edges, s, right=True), 0)
+    lower = torch.cat([edges[:1], edges])[key]
+    want_count = torch.bincount(key, minlength=num_edges + 1)
+    want_sum = torch.bincount(key, weights=(s - lower).double(), minlength=num_edges + 1)
+    want_count[0], want_sum[0] = 0, 0
+    assert torch.equal(count.cpu(), want_count)
+    assert_close(offset_sum, want_sum, atol=1e-4, rtol=1e-6, what="offset sums")

@@ -8,8 +8,9 @@ positive logits with ``min - delta`` in front for the bucketed losses, the 2P br
 take part. Offsets use int64, so N > 2^31 is safe.
 
 - reduction: per bin, count (int64) and the sum of ``s - lower edge`` (offsets, so that large
-  logits do not cancel), added with atomics; float atomics make the sums' round-off depend on
-  the order. Reads 4 + 4 bytes per element (float32 logits and targets); the binary search reads
+  logits do not cancel), added with atomics, either one per element or, pre-aggregated, one
+  per distinct bin of the block (the block sorted by bin, then a segmented sum); float atomics
+  make the sums' round-off depend on the order. Reads 4 + 4 bytes per element (float32 logits and targets); the binary search reads
   edges that stay in cache.
 - distribution: ``grad = const[key] + slope[key] * (s - lower edge)`` for relevant negatives,
   0 for everything else (positives are written afterwards from their O(P) table). Reads
@@ -42,18 +43,51 @@ def _count_edges_at_or_below(edges_ptr, num_edges, x, steps):
     return low
 
 
-@triton.autotune(configs=_BLOCKS, key=["n", "num_edges"], reset_to_zero=["count_ptr", "offset_sum_ptr"])
 @triton.jit
-def _reduce_bins_kernel(s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
+    """Segmented-sum combine over keys sorted within the block (associative for sorted keys)."""
+    same = key_a == key_b
+    return key_b, tl.where(same, offset_a + offset_b, offset_b), tl.where(same, count_a + count_b, count_b)
+
+
+@triton.jit
+def _reduce_bins_kernel(
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n,
+    PREAGGREGATE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    lane = tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < n
     s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=1)
     relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
     key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
     lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
-    tl.atomic_add(count_ptr + key, tl.full(key.shape, 1, tl.int64), mask=relevant)
-    tl.atomic_add(offset_sum_ptr + key, (s - lower).to(offset_sum_ptr.dtype.element_ty), mask=relevant)
+    offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
+    count = tl.full([BLOCK], 1, tl.int64)
+    if PREAGGREGATE:
+        # sort the block by bin and sum each run of equal bins: one atomic per bin of the block
+        key = tl.where(relevant, key, num_edges + 1)
+        packed = tl.sort((key.to(tl.int64) << 32) | lane.to(tl.int64), 0)
+        key = (packed >> 32).to(tl.int32)
+        offset = tl.gather(offset, (packed & 0xFFFFFFFF).to(tl.int32), 0)
+        _, offset, count = tl.associative_scan((key, offset, count), 0, _same_bin_sum)
+        next_key = tl.gather(key, tl.minimum(lane + 1, BLOCK - 1), 0)
+        relevant = ((key != next_key) | (lane == BLOCK - 1)) & (key <= num_edges)
+    tl.atomic_add(count_ptr + key, count, mask=relevant)
+    tl.atomic_add(offset_sum_ptr + key, offset, mask=relevant)
+
+
+# Pre-aggregation pays when a block's elements share few bins; the autotuner decides on the GPU.
+# The interpreter runs the scan element by element, so its single config is the plain one.
+_reduce_bins_tuned = triton.autotune(
+    configs=configs(
+        {"BLOCK": 1024, "PREAGGREGATE": False}, {"BLOCK": 1024, "PREAGGREGATE": True},
+        {"BLOCK": 2048, "PREAGGREGATE": True}, {"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=(4, 8),
+    ),
+    key=["n", "num_edges"],
+    reset_to_zero=["count_ptr", "offset_sum_ptr"],
+)(_reduce_bins_kernel)
 
 
 @triton.autotune(configs=_BLOCKS, key=["n", "num_edges"])
@@ -79,14 +113,18 @@ def _steps(num_edges: int) -> int:
     return max(1, int(num_edges).bit_length())  # ceil(log2(E + 1))
 
 
-def reduce_bins(s: torch.Tensor, y: torch.Tensor, edges: torch.Tensor):
+def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024):
     """Per key 0..E: count (int64) and sum of offsets from the bin's lower edge (s.dtype).
-    Key 0 (below every edge) stays 0."""
+    Key 0 (below every edge) stays 0. ``preaggregate``: force that variant with ``block``
+    elements per program (default: autotuned)."""
     num_edges = edges.numel()
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
     offset_sum = torch.zeros(num_edges + 1, dtype=s.dtype, device=s.device)
-    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
-    _reduce_bins_kernel[grid](s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel())
+    args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel())
+    if preaggregate is None:
+        _reduce_bins_tuned[lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)](*args)
+    else:
+        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](*args, PREAGGREGATE=preaggregate, BLOCK=block)
     return count, offset_sum
 
 
