@@ -16,6 +16,12 @@ backward
     5. ``bins.distribute``: one pass over N writes every gradient; the p positives are then
        written from their table.
 
+Streaming passes over N, for float32 logits and targets: forward reads every element twice
+(compaction 8 B, reduction 8 B; the binary search reads edges from cache) and backward once
+(8 B read, 4 B gradient written): 28 B per element in all. The compaction pass cannot be
+folded into the reduction, whose bins are made from all positives. Everything else is O(p^2)
+work on O(p + E) data.
+
 Memory beyond inputs and the gradient: O(p + E) tables, plus room for N/64 positive positions
 (a second compaction pass runs only when there are more positives than that).
 """
