@@ -1,0 +1,324 @@
+"""Loss benchmarks: every backend side by side with the hardware floors, in one run.
+
+    python -m benchmarks.losses --quick                 # under a minute on a 2-core CPU
+    python -m benchmarks.losses --preset full --out DIR  # the whole sweep (long on a CPU)
+
+Backends: ``triton`` (CUDA only; the autotuning warm-up is not timed and the chosen configs are
+printed), ``torch``, ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
+runs, dense bucket x positive matrices; bucketed losses only, see ``sort_based.py``) and
+``reference`` (the O(P*N) loops, only where they finish in about a second).
+
+Every row is forward+backward of the loss on the same logits (median and the 20/80 % quantiles;
+``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU), next to two floors
+measured in the same run: ``torch.sort`` of the logits and one read of logits and targets. Peak
+extra memory is CUDA's max allocated, or on CPU the peak resident set above the one before the
+call. Writes ``results.csv``, ``results.md`` and ``time_vs_n.png`` / ``time_vs_p.png`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+from tqdm import tqdm
+
+import brl_triton
+
+from .sort_based import sort_based_bucketed_loss
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: object
+    delta: float
+    kwargs: dict = field(default_factory=dict)
+    sort_based: bool | None = None  # None: no sort-based version; else whether it has the sorting term
+
+
+LOSSES = {
+    "brs": Loss(brl_triton.bucketed_rank_sort_loss, 0.5, sort_based=True),
+    "rs": Loss(brl_triton.rank_sort_loss, 0.5),
+    "bap": Loss(brl_triton.bucketed_ap_loss, 1.0, sort_based=False),
+    "ap": Loss(brl_triton.ap_loss, 1.0),
+    "ap_interp": Loss(brl_triton.ap_loss, 1.0, {"interpolated": True}),
+}
+
+# Detector-shaped problems: (name, number of scores, number of positives)
+DETECTORS = [
+    ("faster_rcnn_rpn", 1_000_000, 500),  # ~1M anchors x 1 class
+    ("faster_rcnn_roi_head", 8_000 * 80, 1_000),  # ~8k RoIs x 80 classes
+    ("atss_one_stage", 5_000_000, 2_000),  # ~5M anchor-class pairs
+    ("detr_like", 6 * 16 * 300 * 80, 5_000),  # 6 decoder heads x 16 images x 300 queries x 80 classes
+]
+
+PRESETS = {
+    "tiny": dict(n_sweep=[2_000, 20_000], n_sweep_p=20, p_sweep=[5, 50], p_sweep_n=20_000, detectors=[],
+                 losses=["brs", "rs"], min_time=0.01),
+    "quick": dict(n_sweep=[10_000, 100_000, 1_000_000], n_sweep_p=1_000, p_sweep=[10, 100, 1_000, 4_000],
+                  p_sweep_n=100_000, detectors=["faster_rcnn_rpn"], losses=["brs", "rs"], min_time=0.1),
+    "full": dict(n_sweep=[10_000, 100_000, 1_000_000, 10_000_000], n_sweep_p=1_000,
+                 p_sweep=[10, 100, 1_000, 5_000, 20_000], p_sweep_n=1_000_000,
+                 detectors=[d[0] for d in DETECTORS], losses=list(LOSSES), min_time=0.5),
+}
+
+REFERENCE_MAX_WORK = 3_000_000  # N * P above which the O(P*N) loops are not timed
+SORT_BASED_MAX_P = 10_000  # its dense P x P and B x P matrices
+
+
+def detector_like_case(n: int, p: int, seed: int, device: str):
+    """Logits of a half-trained detector: negatives ~ N(-2, 1.5), positives shifted up by their
+    IoU target in (0.5, 1]; 1% of the rest ignored."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, generator=g) * 1.5 - 2.0
+    targets = torch.zeros(n)
+    perm = torch.randperm(n, generator=g)
+    pos = perm[:p]
+    targets[pos] = 0.5 + 0.5 * torch.rand(p, generator=g)
+    logits[pos] += 1.0 + 2.0 * targets[pos]
+    targets[perm[p : p + n // 100]] = -1
+    return logits.to(device), targets.to(device)
+
+
+def _release_free_heap() -> None:
+    """glibc keeps freed heap memory resident and reuses it; give it back to the OS so that the
+    next call's allocations show up in the peak resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mib(step, device: str) -> float | None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _release_free_heap()
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
+    except OSError:
+        return None
+    step()
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) / 1024
+
+
+def time_ms(step, device: str, min_time: float):
+    """(median, 20 %, 80 %) milliseconds of one call, after a warm-up call."""
+    step()
+    if device == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8]))
+    measurement = benchmark.Timer(stmt="step()", globals={"step": step}).blocked_autorange(min_run_time=min_time)
+    times = sorted(t * 1e3 for t in measurement.times)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return measurement.median * 1e3, q[0], q[3]
+
+
+def loss_step(loss: Loss, backend: str, logits, targets):
+    if backend == "sort_based":
+        return lambda: sort_based_bucketed_loss(logits, targets, loss.delta, loss.sort_based)
+    x = logits.clone().requires_grad_(True)
+
+    def step():
+        out = loss.fn(x, targets, loss.delta, backend=backend, **loss.kwargs)
+        sum(out if isinstance(out, tuple) else (out,)).backward()
+        x.grad = None
+
+    return step
+
+
+def backends_for(loss: Loss, n: int, p: int, device: str) -> list[str]:
+    names = (["triton"] if device == "cuda" else []) + ["torch"]
+    if loss.sort_based is not None and p <= SORT_BASED_MAX_P:
+        names.append("sort_based")
+    if n * p <= REFERENCE_MAX_WORK:
+        names.append("reference")
+    return names
+
+
+def plan(preset: dict):
+    """(group, label, N, P) of every problem of the preset."""
+    problems = [("N sweep", f"N={n:,}", n, preset["n_sweep_p"]) for n in preset["n_sweep"]]
+    problems += [("P sweep", f"P={p:,}", preset["p_sweep_n"], p) for p in preset["p_sweep"]]
+    problems += [("detector", name, n, p) for name, n, p in DETECTORS if name in preset["detectors"]]
+    return problems
+
+
+def triton_configs() -> str:
+    from brl_triton.kernels import bins, positives, tiles
+
+    kernels = {
+        "compact_positives": positives._compact_positives_kernel,
+        "reduce_bins": bins._reduce_bins_tuned,
+        "distribute": bins._distribute_kernel,
+        "positive_sums": tiles._positive_sums_kernel,
+        "sorting_received": tiles._sorting_received_kernel,
+        "bin_gradient": tiles._bin_gradient_kernel,
+    }
+    return "; ".join(f"{name}: {getattr(k, 'best_config', None)}" for name, k in kernels.items())
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if device == "cuda":
+        text += f"; GPU: {torch.cuda.get_device_name()}"
+    else:
+        text += "; no GPU: CPU timings (torch backend), Triton not timed"
+    return text
+
+
+def run(preset_name: str, out: Path, device: str, losses: list[str] | None = None, memory: bool = True):
+    preset = PRESETS[preset_name]
+    losses = losses or preset["losses"]
+    rows = []
+    problems = plan(preset)
+    jobs = [(prob, name) for prob in problems for name in losses]
+    bar = tqdm(total=sum(len(backends_for(LOSSES[n], prob[2], prob[3], device)) for prob, n in jobs),
+               desc=f"benchmarks ({preset_name}, {device})", unit="run")
+    for group, label, n, p in problems:
+        logits, targets = detector_like_case(n, p, seed=n + p, device=device)
+        sort_ms = time_ms(lambda: torch.sort(logits), device, preset["min_time"])[0]
+        read_ms = time_ms(lambda: (logits.sum(), targets.sum()), device, preset["min_time"])[0]
+        for loss_name in losses:
+            loss = LOSSES[loss_name]
+            for backend in backends_for(loss, n, p, device):
+                bar.set_postfix_str(f"{label} {loss_name} {backend}")
+                step = loss_step(loss, backend, logits, targets)
+                median, low, high = time_ms(step, device, preset["min_time"])
+                rows.append({
+                    "group": group, "problem": label, "loss": loss_name, "backend": backend, "N": n, "P": p,
+                    "median_ms": median, "q20_ms": low, "q80_ms": high, "sort_ms": sort_ms, "read_ms": read_ms,
+                    "x_sort": median / sort_ms, "x_read": median / read_ms,
+                    "peak_extra_mib": peak_extra_mib(step, device) if memory else None,
+                })
+                bar.update()
+        del logits, targets
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(markdown_table(rows, machine_description(device)))
+    plot(rows, out, machine_description(device))
+    return rows
+
+
+def write_csv(rows, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows, machine: str) -> str:
+    """One line per problem and loss: the floors, then each backend as ms (x torch.sort)."""
+    backends = [b for b in ("triton", "torch", "sort_based", "reference") if any(r["backend"] == b for r in rows)]
+    lines = [f"Forward+backward, median ms (and × `torch.sort` of the same logits). {machine}.", ""]
+    header = ["problem", "N", "P", "loss", "sort ms", "read ms"] + backends + ["torch peak MiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = []
+    for r in rows:
+        key = (r["group"], r["problem"], r["loss"])
+        if key not in keys:
+            keys.append(key)
+    for group, problem, loss in keys:
+        same = {r["backend"]: r for r in rows if (r["group"], r["problem"], r["loss"]) == (group, problem, loss)}
+        first = next(iter(same.values()))
+        cells = [problem, f"{first['N']:,}", f"{first['P']:,}", loss, f"{first['sort_ms']:.3g}", f"{first['read_ms']:.3g}"]
+        for b in backends:
+            cells.append(f"{same[b]['median_ms']:.3g} ({same[b]['x_sort']:.2g}×)" if b in same else "—")
+        memory = same.get("torch", {}).get("peak_extra_mib")
+        cells.append("—" if memory is None else f"{memory:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, out: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"triton": "C0", "torch": "C1", "sort_based": "C2", "reference": "C3"}
+    for group, axis, filename in (("N sweep", "N", "time_vs_n.png"), ("P sweep", "P", "time_vs_p.png")):
+        selected = [r for r in rows if r["group"] == group]
+        if not selected:
+            continue
+        losses = list(dict.fromkeys(r["loss"] for r in selected))
+        fig, axes = plt.subplots(1, len(losses), figsize=(5 * len(losses), 4), squeeze=False)
+        for ax, loss in zip(axes[0], losses):
+            for backend, color in styles.items():
+                pts = sorted((r[axis], r["median_ms"]) for r in selected if r["loss"] == loss and r["backend"] == backend)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=color, label=backend)
+            floors = sorted({(r[axis], r["sort_ms"], r["read_ms"]) for r in selected if r["loss"] == loss})
+            ax.plot([f[0] for f in floors], [f[1] for f in floors], "k--", label="torch.sort (floor)")
+            ax.plot([f[0] for f in floors], [f[2] for f in floors], "--", color="0.6", label="read logits+targets")
+            fixed = "P" if axis == "N" else "N"
+            ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="forward+backward ms",
+                   title=f"{loss}, {fixed}={selected[0][fixed]:,}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(machine, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
+    parser.add_argument("--preset", choices=list(PRESETS), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--losses", help=f"comma-separated subset of {', '.join(LOSSES)}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    losses = args.losses.split(",") if args.losses else None
+    if losses and set(losses) - set(LOSSES):
+        parser.error(f"--losses: unknown {sorted(set(losses) - set(LOSSES))}; choose from {list(LOSSES)}")
+    start = time.perf_counter()
+    print(machine_description(device))
+    rows = run(args.preset, args.out, device, losses, memory=not args.no_memory)
+    if device == "cuda":
+        print("triton configs:", triton_configs())
+    print((args.out / "results.md").read_text())
+    print(f"{len(rows)} runs in {time.perf_counter() - start:.0f} s; wrote results.csv, results.md and plots to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
