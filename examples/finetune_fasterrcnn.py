@@ -141,7 +141,7 @@ def build_model(args, num_classes: int):
             raise SystemExit("--detector retinanet is built on the effnet_lite0 backbone only")
         factory = {"mobilenet_v3": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
                    "resnet50": torchvision.models.detection.fasterrcnn_resnet50_fpn}[args.model]
-        model = factory(weights=args.weights, **size)
+        model = factory(weights=args.weights, weights_backbone=args.weights_backbone, **size)
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
     if args.loss != "ce":
@@ -258,6 +258,7 @@ def main(argv=None):
     parser.add_argument("--detector", choices=["fasterrcnn", "retinanet"], default="fasterrcnn")
     parser.add_argument("--model", choices=["effnet_lite0", "mobilenet_v3", "resnet50"], default="effnet_lite0")
     parser.add_argument("--weights", default=None, help="torchvision weights for mobilenet_v3/resnet50, e.g. DEFAULT")
+    parser.add_argument("--weights-backbone", default=None, help="their ImageNet backbone weights, e.g. DEFAULT")
     parser.add_argument("--coco-images", type=Path)
     parser.add_argument("--coco-annotations", type=Path)
     parser.add_argument("--coco-val-annotations", type=Path)

@@ -33,10 +33,11 @@ def test_digits_dataset_is_deterministic_with_boxes_inside_images(tmp_path):
     assert other[1].read_text() != first[1].read_text()
 
 
-@pytest.mark.parametrize("detector,loss", [("fasterrcnn", "brs"), ("retinanet", "rs"), ("fasterrcnn", "ce")])
-def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, loss):
+@pytest.mark.parametrize("detector,model,loss", [("fasterrcnn", "effnet_lite0", "brs"), ("retinanet", "effnet_lite0", "rs"),
+                                                ("fasterrcnn", "mobilenet_v3", "ce")])
+def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, model, loss):
     summary = finetune_fasterrcnn.main([
-        "--detector", detector, "--loss", loss, "--iters", "2", "--num-train", "4", "--num-val", "2",
+        "--detector", detector, "--model", model, "--loss", loss, "--iters", "2", "--num-train", "4", "--num-val", "2",
         "--batch-size", "2", "--image-size", "128", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
         "--device", "cpu",
     ])
@@ -46,7 +47,7 @@ def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, loss):
     assert written["loss"] == loss and written["iterations"] == 2
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     resumed = finetune_fasterrcnn.main([
-        "--detector", detector, "--loss", loss, "--iters", "3", "--num-train", "4", "--num-val", "2",
+        "--detector", detector, "--model", model, "--loss", loss, "--iters", "3", "--num-train", "4", "--num-val", "2",
         "--batch-size", "2", "--image-size", "128", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"),
         "--device", "cpu", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
     ])
