@@ -17,5 +17,11 @@ def configs(default: dict, *alternatives: dict, num_warps=(4,)) -> list:
     return [triton.Config(kw, num_warps=w) for kw in (default, *alternatives) for w in num_warps]
 
 
+def size_class(n: int) -> int:
+    """Autotuning key for a size: its power of two, so that sizes that change every call (RoIs
+    after NMS, say) do not trigger a new tuning run each time."""
+    return max(int(n), 1).bit_length()
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs
+from ._config import configs, size_class
 
 _BLOCKS = configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8))
 
@@ -52,7 +52,7 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 
 @triton.jit
 def _reduce_bins_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, n_class, edges_class,
     PREAGGREGATE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     lane = tl.arange(0, BLOCK)
@@ -85,15 +85,15 @@ _reduce_bins_tuned = triton.autotune(
         {"BLOCK": 1024, "PREAGGREGATE": False}, {"BLOCK": 1024, "PREAGGREGATE": True},
         {"BLOCK": 2048, "PREAGGREGATE": True}, {"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=(4, 8),
     ),
-    key=["n", "num_edges"],
+    key=["n_class", "edges_class"],
     reset_to_zero=["count_ptr", "offset_sum_ptr"],
 )(_reduce_bins_kernel)
 
 
-@triton.autotune(configs=_BLOCKS, key=["n", "num_edges"])
+@triton.autotune(configs=_BLOCKS, key=["n_class", "edges_class"])
 @triton.jit
 def _distribute_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, n,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, n, n_class, edges_class,
     HAS_SLOPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -120,7 +120,8 @@ def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024
     num_edges = edges.numel()
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
     offset_sum = torch.zeros(num_edges + 1, dtype=s.dtype, device=s.device)
-    args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel())
+    args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel(), size_class(s.numel()),
+            size_class(num_edges))
     if preaggregate is None:
         _reduce_bins_tuned[lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)](*args)
     else:
@@ -134,6 +135,6 @@ def distribute(s, y, edges, const, slope, out_dtype):
     grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
     _distribute_kernel[grid](
         s, y, edges, edges.numel(), _steps(edges.numel()), const, const if slope is None else slope,
-        grad, s.numel(), HAS_SLOPE=slope is not None,
+        grad, s.numel(), size_class(s.numel()), size_class(edges.numel()), HAS_SLOPE=slope is not None,
     )
     return grad

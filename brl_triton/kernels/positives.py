@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, next_power_of_2
+from ._config import configs, next_power_of_2, size_class
 
 SORT_IN_ONE_PROGRAM_MAX = 4096
 MIN_CAPACITY = 4096  # room for positive positions in the first compaction pass, at least
@@ -19,11 +19,11 @@ _BAD_LOGITS, _BAD_TARGETS = 1, 2
 
 
 @triton.autotune(
-    configs=configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8)), key=["n"]
+    configs=configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8)), key=["n_class"]
 )
 @triton.jit
 def _compact_positives_kernel(
-    s_ptr, y_ptr, pos_index_ptr, status_ptr, n, capacity,
+    s_ptr, y_ptr, pos_index_ptr, status_ptr, n, capacity, n_class,
     TARGETS_FLOAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """status[0]: positives found (atomic slot counter); status[1]: bit flags of non-finite input."""
@@ -63,7 +63,7 @@ def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
     pos_index = torch.empty(capacity, dtype=torch.int64, device=s.device)
     status = torch.zeros(2, dtype=torch.int64, device=s.device)
     grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
-    _compact_positives_kernel[grid](s, y, pos_index, status, s.numel(), capacity, TARGETS_FLOAT=y.is_floating_point())
+    _compact_positives_kernel[grid](s, y, pos_index, status, s.numel(), capacity, size_class(s.numel()), TARGETS_FLOAT=y.is_floating_point())
     found, flags = status.tolist()
     return pos_index, found, flags
 

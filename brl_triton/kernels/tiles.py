@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs
+from ._config import configs, size_class
 
 _TILES = configs({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, {"BLOCK_ROWS": 64, "BLOCK_COLS": 64},
                  {"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=(4,))
@@ -37,10 +37,10 @@ def _mean_offset(count, offset_sum):
     return tl.where(count > 0, offset_sum / tl.maximum(count, 1.0), 0.0)
 
 
-@triton.autotune(configs=_TILES, key=["p", "num_bins"])
+@triton.autotune(configs=_TILES, key=["p_class", "bins_class"])
 @triton.jit
 def _positive_sums_kernel(
-    s_ptr, y_ptr, p, lower_ptr, count_ptr, offset_sum_ptr, num_bins, out_ptr, inv_two_delta,
+    s_ptr, y_ptr, p, lower_ptr, count_ptr, offset_sum_ptr, num_bins, out_ptr, inv_two_delta, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """out rows: fp, rank+, sort_current, sort_target, sort_target_count, lower_quality (p each)."""
@@ -89,10 +89,10 @@ def _positive_sums_kernel(
         tl.store(out_ptr + 5 * p + rows, lower_quality, mask=row_ok)
 
 
-@triton.autotune(configs=_TILES, key=["p"])
+@triton.autotune(configs=_TILES, key=["p_class"])
 @triton.jit
 def _sorting_received_kernel(
-    s_ptr, y_ptr, share_ptr, p, out_ptr, inv_two_delta,
+    s_ptr, y_ptr, share_ptr, p, out_ptr, inv_two_delta, p_class,
     SMOOTH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -112,11 +112,11 @@ def _sorting_received_kernel(
     tl.store(out_ptr + rows, received, mask=row_ok)
 
 
-@triton.autotune(configs=_TILES, key=["p", "num_bins"])
+@triton.autotune(configs=_TILES, key=["p_class", "bins_class"])
 @triton.jit
 def _bin_gradient_kernel(
     s_ptr, weight_ptr, window_low_ptr, window_high_ptr, p, lower_ptr, count_ptr, offset_sum_ptr,
-    num_bins, const_ptr, slope_ptr, inv_two_delta,
+    num_bins, const_ptr, slope_ptr, inv_two_delta, p_class, bins_class,
     SMOOTH: tl.constexpr, AFFINE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """const[b] (and slope[b]) for bins b; const is the gradient at the bin's lower edge."""
@@ -160,8 +160,8 @@ def positive_sums(s_pos, y_pos, lower, count, offset_sum, delta: float, sorting:
     out = torch.zeros(6, p, dtype=torch.float64, device=s_pos.device)
     grid = lambda meta: (triton.cdiv(p, meta["BLOCK_ROWS"]),)  # noqa: E731
     _positive_sums_kernel[grid](
-        s_pos, y_pos, p, lower, count, offset_sum, num_bins, out, _inv_two_delta(delta),
-        SMOOTH=delta > 0, SORTING=sorting,
+        s_pos, y_pos, p, lower, count, offset_sum, num_bins, out, _inv_two_delta(delta), size_class(p),
+        size_class(num_bins), SMOOTH=delta > 0, SORTING=sorting,
     )
     return out
 
@@ -170,7 +170,8 @@ def sorting_received(s_pos, y_pos, share, delta: float) -> torch.Tensor:
     p = s_pos.numel()
     out = torch.empty(p, dtype=torch.float64, device=s_pos.device)
     grid = lambda meta: (triton.cdiv(p, meta["BLOCK_ROWS"]),)  # noqa: E731
-    _sorting_received_kernel[grid](s_pos, y_pos, share, p, out, _inv_two_delta(delta), SMOOTH=delta > 0)
+    _sorting_received_kernel[grid](s_pos, y_pos, share, p, out, _inv_two_delta(delta), size_class(p),
+                                   SMOOTH=delta > 0)
     return out
 
 
@@ -184,6 +185,7 @@ def bin_gradient(s_pos, weight, lower, count, offset_sum, delta: float, windows=
     grid = lambda meta: (triton.cdiv(num_bins, meta["BLOCK_ROWS"]),)  # noqa: E731
     _bin_gradient_kernel[grid](
         s_pos, weight, low, high, s_pos.numel(), lower, count, offset_sum, num_bins, const,
-        const if slope is None else slope, _inv_two_delta(delta), SMOOTH=delta > 0, AFFINE=windows is not None,
+        const if slope is None else slope, _inv_two_delta(delta), size_class(s_pos.numel()), size_class(num_bins),
+        SMOOTH=delta > 0, AFFINE=windows is not None,
     )
     return const, slope
