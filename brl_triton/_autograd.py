@@ -2,8 +2,8 @@
 
 A backend is an object with
 
-- ``forward(s, y, delta, kind) -> (losses, state) | None``: flat logits ``s`` (compute dtype) and
-  targets ``y``; ``None`` when there is no positive.
+- ``forward(s, y, delta, kind, settings) -> (losses, state) | None``: flat logits ``s`` (compute
+  dtype) and targets ``y``; ``None`` when there is no positive (in the whole process group).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
 
 The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LossKind, compute_dtype, flat_inputs
+from ._common import LossKind, Settings, compute_dtype, flat_inputs
 
 
 class RankingLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, delta: float, kind: LossKind, backend):
+    def forward(ctx, logits, targets, delta: float, kind: LossKind, backend, settings: Settings):
         s, y = flat_inputs(logits, targets)
-        result = backend.forward(s, y, delta, kind)
+        result = backend.forward(s, y, delta, kind, settings)
         ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
         ctx.state = None if result is None else result[1]
         ctx.save_for_backward(logits, targets)
@@ -40,4 +40,4 @@ class RankingLossFunction(torch.autograd.Function):
             s, y = flat_inputs(logits, targets)
             grad = ctx.backend.backward(ctx.state, s, y, grad_outputs)
             grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

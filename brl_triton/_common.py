@@ -27,6 +27,18 @@ class LossKind:
         return 2 if self.sorting else 1
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How a loss is run, beyond what it computes.
+
+    ``process_group``: rank the union of all ranks' elements (see ``_distributed``).
+    ``deterministic``: bit-identical results across runs (no order-dependent float atomics).
+    """
+
+    process_group: object = None
+    deterministic: bool = False
+
+
 BUCKETED_RANK_SORT = LossKind("bucketed_rank_sort", bucketed=True, sorting=True)
 RANK_SORT = LossKind("rank_sort", bucketed=False, sorting=True)
 BUCKETED_AP = LossKind("bucketed_ap", bucketed=True, sorting=False)
@@ -94,6 +106,17 @@ def _all_finite(x: torch.Tensor) -> bool:
     # min and max propagate NaN and are infinite iff some element is: one pass instead of isfinite's four
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def fixed_point_scale(s: torch.Tensor, edges: torch.Tensor) -> float:
+    """Power of two that turns offsets from a bin's lower edge into int64 such that the sum of all
+    ``s.numel()`` of them cannot overflow: integer sums are exact whatever their order, which is
+    how deterministic mode sums offsets without order-dependent float atomics."""
+    widths = edges[1:] - edges[:-1] if edges.numel() > 1 else edges.new_zeros(1)
+    top = (s.max() - edges[-1]).clamp(min=0)  # the bin above every edge is open-ended
+    largest = max(float(widths.max()), float(top), 1e-30)
+    exponent = 62 - math.ceil(math.log2(max(s.numel(), 1) * largest))
+    return 2.0 ** max(min(exponent, 1000), -1000)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,6 +18,18 @@ All of them follow ``shared/ALGORITHM.md``. Common conventions:
   environment variable ``BRL_BACKEND`` overrides it), ``"torch"`` (plain torch ops, any device),
   ``"triton"`` (Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
   ``"reference"`` (the O(P*N) float64 oracle; slow, for tests).
+
+Distributed: with ``process_group=`` (torch.distributed initialised, gloo or nccl), each rank
+passes its share of the batch and the loss ranks the union of all ranks' elements: the
+positives (O(P) numbers) are all-gathered and the per-bucket statistics all-reduced. Every rank
+returns the same loss value, the loss of the concatenated batch, and its logits get exactly
+their slice of that loss's gradient. DDP then averages parameter gradients over ranks, so the
+step is the global loss's gradient divided by the world size, as with any loss under DDP;
+multiply the loss by the world size if you want the undivided one.
+
+Deterministic: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) gives
+bit-identical results across runs: the per-bucket offset sums, the only order-dependent float
+reductions (GPU atomics), are summed as int64 fixed point instead.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from ._common import (
     BUCKETED_RANK_SORT,
     INTERPOLATED_AP,
     RANK_SORT,
+    Settings,
     check_delta,
     check_finite,
     check_inputs,
@@ -40,18 +53,25 @@ from ._common import (
 __all__ = ["bucketed_rank_sort_loss", "rank_sort_loss", "bucketed_ap_loss", "ap_loss"]
 
 
-def _apply(kind, logits, targets, delta, backend):
+def _apply(kind, logits, targets, delta, backend, process_group, deterministic):
     delta = check_delta(delta, kind)
     check_inputs(logits, targets)
     implementation = resolve_backend(backend, logits)
+    if process_group is not None:
+        if implementation.name == "reference":
+            raise ValueError("process_group is supported by the 'torch' and 'triton' backends, not 'reference'")
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialized")
     if not implementation.checks_finite:
         check_finite(logits, targets)
-    losses = RankingLossFunction.apply(logits, targets, delta, kind, implementation)
+    settings = Settings(process_group, bool(deterministic) or torch.are_deterministic_algorithms_enabled())
+    losses = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings)
     return losses if kind.sorting else losses[0]
 
 
 def bucketed_rank_sort_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto"
+    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto",
+    process_group=None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucketed Rank & Sort loss (BRS, Yavuz et al., ECCV 2024).
 
@@ -65,6 +85,10 @@ def bucketed_rank_sort_loss(
             target, ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 0.5).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
+            (see "Distributed" above); None: this tensor alone.
+        deterministic: bit-identical results across runs (also on under
+            ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         ``(ranking_loss, sorting_loss)``: 0-d tensors, the means over positives of the
@@ -82,11 +106,12 @@ def bucketed_rank_sort_loss(
         >>> ranking, sorting = bucketed_rank_sort_loss(logits, targets)
         >>> (ranking + sorting).backward()
     """
-    return _apply(BUCKETED_RANK_SORT, logits, targets, delta, backend)
+    return _apply(BUCKETED_RANK_SORT, logits, targets, delta, backend, process_group, deterministic)
 
 
 def rank_sort_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto"
+    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto",
+    process_group=None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank & Sort loss (RS, Oksuz et al., ICCV 2021), exact, at bucketed cost.
 
@@ -100,6 +125,10 @@ def rank_sort_loss(
             target, ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 0.5).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
+            (see "Distributed" above); None: this tensor alone.
+        deterministic: bit-identical results across runs (also on under
+            ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         ``(ranking_loss, sorting_loss)``: 0-d tensors (ranking error in [0, 1], sorting error in
@@ -115,11 +144,12 @@ def rank_sort_loss(
         >>> ranking, sorting = rank_sort_loss(logits, targets)
         >>> (ranking + sorting).backward()
     """
-    return _apply(RANK_SORT, logits, targets, delta, backend)
+    return _apply(RANK_SORT, logits, targets, delta, backend, process_group, deterministic)
 
 
 def bucketed_ap_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 1.0, *, backend: str = "auto"
+    logits: torch.Tensor, targets: torch.Tensor, delta: float = 1.0, *, backend: str = "auto",
+    process_group=None, deterministic: bool = False,
 ) -> torch.Tensor:
     """Bucketed AP loss (BAP): the mean bucketed ranking error over positives.
 
@@ -131,6 +161,10 @@ def bucketed_ap_loss(
             ``< 0`` ignored.
         delta: smoothing width of the step function, ``>= 0`` (default 1.0).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
+            (see "Distributed" above); None: this tensor alone.
+        deterministic: bit-identical results across runs (also on under
+            ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         0-d tensor in [0, 1].
@@ -143,7 +177,7 @@ def bucketed_ap_loss(
         >>> targets = (torch.rand(4, 100) > 0.95).float()
         >>> bucketed_ap_loss(logits, targets).backward()
     """
-    return _apply(BUCKETED_AP, logits, targets, delta, backend)
+    return _apply(BUCKETED_AP, logits, targets, delta, backend, process_group, deterministic)
 
 
 def ap_loss(
@@ -153,6 +187,8 @@ def ap_loss(
     *,
     interpolated: bool = False,
     backend: str = "auto",
+    process_group=None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """AP loss, exact (every negative with its own logit), at bucketed cost.
 
@@ -169,6 +205,10 @@ def ap_loss(
             interpolated.
         interpolated: use the original interpolated AP-loss.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
+        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
+            (see "Distributed" above); None: this tensor alone.
+        deterministic: bit-identical results across runs (also on under
+            ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         0-d tensor in [0, 1].
@@ -182,4 +222,4 @@ def ap_loss(
         >>> targets = (torch.rand(4, 100) > 0.95).long()
         >>> ap_loss(logits, targets, interpolated=True).backward()
     """
-    return _apply(INTERPOLATED_AP if interpolated else AP, logits, targets, delta, backend)
+    return _apply(INTERPOLATED_AP if interpolated else AP, logits, targets, delta, backend, process_group, deterministic)

@@ -9,13 +9,20 @@ from . import functional as F
 
 
 class _RankingLoss(nn.Module):
-    def __init__(self, delta: float, backend: str = "auto"):
+    """Holds ``delta``, ``backend``, ``process_group`` and ``deterministic`` (see ``functional``)."""
+
+    def __init__(self, delta: float, backend: str = "auto", process_group=None, deterministic: bool = False):
         super().__init__()
         self.delta = delta
         self.backend = backend
+        self.process_group = process_group
+        self.deterministic = deterministic
+
+    def _options(self) -> dict:
+        return {"backend": self.backend, "process_group": self.process_group, "deterministic": self.deterministic}
 
     def extra_repr(self) -> str:
-        return f"delta={self.delta}, backend={self.backend!r}"
+        return f"delta={self.delta}, backend={self.backend!r}, deterministic={self.deterministic}"
 
 
 class BucketedRankSortLoss(_RankingLoss):
@@ -29,11 +36,11 @@ class BucketedRankSortLoss(_RankingLoss):
         >>> ranking, sorting = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
     """
 
-    def __init__(self, delta: float = 0.5, backend: str = "auto"):
-        super().__init__(delta, backend)
+    def __init__(self, delta: float = 0.5, backend: str = "auto", process_group=None, deterministic: bool = False):
+        super().__init__(delta, backend, process_group, deterministic)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.bucketed_rank_sort_loss(logits, targets, self.delta, backend=self.backend)
+        return F.bucketed_rank_sort_loss(logits, targets, self.delta, **self._options())
 
 
 class RankSortLoss(_RankingLoss):
@@ -46,11 +53,11 @@ class RankSortLoss(_RankingLoss):
         >>> ranking, sorting = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
     """
 
-    def __init__(self, delta: float = 0.5, backend: str = "auto"):
-        super().__init__(delta, backend)
+    def __init__(self, delta: float = 0.5, backend: str = "auto", process_group=None, deterministic: bool = False):
+        super().__init__(delta, backend, process_group, deterministic)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.rank_sort_loss(logits, targets, self.delta, backend=self.backend)
+        return F.rank_sort_loss(logits, targets, self.delta, **self._options())
 
 
 class BucketedAPLoss(_RankingLoss):
@@ -61,11 +68,11 @@ class BucketedAPLoss(_RankingLoss):
         >>> loss = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
     """
 
-    def __init__(self, delta: float = 1.0, backend: str = "auto"):
-        super().__init__(delta, backend)
+    def __init__(self, delta: float = 1.0, backend: str = "auto", process_group=None, deterministic: bool = False):
+        super().__init__(delta, backend, process_group, deterministic)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.bucketed_ap_loss(logits, targets, self.delta, backend=self.backend)
+        return F.bucketed_ap_loss(logits, targets, self.delta, **self._options())
 
 
 class APLoss(_RankingLoss):
@@ -78,12 +85,13 @@ class APLoss(_RankingLoss):
         >>> loss = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
     """
 
-    def __init__(self, delta: float = 1.0, interpolated: bool = False, backend: str = "auto"):
-        super().__init__(delta, backend)
+    def __init__(self, delta: float = 1.0, interpolated: bool = False, backend: str = "auto", process_group=None,
+                 deterministic: bool = False):
+        super().__init__(delta, backend, process_group, deterministic)
         self.interpolated = interpolated
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.ap_loss(logits, targets, self.delta, interpolated=self.interpolated, backend=self.backend)
+        return F.ap_loss(logits, targets, self.delta, interpolated=self.interpolated, **self._options())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, interpolated={self.interpolated}"

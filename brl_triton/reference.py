@@ -30,7 +30,7 @@ def _buckets(pos_logits, neg_logits):
     return member_of, counts, means
 
 
-def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings=None):
     """Losses and, per output, the gradient d(output)/d(logits) of the identity update.
 
     Args:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind
+from ._common import LossKind, Settings, fixed_point_scale
+from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
@@ -125,6 +126,17 @@ class BinLookup:
         for level in self.levels:
             key += level.index_select(0, cell) <= s
         return key
+
+
+def _offset_sums(key, offsets, nkeys, s, edges, deterministic: bool) -> torch.Tensor:
+    """Per key, the sum of offsets. On CPU ``bincount`` adds in a fixed order; where it uses float
+    atomics (CUDA) deterministic mode sums int64 fixed-point values instead, exactly."""
+    if not deterministic or s.device.type == "cpu":
+        return torch.bincount(key, weights=offsets, minlength=nkeys)
+    scale = fixed_point_scale(s, edges)
+    fixed = torch.round(offsets.double() * scale).long()
+    total = torch.zeros(nkeys, dtype=torch.int64, device=s.device).index_put_((key.long(),), fixed, accumulate=True)
+    return (total.double() / scale).to(s.dtype)
 
 
 def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -225,18 +237,22 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
     return received
 
 
-def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings: Settings = Settings()):
     """Losses (float64 0-d tensors) and the backward tables, or ``None`` without positives.
 
     ``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype.
     """
     pos_index = (y > 0).nonzero().squeeze(1)
-    p = pos_index.numel()
+    group = settings.process_group
+    if group is not None:
+        s_pos, y_pos, mine, pos_index = gather_positives(s[pos_index], y[pos_index], pos_index, group)
+    else:
+        s_pos, order = torch.sort(s[pos_index])
+        pos_index = pos_index[order]
+        y_pos, mine = y[pos_index].double(), None
+    p = s_pos.numel()
     if p == 0:
         return None
-    s_pos, order = torch.sort(s[pos_index])
-    pos_index = pos_index[order]
-    y_pos = y[pos_index].double()
 
     lookup = BinLookup(bin_edges(s_pos, delta, kind))
     edges = lookup.edges
@@ -244,8 +260,10 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     key = _negative_keys(lookup, s, y)
     lower_of_key = torch.cat([edges[:1], edges])
     count = torch.bincount(key, minlength=nkeys)
-    offset_sum = torch.bincount(key, weights=s - lower_of_key.index_select(0, key), minlength=nkeys)
+    offset_sum = _offset_sums(key, s - lower_of_key.index_select(0, key), nkeys, s, edges, settings.deterministic)
     del key
+    if group is not None:
+        count, offset_sum = all_reduce_bins(count, offset_sum, group)
     occupied = count[1:].nonzero().squeeze(1) + 1
     bins = _Bins(count[occupied].double(), offset_sum[occupied].double(), lower_of_key[occupied].double())
 
@@ -270,7 +288,11 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
         bin_slope = torch.zeros_like(bin_const)
         bin_slope[occupied] = slope
     bin_const[occupied] = const
-    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, terms.pos_rank_grad, pos_sort_grad)
+    pos_rank_grad = terms.pos_rank_grad
+    if mine is not None:  # this rank writes the gradient of its own positives only
+        pos_rank_grad = pos_rank_grad[mine]
+        pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[mine]
+    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
     return terms.losses, tables
 
 

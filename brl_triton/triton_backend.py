@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind
+from ._common import LossKind, Settings
+from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
 from .kernels import bins, positives, tiles
 from .torch_backend import bin_edges
@@ -48,13 +49,20 @@ class _Tables:
     pos_sort_grad: torch.Tensor | None
 
 
-def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind):
+def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings: Settings = Settings()):
     pos_index = positives.sorted_positives(s, y)
-    if pos_index.numel() == 0:
+    group, mine = settings.process_group, None
+    if group is not None:
+        s_pos, y_pos, mine, pos_index = gather_positives(s[pos_index], y[pos_index], pos_index, group)
+    else:
+        s_pos, y_pos = s[pos_index], y[pos_index].double()
+    if s_pos.numel() == 0:
         return None
-    s_pos, y_pos = s[pos_index], y[pos_index].double()
     edges = bin_edges(s_pos, delta, kind)
-    count, offset_sum = bins.reduce_bins(s, y, edges)
+    count, offset_sum = bins.reduce_bins(s, y, edges, deterministic=settings.deterministic)
+    if group is not None:
+        count, offset_sum = all_reduce_bins(count, offset_sum, group)
+        offset_sum = offset_sum.to(s.dtype)
     count, offset_sum = count[1:], offset_sum[1:]  # bin b = key b + 1 = [edges[b], edges[b + 1])
 
     sums = tiles.positive_sums(s_pos, y_pos, edges, count, offset_sum, delta, kind.sorting)
@@ -72,8 +80,8 @@ def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKin
         torch.cat([no_bin, const]),
         None if slope is None else torch.cat([no_bin, slope]),
         pos_index,
-        terms.pos_rank_grad,
-        pos_sort_grad,
+        terms.pos_rank_grad if mine is None else terms.pos_rank_grad[mine],
+        pos_sort_grad if mine is None or pos_sort_grad is None else pos_sort_grad[mine],
     )
     return terms.losses, tables
 

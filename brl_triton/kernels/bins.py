@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import fixed_point_scale
 from ._config import configs, size_class
 
 _BLOCKS = configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8))
@@ -52,9 +53,10 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 
 @triton.jit
 def _reduce_bins_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, n_class, edges_class,
-    PREAGGREGATE: tl.constexpr, BLOCK: tl.constexpr,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, n_class, edges_class, fixed_scale,
+    PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """FIXED_POINT: offset_sum is int64 and gets round(offset * fixed_scale): exact, order-free sums."""
     lane = tl.arange(0, BLOCK)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < n
@@ -63,7 +65,10 @@ def _reduce_bins_kernel(
     relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
     key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
     lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
-    offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
+    if FIXED_POINT:
+        offset = ((s - lower).to(tl.float64) * fixed_scale + 0.5).to(tl.int64)
+    else:
+        offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
     count = tl.full([BLOCK], 1, tl.int64)
     if PREAGGREGATE:
         # sort the block by bin and sum each run of equal bins: one atomic per bin of the block
@@ -82,8 +87,10 @@ def _reduce_bins_kernel(
 # The interpreter runs the scan element by element, so its single config is the plain one.
 _reduce_bins_tuned = triton.autotune(
     configs=configs(
-        {"BLOCK": 1024, "PREAGGREGATE": False}, {"BLOCK": 1024, "PREAGGREGATE": True},
-        {"BLOCK": 2048, "PREAGGREGATE": True}, {"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=(4, 8),
+        {"BLOCK": 1024, "PREAGGREGATE": False, "FIXED_POINT": False},
+        {"BLOCK": 1024, "PREAGGREGATE": True, "FIXED_POINT": False},
+        {"BLOCK": 2048, "PREAGGREGATE": True, "FIXED_POINT": False},
+        {"BLOCK": 4096, "PREAGGREGATE": False, "FIXED_POINT": False}, num_warps=(4, 8),
     ),
     key=["n_class", "edges_class"],
     reset_to_zero=["count_ptr", "offset_sum_ptr"],
@@ -113,19 +120,26 @@ def _steps(num_edges: int) -> int:
     return max(1, int(num_edges).bit_length())  # ceil(log2(E + 1))
 
 
-def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024):
+def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024, deterministic: bool = False):
     """Per key 0..E: count (int64) and sum of offsets from the bin's lower edge (s.dtype).
     Key 0 (below every edge) stays 0. ``preaggregate``: force that variant with ``block``
-    elements per program (default: autotuned)."""
+    elements per program (default: autotuned). ``deterministic``: int64 fixed-point offset sums,
+    bit-identical across runs (costs a max over the logits)."""
     num_edges = edges.numel()
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
-    offset_sum = torch.zeros(num_edges + 1, dtype=s.dtype, device=s.device)
+    scale = fixed_point_scale(s, edges) if deterministic else 1.0
+    offset_sum = torch.zeros(num_edges + 1, dtype=torch.int64 if deterministic else s.dtype, device=s.device)
     args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel(), size_class(s.numel()),
-            size_class(num_edges))
+            size_class(num_edges), scale)
+    if deterministic:
+        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](*args, PREAGGREGATE=False, FIXED_POINT=True, BLOCK=block)
+        return count, (offset_sum.double() / scale).to(s.dtype)
     if preaggregate is None:
         _reduce_bins_tuned[lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)](*args)
     else:
-        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](*args, PREAGGREGATE=preaggregate, BLOCK=block)
+        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](
+            *args, PREAGGREGATE=preaggregate, FIXED_POINT=False, BLOCK=block
+        )
     return count, offset_sum
 
 

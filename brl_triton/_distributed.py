@@ -1,0 +1,53 @@
+"""Global ranking across the ranks of a ``torch.distributed`` process group.
+
+Only O(P) numbers cross the network: one all-gather of the positives (logit, target, flat
+index, rank; variable P per rank) and one all-reduce of the per-bin count and offset sum. Every
+rank then sorts the same positives, computes the same losses and per-bin gradient tables, and
+writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so results
+equal the single-process ones on the concatenated batch up to float round-off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's (k_r, C) tensor in rank order; k_r may differ."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros((max(counts), rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.Tensor, group):
+    """All ranks' positives, sorted ascending by logit (ties by rank, then position).
+
+    Returns ``(s_sorted, y_sorted, mine, local_index)``: logits (s_pos.dtype) and float64
+    targets of all positives; ``mine``: positions in that order of this rank's positives;
+    ``local_index``: their flat positions in this rank's tensor.
+    """
+    rank = dist.get_rank(group)
+    rows = torch.stack([
+        s_pos.double(), y_pos.double(), pos_index.double(), torch.full_like(y_pos, rank, dtype=torch.float64),
+    ], dim=1)  # float64 holds float32/float64 logits and indices < 2^53 exactly
+    rows = _all_gather_rows(rows, group)
+    order = torch.sort(rows[:, 0], stable=True).indices  # gathered rank-major, so ties are deterministic
+    rows = rows[order]
+    mine = torch.where(rows[:, 3] == rank)[0]
+    return rows[:, 0].to(s_pos.dtype), rows[:, 1], mine, rows[mine, 2].long()
+
+
+def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):
+    """Sum per-bin counts and offset sums over the ranks in one all-reduce (float64 holds counts
+    below 2^53 exactly)."""
+    both = torch.stack([count.double(), offset_sum.double()])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+    return both[0].round().long(), both[1]
