@@ -42,7 +42,8 @@ def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.
     order = torch.sort(rows[:, 0], stable=True).indices  # gathered rank-major, so ties are deterministic
     rows = rows[order]
     mine = torch.where(rows[:, 3] == rank)[0]
-    return rows[:, 0].to(s_pos.dtype), rows[:, 1], mine, rows[mine, 2].long()
+    # columns of a row-major table are strided views: kernels expect contiguous vectors
+    return rows[:, 0].to(s_pos.dtype).contiguous(), rows[:, 1].contiguous(), mine, rows[mine, 2].long()
 
 
 def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):

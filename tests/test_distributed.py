@@ -1,0 +1,100 @@
+"""process_group: two gloo processes (spawned here, loopback only) give the single-process loss of
+the concatenated batch, and each rank's gradient is its slice of that loss's gradient."""
+
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import LOSSES, assert_close, make_case, run_loss
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+N = 3001
+SPLIT = 1200  # rank 0 gets the first 1200 elements, rank 1 the other 1801: different N and P per rank
+CASES = {
+    "both_ranks_have_positives": dict(p=60),
+    "rank_0_has_no_positive": dict(p=40, positives_only_on_rank_1=True),
+}
+TIMEOUT_S = 240
+
+
+def _case(name):
+    options = CASES[name]
+    logits, targets = make_case(N, options["p"], seed=31, dtype=torch.float32, grid=0.125)
+    if options.get("positives_only_on_rank_1"):
+        targets[:SPLIT] = torch.where(targets[:SPLIT] > 0, torch.zeros(()), targets[:SPLIT]).double()
+    return logits, targets
+
+
+def _shard(tensor, rank):
+    return tensor[:SPLIT] if rank == 0 else tensor[SPLIT:]
+
+
+def _worker(rank, init_file, out_dir, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        for case in CASES:
+            logits, targets = _case(case)
+            for name, (fn, extra, _) in LOSSES.items():
+                for delta in (0.0, 0.5):
+                    if name == "interpolated_ap" and delta == 0:
+                        continue
+                    x = _shard(logits, rank).clone().requires_grad_(True)
+                    out = fn(x, _shard(targets, rank), delta, backend=backend, process_group=dist.group.WORLD, **extra)
+                    out = out if isinstance(out, tuple) else (out,)
+                    torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)[: len(out)]])
+                    results[(case, name, delta)] = ([o.detach() for o in out], x.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(backend):
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        context = mp.get_context("spawn")
+        procs = [context.Process(target=_worker, args=(rank, init_file, out_dir, backend)) for rank in range(WORLD)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(TIMEOUT_S)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                pytest.fail(f"a rank did not finish within {TIMEOUT_S} s")
+            assert proc.exitcode == 0, f"a rank failed with exit code {proc.exitcode}"
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_two_gloo_ranks_equal_the_concatenated_batch(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ranks = _run_two_ranks(backend)
+    for key, (losses0, grad0) in ranks[0].items():
+        case, name, delta = key
+        losses1, grad1 = ranks[1][key]
+        logits, targets = _case(case)
+        want_losses, want_grad = run_loss(name, logits, targets, delta, "torch")
+        for a, b, w in zip(losses0, losses1, want_losses):
+            assert a.item() == b.item(), f"{key}: ranks disagree on the loss"
+            assert_close(a, w, atol=1e-6, rtol=1e-5, what=f"{key} loss")
+        scale = want_grad.abs().max().item()
+        assert_close(torch.cat([grad0, grad1]), want_grad, atol=1e-5 * scale, rtol=1e-4, what=f"{key} grad")
+
+
+def test_process_group_needs_an_initialised_group_and_a_fast_backend():
+    import brl_triton
+
+    with pytest.raises(ValueError, match="not initialized"):
+        brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), process_group=object())
+    with pytest.raises(ValueError, match="not 'reference'"):
+        brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), backend="reference", process_group=object())
