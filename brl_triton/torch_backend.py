@@ -128,10 +128,9 @@ class BinLookup:
         return key
 
 
-def _offset_sums(key, offsets, nkeys, s, edges, deterministic: bool) -> torch.Tensor:
-    """Per key, the sum of offsets. On CPU ``bincount`` adds in a fixed order; where it uses float
-    atomics (CUDA) deterministic mode sums int64 fixed-point values instead, exactly."""
-    if not deterministic or s.device.type == "cpu":
+def _offset_sums(key, offsets, nkeys, s, edges, fixed_point: bool) -> torch.Tensor:
+    """Per key, the sum of offsets: ``bincount``, or exact int64 fixed-point sums."""
+    if not fixed_point:
         return torch.bincount(key, weights=offsets, minlength=nkeys)
     scale = fixed_point_scale(s, edges)
     fixed = torch.round(offsets.double() * scale).long()
@@ -260,7 +259,9 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     key = _negative_keys(lookup, s, y)
     lower_of_key = torch.cat([edges[:1], edges])
     count = torch.bincount(key, minlength=nkeys)
-    offset_sum = _offset_sums(key, s - lower_of_key.index_select(0, key), nkeys, s, edges, settings.deterministic)
+    # CPU bincount adds in a fixed order; elsewhere (CUDA float atomics) deterministic mode needs fixed point
+    fixed_point = settings.deterministic and s.device.type != "cpu"
+    offset_sum = _offset_sums(key, s - lower_of_key.index_select(0, key), nkeys, s, edges, fixed_point)
     del key
     if group is not None:
         count, offset_sum = all_reduce_bins(count, offset_sum, group)

@@ -17,6 +17,17 @@ def configs(default: dict, *alternatives: dict, num_warps=(4,)) -> list:
     return [triton.Config(kw, num_warps=w) for kw in (default, *alternatives) for w in num_warps]
 
 
+# Elements per launch of a streaming kernel: longer tensors are launched in chunks, so that grid
+# sizes and per-launch counts stay far from 2^31 (offsets inside the kernels are int64 anyway).
+MAX_ELEMENTS_PER_LAUNCH = 1 << 30
+
+
+def launch_chunks(n: int):
+    """``(start, stop)`` element ranges of at most MAX_ELEMENTS_PER_LAUNCH covering ``range(n)``."""
+    step = MAX_ELEMENTS_PER_LAUNCH
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 def size_class(n: int) -> int:
     """Autotuning key for a size: its power of two, so that sizes that change every call (RoIs
     after NMS, say) do not trigger a new tuning run each time."""

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._common import fixed_point_scale
-from ._config import configs, size_class
+from ._config import configs, launch_chunks, size_class
 
 _BLOCKS = configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8))
 
@@ -53,13 +53,14 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 
 @triton.jit
 def _reduce_bins_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, n, n_class, edges_class, fixed_scale,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, start, stop, n_class, edges_class,
+    fixed_scale,
     PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """FIXED_POINT: offset_sum is int64 and gets round(offset * fixed_scale): exact, order-free sums."""
     lane = tl.arange(0, BLOCK)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + lane
-    inside = offs < n
+    offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
+    inside = offs < stop
     s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=1)
     relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
@@ -100,11 +101,11 @@ _reduce_bins_tuned = triton.autotune(
 @triton.autotune(configs=_BLOCKS, key=["n_class", "edges_class"])
 @triton.jit
 def _distribute_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, n, n_class, edges_class,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, start, stop, n_class, edges_class,
     HAS_SLOPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
+    offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < stop
     s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=1)
     relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
@@ -129,26 +130,31 @@ def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
     scale = fixed_point_scale(s, edges) if deterministic else 1.0
     offset_sum = torch.zeros(num_edges + 1, dtype=torch.int64 if deterministic else s.dtype, device=s.device)
-    args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, s.numel(), size_class(s.numel()),
-            size_class(num_edges), scale)
+    for start, stop in launch_chunks(s.numel()):
+        args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, start, stop, size_class(stop - start),
+                size_class(num_edges), scale)
+        if deterministic:
+            _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
+                *args, PREAGGREGATE=False, FIXED_POINT=True, BLOCK=block
+            )
+        elif preaggregate is None:
+            _reduce_bins_tuned[lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)](*args)
+        else:
+            _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
+                *args, PREAGGREGATE=preaggregate, FIXED_POINT=False, BLOCK=block
+            )
     if deterministic:
-        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](*args, PREAGGREGATE=False, FIXED_POINT=True, BLOCK=block)
         return count, (offset_sum.double() / scale).to(s.dtype)
-    if preaggregate is None:
-        _reduce_bins_tuned[lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)](*args)
-    else:
-        _reduce_bins_kernel[(triton.cdiv(s.numel(), block),)](
-            *args, PREAGGREGATE=preaggregate, FIXED_POINT=False, BLOCK=block
-        )
     return count, offset_sum
 
 
 def distribute(s, y, edges, const, slope, out_dtype):
     """The gradient of every element from the per-key tables (``const``/``slope`` in s.dtype)."""
     grad = torch.empty(s.numel(), dtype=out_dtype, device=s.device)
-    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
-    _distribute_kernel[grid](
-        s, y, edges, edges.numel(), _steps(edges.numel()), const, const if slope is None else slope,
-        grad, s.numel(), size_class(s.numel()), size_class(edges.numel()), HAS_SLOPE=slope is not None,
-    )
+    for start, stop in launch_chunks(s.numel()):
+        grid = lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+        _distribute_kernel[grid](
+            s, y, edges, edges.numel(), _steps(edges.numel()), const, const if slope is None else slope,
+            grad, start, stop, size_class(stop - start), size_class(edges.numel()), HAS_SLOPE=slope is not None,
+        )
     return grad

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, next_power_of_2, size_class
+from ._config import configs, launch_chunks, next_power_of_2, size_class
 
 SORT_IN_ONE_PROGRAM_MAX = 4096
 MIN_CAPACITY = 4096  # room for positive positions in the first compaction pass, at least
@@ -23,12 +23,12 @@ _BAD_LOGITS, _BAD_TARGETS = 1, 2
 )
 @triton.jit
 def _compact_positives_kernel(
-    s_ptr, y_ptr, pos_index_ptr, status_ptr, n, capacity, n_class,
+    s_ptr, y_ptr, pos_index_ptr, status_ptr, start, stop, capacity, n_class,
     TARGETS_FLOAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """status[0]: positives found (atomic slot counter); status[1]: bit flags of non-finite input."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
+    offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < stop
     s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=0)
     bad_logit = inside & ((s != s) | (tl.abs(s) == float("inf")))
@@ -62,8 +62,11 @@ def _argsort_positives_kernel(s_ptr, pos_index_ptr, sorted_index_ptr, p, BLOCK: 
 def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
     pos_index = torch.empty(capacity, dtype=torch.int64, device=s.device)
     status = torch.zeros(2, dtype=torch.int64, device=s.device)
-    grid = lambda meta: (triton.cdiv(s.numel(), meta["BLOCK"]),)  # noqa: E731
-    _compact_positives_kernel[grid](s, y, pos_index, status, s.numel(), capacity, size_class(s.numel()), TARGETS_FLOAT=y.is_floating_point())
+    for start, stop in launch_chunks(s.numel()):
+        grid = lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+        _compact_positives_kernel[grid](
+            s, y, pos_index, status, start, stop, capacity, size_class(stop - start), TARGETS_FLOAT=y.is_floating_point()
+        )
     found, flags = status.tolist()
     return pos_index, found, flags
 
