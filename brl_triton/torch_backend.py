@@ -65,13 +65,29 @@ def _row_blocks(rows: int, cols: int):
         yield slice(start, min(start + size, rows))
 
 
+def rounded_up_sum(a: torch.Tensor, b: float) -> torch.Tensor:
+    """The smallest value of a's dtype that is >= the exact sum a + b (TwoSum gives the exact
+    rounding error of ``a + b``)."""
+    total = a + b
+    b_part = total - a
+    error = (a - (total - b_part)) + (b - b_part)
+    return torch.where(error > 0, torch.nextafter(total, torch.full_like(total, float("inf"))), total)
+
+
+def breakpoints(s_pos: torch.Tensor, delta: float):
+    """The kinks ``s_i - delta`` and ``s_i + delta`` of H(. - s_i), each rounded up to a
+    representable value, so that no bin holds values on both sides of a kink. When delta is
+    below the spacing of the logits, ``[s_i, next float)`` is the bin of the ties, where H = 1/2."""
+    return rounded_up_sum(s_pos, -delta), rounded_up_sum(s_pos, delta)
+
+
 def bin_edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
     """Sorted bin edges for ascending positives ``s_pos``; bins lie between consecutive edges."""
     if delta == 0:
         return s_pos
     if kind.bucketed:
-        return torch.cat([s_pos[:1] - delta, s_pos])
-    return torch.sort(torch.cat([s_pos - delta, s_pos + delta])).values
+        return torch.cat([rounded_up_sum(s_pos[:1], -delta), s_pos])
+    return torch.sort(torch.cat(breakpoints(s_pos, delta))).values
 
 
 class BinLookup:
@@ -149,23 +165,22 @@ def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch
 class _StepTiles:
     """Tiles ``T[r, c] = H(col_c - row_r)`` of the step function, in float64.
 
-    The scaling of H is applied once to the O(p) vectors, so a tile costs one subtraction and
-    one clamp: ``H(v - u) = clamp((v / 2delta + 1/2) - u / 2delta, 0, 1)``.
+    The scaling of H is applied once to the O(p) vectors; the 1/2 is added after the
+    difference, where it cannot vanish next to huge logits (|s| ~ 1e30 would absorb it).
     """
 
     def __init__(self, delta: float):
         self.delta = delta
 
     def columns(self, v: torch.Tensor) -> torch.Tensor:
-        return v * (0.5 / self.delta) + 0.5 if self.delta > 0 else v
+        return v * (0.5 / self.delta) if self.delta > 0 else v
 
-    def rows(self, u: torch.Tensor) -> torch.Tensor:
-        return u * (0.5 / self.delta) if self.delta > 0 else u
+    rows = columns
 
     def tile(self, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``cols``/``rows`` from :meth:`columns`/:meth:`rows`."""
         if self.delta > 0:
-            return (cols[None, :] - rows[:, None]).clamp_(0, 1)
+            return (cols[None, :] - rows[:, None]).add_(0.5).clamp_(0, 1)
         return (cols[None, :] >= rows[:, None]).double()
 
 
@@ -197,8 +212,7 @@ def _bin_gradient(steps: _StepTiles, bin_cols, pos_rows, weight) -> torch.Tensor
 def _bin_slopes(s_pos: torch.Tensor, lower: torch.Tensor, weight: torch.Tensor, delta: float):
     """Per breakpoint bin, d grad / d s = sum of weight_i / 2delta over the positives whose
     window [s_i - delta, s_i + delta) holds the bin: a contiguous run of the sorted positives."""
-    lo = (s_pos - delta).double()  # the breakpoints exactly as the edges were built
-    hi = (s_pos + delta).double()
+    lo, hi = (b.double() for b in breakpoints(s_pos, delta))  # exactly as the edges were built
     first = torch.searchsorted(hi, lower, right=True)  # #{i : s_i + delta <= lower}
     end = torch.searchsorted(lo, lower, right=True)  # #{i : s_i - delta <= lower}
     cumulative = torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])

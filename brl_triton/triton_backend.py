@@ -36,7 +36,7 @@ from ._common import LossKind, Settings
 from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
 from .kernels import bins, positives, tiles
-from .torch_backend import bin_edges
+from .torch_backend import bin_edges, breakpoints
 
 
 @dataclass
@@ -72,7 +72,7 @@ def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKin
         received = tiles.sorting_received(s_pos, y_pos, terms.sorting_share, delta)
         pos_sort_grad = sorting_gradient(terms, received)
 
-    windows = (s_pos - delta, s_pos + delta) if delta > 0 and not kind.bucketed else None
+    windows = breakpoints(s_pos, delta) if delta > 0 and not kind.bucketed else None
     const, slope = tiles.bin_gradient(s_pos, terms.weight, edges, count, offset_sum, delta, windows)
     no_bin = const.new_zeros(1)
     tables = _Tables(
