@@ -77,3 +77,23 @@ def test_bad_input_raises_only_the_documented_errors(bad, name):
         delta = -1.0
     with pytest.raises((ValueError, TypeError)):
         fn(logits, targets, delta, backend="torch", **extra)
+
+
+@pytest.mark.triton
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), name=st.sampled_from(list(LOSSES)))
+def test_triton_backend_agrees_with_torch_backend(problem, name):
+    pytest.importorskip("triton")
+    logits, targets, delta = problem
+    if name == "interpolated_ap" and delta == 0:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    want_losses, want_grad = run_loss(name, logits, targets, delta, "torch")
+    losses, grad = run_loss(name, logits.to(device), targets.to(device), delta, "triton")
+    assert bool(torch.isfinite(grad).all())
+    for got, want in zip(losses, want_losses):
+        assert got.item() == pytest.approx(want.item(), abs=1e-5, rel=1e-4)
+    if grad.numel():
+        tolerance = 2e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        scale = max(want_grad.abs().max().item(), 1e-12)
+        assert (grad.cpu().double() - want_grad.double()).abs().max().item() <= tolerance * scale
