@@ -104,6 +104,8 @@ def check_finite(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 def _all_finite(x: torch.Tensor) -> bool:
     # min and max propagate NaN and are infinite iff some element is: one pass instead of isfinite's four
+    if x.numel() == 0:
+        return True
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -115,6 +117,8 @@ def fixed_point_scale(s: torch.Tensor, edges: torch.Tensor) -> float:
     widths = edges[1:] - edges[:-1] if edges.numel() > 1 else edges.new_zeros(1)
     top = (s.max() - edges[-1]).clamp(min=0)  # the bin above every edge is open-ended
     largest = max(float(widths.max()), float(top), 1e-30)
+    if not math.isfinite(largest):
+        return 1.0  # non-finite logits: the reduction pass reports them
     exponent = 62 - math.ceil(math.log2(max(s.numel(), 1) * largest))
     return 2.0 ** max(min(exponent, 1000), -1000)
 

@@ -4,11 +4,12 @@ steps as Triton kernels (``brl_triton.kernels``).
 Data flow (N elements, p positives, E <= 2p edges):
 
 forward
-    1. ``positives``: one pass over N compacts the positives' positions and checks that logits
-       and targets are finite; their p logits are argsorted (one program, ``tl.sort``, for
-       p <= 4096; ``torch.sort`` of the p positives beyond).
+    1. ``positives``: one pass over the N targets compacts the positives' positions and checks
+       that the targets are finite; the p positive logits are argsorted (one program, ``tl.sort``,
+       for p <= 4096; ``torch.sort`` of the p positives beyond).
     2. edges (torch, O(p)): as the torch backend.
-    3. ``bins.reduce_bins``: one pass over N: binary search, count and offset sum per bin.
+    3. ``bins.reduce_bins``: one pass over N: binary search, count and offset sum per bin, and
+       the check that every logit is finite.
     4. ``tiles``: FP, rank+ and sorting sums per positive, the sorting gradient, and per bin the
        gradient constant (and slope, exact losses), tiled in registers. O(p) host formulas
        (``_positive_terms``) in between.
@@ -16,11 +17,11 @@ backward
     5. ``bins.distribute``: one pass over N writes every gradient; the p positives are then
        written from their table.
 
-Streaming passes over N, for float32 logits and targets: forward reads every element twice
-(compaction 8 B, reduction 8 B; the binary search reads edges from cache) and backward once
-(8 B read, 4 B gradient written): 28 B per element in all. The compaction pass cannot be
-folded into the reduction, whose bins are made from all positives. Everything else is O(p^2)
-work on O(p + E) data.
+Streaming passes over N, for float32 logits and targets: the logits are read twice, once by
+the forward reduction and once by the backward distribution; the targets three times
+(compaction, reduction, distribution). Per element: compaction 4 B, reduction 8 B,
+distribution 8 B read + 4 B gradient written: 24 B in all (the binary search reads edges from
+cache). Everything else is O(p^2) work on O(p + E) data.
 
 Memory beyond inputs and the gradient: O(p + E) tables, plus room for N/64 positive positions
 (a second compaction pass runs only when there are more positives than that).
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind, Settings
+from ._common import LossKind, Settings, check_finite
 from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
 from .kernels import bins, positives, tiles
@@ -57,6 +58,7 @@ def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKin
     else:
         s_pos, y_pos = s[pos_index], y[pos_index].double()
     if s_pos.numel() == 0:
+        check_finite(s, y[:0])  # the reduction pass, which checks the logits, does not run
         return None
     edges = bin_edges(s_pos, delta, kind)
     count, offset_sum = bins.reduce_bins(s, y, edges, deterministic=settings.deterministic)

@@ -107,13 +107,18 @@ def test_no_positive_and_empty(name):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_fails_in_the_compaction_pass(bad):
+def test_non_finite_input_fails_in_the_streaming_passes(bad):
+    """Targets are checked by the compaction pass, logits by the reduction pass (or, without any
+    positive, by a check of their own)."""
     import brl_triton
 
     logits = torch.randn(5000)
     logits[4321] = bad
-    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
-        brl_triton.rank_sort_loss(logits.to(DEVICE), torch.ones(5000, device=DEVICE), backend="triton")
+    for targets in (torch.ones(5000), (torch.arange(5000) % 7 == 0).float(), torch.zeros(5000)):
+        for deterministic in (False, True):
+            with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+                brl_triton.rank_sort_loss(logits.to(DEVICE), targets.to(DEVICE), backend="triton",
+                                          deterministic=deterministic)
     targets = torch.zeros(5000)
     targets[17] = bad
     with pytest.raises(ValueError, match="targets contain NaN or Inf"):

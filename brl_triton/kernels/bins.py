@@ -53,16 +53,19 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 
 @triton.jit
 def _reduce_bins_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, start, stop, n_class, edges_class,
-    fixed_scale,
+    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, non_finite_ptr, start, stop, n_class,
+    edges_class, fixed_scale,
     PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """FIXED_POINT: offset_sum is int64 and gets round(offset * fixed_scale): exact, order-free sums."""
+    """FIXED_POINT: offset_sum is int64 and gets round(offset * fixed_scale): exact, order-free sums.
+    non_finite: set to 1 if any logit is NaN/Inf (this pass reads every logit anyway)."""
     lane = tl.arange(0, BLOCK)
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < stop
     s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=1)
+    non_finite = inside & ((s != s) | (tl.abs(s) == float("inf")))
+    tl.atomic_max(non_finite_ptr, tl.max(non_finite.to(tl.int64), axis=0))
     relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
     key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
     lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
@@ -94,7 +97,7 @@ _reduce_bins_tuned = triton.autotune(
         {"BLOCK": 4096, "PREAGGREGATE": False, "FIXED_POINT": False}, num_warps=(4, 8),
     ),
     key=["n_class", "edges_class"],
-    reset_to_zero=["count_ptr", "offset_sum_ptr"],
+    reset_to_zero=["count_ptr", "offset_sum_ptr", "non_finite_ptr"],
 )(_reduce_bins_kernel)
 
 
@@ -125,14 +128,15 @@ def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024
     """Per key 0..E: count (int64) and sum of offsets from the bin's lower edge (s.dtype).
     Key 0 (below every edge) stays 0. ``preaggregate``: force that variant with ``block``
     elements per program (default: autotuned). ``deterministic``: int64 fixed-point offset sums,
-    bit-identical across runs (costs a max over the logits)."""
+    bit-identical across runs (costs a max over the logits). Raises ValueError for NaN/Inf logits."""
     num_edges = edges.numel()
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
     scale = fixed_point_scale(s, edges) if deterministic else 1.0
     offset_sum = torch.zeros(num_edges + 1, dtype=torch.int64 if deterministic else s.dtype, device=s.device)
+    non_finite = torch.zeros(1, dtype=torch.int64, device=s.device)
     for start, stop in launch_chunks(s.numel()):
-        args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, start, stop, size_class(stop - start),
-                size_class(num_edges), scale)
+        args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, non_finite, start, stop,
+                size_class(stop - start), size_class(num_edges), scale)
         if deterministic:
             _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
                 *args, PREAGGREGATE=False, FIXED_POINT=True, BLOCK=block
@@ -143,6 +147,8 @@ def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024
             _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
                 *args, PREAGGREGATE=preaggregate, FIXED_POINT=False, BLOCK=block
             )
+    if int(non_finite):
+        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
     if deterministic:
         return count, (offset_sum.double() / scale).to(s.dtype)
     return count, offset_sum

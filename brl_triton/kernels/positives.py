@@ -1,8 +1,9 @@
-"""Positives: one pass over all N elements compacts the positives and checks finiteness;
-then the p positive logits are argsorted, in one program with ``tl.sort`` when they fit a block.
+"""Positives: one pass over the N targets compacts the positions of the positives and checks
+that float targets are finite; then the p positive logits are argsorted, in one program with
+``tl.sort`` when they fit a block.
 
-Memory traffic of the pass: reads the logit and the target of every element (4 + 4 bytes for
-float32 logits and targets), writes 16 bytes per positive.
+Memory traffic of the pass: reads the target of every element (4 bytes for float32 targets),
+writes 8 bytes per positive. The logits are not streamed here: the reduction pass checks them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from ._config import configs, launch_chunks, next_power_of_2, size_class
 
 SORT_IN_ONE_PROGRAM_MAX = 4096
 MIN_CAPACITY = 4096  # room for positive positions in the first compaction pass, at least
-_BAD_LOGITS, _BAD_TARGETS = 1, 2
 
 
 @triton.autotune(
@@ -23,20 +23,16 @@ _BAD_LOGITS, _BAD_TARGETS = 1, 2
 )
 @triton.jit
 def _compact_positives_kernel(
-    s_ptr, y_ptr, pos_index_ptr, status_ptr, start, stop, capacity, n_class,
+    y_ptr, pos_index_ptr, status_ptr, start, stop, capacity, n_class,
     TARGETS_FLOAT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """status[0]: positives found (atomic slot counter); status[1]: bit flags of non-finite input."""
+    """status[0]: positives found (atomic slot counter); status[1]: 1 if a target is NaN/Inf."""
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < stop
-    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
     y = tl.load(y_ptr + offs, mask=inside, other=0)
-    bad_logit = inside & ((s != s) | (tl.abs(s) == float("inf")))
-    flags = tl.max(bad_logit.to(tl.int32), axis=0) * 1
     if TARGETS_FLOAT:
         bad_target = inside & ((y != y) | (tl.abs(y) == float("inf")))
-        flags = flags | tl.max(bad_target.to(tl.int32), axis=0) * 2
-    tl.atomic_or(status_ptr + 1, flags.to(tl.int64))
+        tl.atomic_max(status_ptr + 1, tl.max(bad_target.to(tl.int64), axis=0))
     is_pos = inside & (y > 0)
     first = tl.atomic_add(status_ptr, tl.sum(is_pos.to(tl.int64), axis=0))
     slot = first + tl.cumsum(is_pos.to(tl.int64), axis=0) - 1
@@ -65,7 +61,7 @@ def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
     for start, stop in launch_chunks(s.numel()):
         grid = lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
         _compact_positives_kernel[grid](
-            s, y, pos_index, status, start, stop, capacity, size_class(stop - start), TARGETS_FLOAT=y.is_floating_point()
+            y, pos_index, status, start, stop, capacity, size_class(stop - start), TARGETS_FLOAT=y.is_floating_point()
         )
     found, flags = status.tolist()
     return pos_index, found, flags
@@ -74,16 +70,14 @@ def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
 def sorted_positives(s: torch.Tensor, y: torch.Tensor):
     """Flat positions of the positives (``y > 0``) in ascending logit order (ties by position).
 
-    Raises ValueError for NaN/Inf in the logits or in float targets.
+    Raises ValueError for NaN/Inf in float targets (the logits are checked by the reduction).
     """
     if s.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=s.device)
     # room for 1/64 of the elements; a second pass only when there are more positives
     capacity = min(s.numel(), max(MIN_CAPACITY, s.numel() // 64))
     pos_index, found, flags = _compact(s, y, capacity)
-    if flags & _BAD_LOGITS:
-        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
-    if flags & _BAD_TARGETS:
+    if flags:
         raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
     if found > capacity:
         pos_index, found, _ = _compact(s, y, found)
