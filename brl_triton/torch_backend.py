@@ -31,7 +31,13 @@ import torch
 
 from ._common import LossKind, Settings, fixed_point_scale
 from ._distributed import all_reduce_bins, gather_positives
-from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
+from ._positive_terms import (
+    PositiveSums,
+    own_positive_gradients,
+    positive_gradient,
+    positive_terms,
+    sorting_gradient,
+)
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
@@ -303,11 +309,8 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
         bin_slope = torch.zeros_like(bin_const)
         bin_slope[occupied] = slope
     bin_const[occupied] = const
-    pos_rank_grad = terms.pos_rank_grad
-    if mine is not None:  # this rank writes the gradient of its own positives only
-        pos_rank_grad = pos_rank_grad[mine]
-        pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[mine]
-    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index, pos_rank_grad, pos_sort_grad)
+    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index,
+                     *own_positive_gradients(terms, pos_sort_grad, mine))
     return terms.losses, tables
 
 
@@ -319,8 +322,6 @@ def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outpu
     if tables.bin_slope is not None:
         slope = (tables.bin_slope * g_rank).to(s.dtype)
         grad.addcmul_(slope.index_select(0, key), s - tables.lower_of_key.index_select(0, key))
-    pos_grad = tables.pos_rank_grad * g_rank
-    if tables.pos_sort_grad is not None:
-        pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()
+    pos_grad = positive_gradient(tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs)
     grad[tables.pos_index] = pos_grad.to(s.dtype)
     return grad

@@ -35,7 +35,13 @@ import torch
 
 from ._common import LossKind, Settings, check_finite
 from ._distributed import all_reduce_bins, gather_positives
-from ._positive_terms import PositiveSums, positive_terms, sorting_gradient
+from ._positive_terms import (
+    PositiveSums,
+    own_positive_gradients,
+    positive_gradient,
+    positive_terms,
+    sorting_gradient,
+)
 from .kernels import bins, positives, tiles
 from .torch_backend import bin_edges, breakpoints
 
@@ -82,8 +88,7 @@ def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKin
         torch.cat([no_bin, const]),
         None if slope is None else torch.cat([no_bin, slope]),
         pos_index,
-        terms.pos_rank_grad if mine is None else terms.pos_rank_grad[mine],
-        pos_sort_grad if mine is None or pos_sort_grad is None else pos_sort_grad[mine],
+        *own_positive_gradients(terms, pos_sort_grad, mine),
     )
     return terms.losses, tables
 
@@ -93,9 +98,7 @@ def triton_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outp
     const = (tables.bin_const * g_rank).to(s.dtype)
     slope = None if tables.bin_slope is None else (tables.bin_slope * g_rank).to(s.dtype)
     grad = bins.distribute(s, y, tables.edges, const, slope, s.dtype)
-    pos_grad = tables.pos_rank_grad * g_rank
-    if tables.pos_sort_grad is not None:
-        pos_grad = pos_grad + tables.pos_sort_grad * grad_outputs[1].double()
+    pos_grad = positive_gradient(tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs)
     grad.index_copy_(0, tables.pos_index, pos_grad.to(s.dtype))
     return grad
 
