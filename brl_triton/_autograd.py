@@ -2,8 +2,11 @@
 
 A backend is an object with
 
-- ``forward(s, y, delta, kind, settings) -> (losses, state) | None``: flat logits ``s`` (compute
-  dtype) and targets ``y``; ``None`` when there is no positive (in the whole process group).
+- ``inputs(logits, targets) -> (s, y)``: what its forward and backward read, e.g. flat tensors in
+  the compute dtype (``_common.flat_inputs``), or the tensors as they are for kernels that read
+  any layout and dtype.
+- ``forward(s, y, delta, kind, settings) -> (losses, state) | None``: ``None`` when there is no
+  positive (in the whole process group).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
 
 The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
@@ -14,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LossKind, Settings, compute_dtype, flat_inputs
+from ._common import LossKind, Settings, compute_dtype
 
 
 class RankingLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, delta: float, kind: LossKind, backend, settings: Settings):
-        s, y = flat_inputs(logits, targets)
+        s, y = backend.inputs(logits, targets)
         result = backend.forward(s, y, delta, kind, settings)
         ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
         ctx.state = None if result is None else result[1]
@@ -37,7 +40,7 @@ class RankingLossFunction(torch.autograd.Function):
         if ctx.state is None:
             grad = torch.zeros_like(logits)
         else:
-            s, y = flat_inputs(logits, targets)
+            s, y = ctx.backend.inputs(logits, targets)
             grad = ctx.backend.backward(ctx.state, s, y, grad_outputs)
             grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
         return grad, None, None, None, None, None

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ._common import flat_inputs
 from .reference import reference_forward
 from .torch_backend import torch_backward, torch_forward
 
@@ -25,6 +26,7 @@ class TorchBackend:
 
     name = "torch"
     checks_finite = False
+    inputs = staticmethod(flat_inputs)
     forward = staticmethod(torch_forward)
     backward = staticmethod(torch_backward)
 
@@ -34,6 +36,7 @@ class ReferenceBackend:
 
     name = "reference"
     checks_finite = False
+    inputs = staticmethod(flat_inputs)
     forward = staticmethod(reference_forward)
 
     @staticmethod

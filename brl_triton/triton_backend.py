@@ -1,112 +1,190 @@
-"""Triton backend: the same computation as ``torch_backend``, with its N-sized and P x bins
-steps as Triton kernels (``brl_triton.kernels``).
+"""Triton backend: the losses of the spec (``docs``/``torch_backend``) as a handful of Triton
+launches with one host sync, reading inputs of any layout in place (``brl_triton.kernels``).
 
-Data flow (N elements, p positives, E <= 2p edges):
+Data flow (N elements, p positives, E <= 2p edges), for p <= 4096 and float32 compute:
 
 forward
-    1. ``positives``: one pass over the N targets compacts the positives' positions and checks
-       that the targets are finite; the p positive logits are argsorted (one program, ``tl.sort``,
-       for p <= 4096; ``torch.sort`` of the p positives beyond).
-    2. edges (torch, O(p)): as the torch backend.
-    3. ``bins.reduce_bins``: one pass over N: binary search, count and offset sum per bin, and
-       the check that every logit is finite.
-    4. ``tiles``: FP, rank+ and sorting sums per positive, the sorting gradient, and per bin the
-       gradient constant (and slope, exact losses), tiled in registers. O(p) host formulas
-       (``_positive_terms``) in between.
+    1. ``torch.zeros`` of the status words (positives found, error flags, edge count).
+    2. ``positives.scan``: one pass over the targets compacts the positives' positions.
+    3. ``positives.prepare`` (one program): sorts them, builds the bin edges, zeroes the bins.
+    4. ``bins.reduce``: one pass over logits and targets: count and offset sum per bin, and the
+       finiteness check of the logits. It reads the edge count from the device.
+    5. the one host sync: p, the error flags and E, in one read of the status words.
+    6. ``tiles.positive_terms``: FP, rank+, sorting sums and the per-positive formulas.
+       (``tiles.interpolated_terms`` for the interpolated AP: the running maximum.)
+    7. ``tiles.finish``: sorting gradient, per-bin gradient tables and the loss outputs.
 backward
-    5. ``bins.distribute``: one pass over N writes every gradient; the p positives are then
-       written from their table.
+    8. ``bins.distribute``: one pass writes every element's gradient, scaled by the upstream
+       gradients read on the device; extra programs of the same launch write the positives'.
 
-Streaming passes over N, for float32 logits and targets: the logits are read twice, once by
-the forward reduction and once by the backward distribution; the targets three times
-(compaction, reduction, distribution). Per element: compaction 4 B, reduction 8 B,
-distribution 8 B read + 4 B gradient written: 24 B in all (the binary search reads edges from
-cache). Everything else is O(p^2) work on O(p + E) data.
+That is 7 launches for forward+backward (8 for the interpolated AP) and one sync. More
+positives than one program sorts (p > 4096), float64 logits, and ``process_group`` take a
+slower path with torch ops for the positives (sort, edges, all-gather) and more launches; a
+second compaction pass runs when p > 4096.
 
-Memory beyond inputs and the gradient: O(p + E) tables, plus room for N/64 positive positions
-(a second compaction pass runs only when there are more positives than that).
+Streaming traffic per element (float32 logits and targets): scan 4 B, reduction 8 B,
+distribution 12 B, 24 B in all; deterministic mode reads the logits in the scan too (28 B).
+Everything else is O(p^2) work on O(p + E) data.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind, Settings, check_finite
+from ._common import LossKind, Settings, compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
-from ._positive_terms import (
-    PositiveSums,
-    own_positive_gradients,
-    positive_gradient,
-    positive_terms,
-    sorting_gradient,
-)
-from .kernels import bins, positives, tiles
-from .torch_backend import bin_edges, breakpoints
+from .kernels import _math, bins, positives, tiles
+from .kernels._config import read_host
+from .kernels._layout import layout
+from .torch_backend import bin_edges
+
+NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
+NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
+
+
+def streamed_bytes_per_element(logits_dtype: torch.dtype, targets_dtype: torch.dtype,
+                               deterministic: bool = False) -> int:
+    """Bytes that one forward+backward moves per element through memory: the scan reads the
+    targets (and, deterministic, the logits), the reduction logits and targets, the distribution
+    logits and targets and writes the gradient (in the logits' dtype)."""
+    s, y = logits_dtype.itemsize, targets_dtype.itemsize
+    return y + (s if deterministic else 0) + (s + y) + (s + y + s)
 
 
 @dataclass
 class _Tables:
-    edges: torch.Tensor  # (E,), s.dtype, ascending (not deduplicated: bins between equal edges stay empty)
-    bin_const: torch.Tensor  # (E + 1,) float64, key 0 = no bin
-    bin_slope: torch.Tensor | None
-    pos_index: torch.Tensor
-    pos_rank_grad: torch.Tensor
+    """What forward keeps for backward: O(p + E) tensors."""
+
+    edges: torch.Tensor  # (E,) compute dtype, ascending
+    const: torch.Tensor  # (E + 1,) float64, key 0 = no bin
+    slope: torch.Tensor | None  # (E + 1,) float64, exact losses with delta > 0
+    pos_index: torch.Tensor  # (p_own,) flat positions of this process's positives
+    pos_rank_grad: torch.Tensor  # (p_own,) float64
     pos_sort_grad: torch.Tensor | None
 
 
-def triton_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings: Settings = Settings()):
-    pos_index = positives.sorted_positives(s, y)
-    group, mine = settings.process_group, None
+def _loadable(targets: torch.Tensor) -> torch.Tensor:
+    return targets.view(torch.uint8) if targets.dtype == torch.bool else targets
+
+
+def triton_inputs(logits: torch.Tensor, targets: torch.Tensor):
+    """The kernels read logits and targets as they are: any layout, any supported dtype."""
+    return logits.detach(), _loadable(targets.detach())
+
+
+def _host_offset_scale(status: torch.Tensor, edges: torch.Tensor, n: int) -> float:
+    """The fixed-point scale ``_math.offset_scale`` computed on the device, here on the host."""
+    code, low = int(status[_math.STATUS_MAX_NEGATIVE.value]), float(edges[0])
+    ordered = ((code - (1 << 62)) << 1) | 1
+    bits = ordered ^ (0x7FFFFFFFFFFFFFFF if ordered < 0 else 0)
+    largest = struct.unpack("<d", struct.pack("<q", bits))[0] - low
+    largest = largest if code > 0 and largest > 1e-30 else 1e-30
+    bound_bits = struct.unpack("<q", struct.pack("<d", largest * n))[0]
+    exponent = ((bound_bits >> 52) & 0x7FF) - 1022
+    return 2.0 ** min(max(62 - exponent, -1000), 1000)
+
+
+def _sorted_positives_by_torch(logits, targets, pos_index, compute, group):
+    """The positives in ascending (logit, position) order with torch ops, optionally gathered
+    over a process group: (s_pos, y_pos float64, sorted_index, mine or None)."""
+    s_flat, y_flat = logits.reshape(-1), targets.reshape(-1)
+    pos_index = torch.sort(pos_index).values
+    s_values = s_flat[pos_index].to(compute)
     if group is not None:
-        s_pos, y_pos, mine, pos_index = gather_positives(s[pos_index], y[pos_index], pos_index, group)
-    else:
-        s_pos, y_pos = s[pos_index], y[pos_index].double()
-    if s_pos.numel() == 0:
-        check_finite(s, y[:0])  # the reduction pass, which checks the logits, does not run
+        return gather_positives(s_values, y_flat[pos_index], pos_index, group)
+    s_pos, order = torch.sort(s_values, stable=True)
+    sorted_index = pos_index[order]
+    return s_pos, y_flat[sorted_index].double(), sorted_index, None
+
+
+def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, kind: LossKind,
+                   settings: Settings = Settings()):
+    """Losses (0-d tensors in the output dtype) and the backward tables, or ``None`` without
+    positives. ``logits``/``targets`` as :func:`triton_inputs` gives them."""
+    s, y = layout(logits), layout(targets)
+    n, device = logits.numel(), logits.device
+    compute = compute_dtype(logits.dtype)
+    group, deterministic = settings.process_group, settings.deterministic
+    delta = float(delta) + 0.0  # -0.0 is 0
+    delta_bits = _math.float_bits(delta)
+    edges_kind = positives.edges_kind(delta, kind.bucketed)
+    offset_dtype = torch.int64 if deterministic else compute
+
+    status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
+    capacity = min(n, positives.SORT_BY_RANK_MAX)
+    pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic)
+    num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
+    if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
+        s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
+            s, y, pos_buffer, status, delta, edges_kind, offset_dtype)
+    else:  # the reduction only checks finiteness (edge count 0)
+        edges = torch.empty(1, dtype=compute, device=device)
+        count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
+    bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
+
+    p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
+    if bad_targets:
+        raise ValueError(NON_FINITE_TARGETS)
+    if bad_logits:
+        raise ValueError(NON_FINITE_LOGITS)
+    if p == 0 and group is None:
         return None
-    edges = bin_edges(s_pos, delta, kind)
-    count, offset_sum = bins.reduce_bins(s, y, edges, deterministic=settings.deterministic)
-    if group is not None:
-        count, offset_sum = all_reduce_bins(count, offset_sum, group)
-        offset_sum = offset_sum.to(s.dtype)
-    count, offset_sum = count[1:], offset_sum[1:]  # bin b = key b + 1 = [edges[b], edges[b + 1])
 
-    sums = tiles.positive_sums(s_pos, y_pos, edges, count, offset_sum, delta, kind.sorting)
-    terms = positive_terms(kind, PositiveSums(*sums) if kind.sorting else PositiveSums(*sums[:2]))
-    pos_sort_grad = None
-    if kind.sorting:
-        received = tiles.sorting_received(s_pos, y_pos, terms.sorting_share, delta)
-        pos_sort_grad = sorting_gradient(terms, received)
+    mine, fixed_point, fp_bound = None, deterministic, n
+    if num_edges > 0:
+        s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
+        edges, count, offset_sum = edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1]
+    else:
+        if p > capacity:  # the first pass had room for `capacity` positions only
+            status = torch.zeros_like(status)
+            pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic)
+        s_pos, y_pos, sorted_index, mine = _sorted_positives_by_torch(logits, targets, pos_buffer[:p], compute, group)
+        if s_pos.numel() == 0:
+            return None
+        edges = bin_edges(s_pos, delta, kind).contiguous()
+        count = torch.zeros(edges.numel() + 1, dtype=torch.int64, device=device)
+        offset_sum = torch.zeros(edges.numel() + 1, dtype=offset_dtype, device=device)
+        edge_count = torch.full((1,), edges.numel(), dtype=torch.int64, device=device)
+        bins.reduce(s, y, edges, edge_count, status, count, offset_sum, deterministic)
+        if group is not None:
+            if deterministic:  # ranks scale their offsets differently: meet in float64
+                offset_sum = offset_sum.double() / _host_offset_scale(status, edges, n)
+                fixed_point = False
+            count, offset_sum = all_reduce_bins(count, offset_sum, group)
+            fp_bound = int(count.sum())
 
-    windows = breakpoints(s_pos, delta) if delta > 0 and not kind.bucketed else None
-    const, slope = tiles.bin_gradient(s_pos, terms.weight, edges, count, offset_sum, delta, windows)
-    no_bin = const.new_zeros(1)
-    tables = _Tables(
-        edges,
-        torch.cat([no_bin, const]),
-        None if slope is None else torch.cat([no_bin, slope]),
-        pos_index,
-        *own_positive_gradients(terms, pos_sort_grad, mine),
-    )
-    return terms.losses, tables
+    out_dtype = compute
+    losses = tuple(torch.empty((), dtype=out_dtype, device=device) for _ in range(kind.num_outputs))
+    options = {"fixed_point": fixed_point, "deterministic": deterministic}
+    table = tiles.positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n, fp_bound, delta_bits,
+                                 sorting=kind.sorting, interpolated=kind.interpolated, **options)
+    if kind.interpolated:
+        tiles.interpolated_terms(table, losses[0])
+    affine = delta > 0 and not kind.bucketed
+    const, slope = tiles.finish(s_pos, y_pos, edges, count, offset_sum, status, n, delta_bits, table, losses,
+                                sorting=kind.sorting, affine=affine, interpolated=kind.interpolated, **options)
+    pos_rank_grad = table[tiles.T_RANK_GRAD.value]
+    pos_sort_grad = table[tiles.T_SORT_GRAD.value] if kind.sorting else None
+    if mine is not None:
+        pos_rank_grad = pos_rank_grad[mine]
+        pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[mine]
+    return losses, _Tables(edges, const, slope, sorted_index, pos_rank_grad, pos_sort_grad)
 
 
-def triton_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
-    g_rank = grad_outputs[0].double()
-    const = (tables.bin_const * g_rank).to(s.dtype)
-    slope = None if tables.bin_slope is None else (tables.bin_slope * g_rank).to(s.dtype)
-    grad = bins.distribute(s, y, tables.edges, const, slope, s.dtype)
-    pos_grad = positive_gradient(tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs)
-    grad.index_copy_(0, tables.pos_index, pos_grad.to(s.dtype))
-    return grad
+def triton_backward(tables: _Tables, logits: torch.Tensor, targets: torch.Tensor, grad_outputs) -> torch.Tensor:
+    """Flat gradient in the logits' dtype, for the upstream gradients (read on the device)."""
+    return bins.distribute(layout(logits), layout(targets), tables.edges, tables.const, tables.slope,
+                           tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs, logits.dtype)
 
 
 class TritonBackend:
     """Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
     name = "triton"
-    checks_finite = True  # the positive-compaction pass checks logits and targets
+    checks_finite = True  # the scan checks targets, the reduction logits
+    inputs = staticmethod(triton_inputs)
     forward = staticmethod(triton_forward)
     backward = staticmethod(triton_backward)

@@ -67,11 +67,10 @@ def test_agrees_with_torch_backend(name):
 
 @pytest.mark.parametrize("name", ["bucketed_rank_sort", "rank_sort", "interpolated_ap"])
 def test_many_positives_take_the_torch_sort_and_second_compaction_paths(name, monkeypatch):
-    """More positives than one program sorts and than the first compaction pass has room for."""
+    """More positives than the rank sort takes and than the first compaction pass has room for."""
     from brl_triton.kernels import positives
 
-    monkeypatch.setattr(positives, "SORT_IN_ONE_PROGRAM_MAX", 32)
-    monkeypatch.setattr(positives, "MIN_CAPACITY", 16)
+    monkeypatch.setattr(positives, "SORT_BY_RANK_MAX", 32)
     logits, targets = make_case(3001, 150, seed=5, dtype=torch.float32, grid=0.125)
     _check(name, logits, targets, 0.5)
 
@@ -172,19 +171,27 @@ def test_environment_variable_forces_the_backend(monkeypatch):
     assert resolve_backend("auto", logits).name == ("triton" if logits.is_cuda else "torch")
 
 
-@pytest.mark.parametrize("preaggregate", [True, False])
+@pytest.mark.parametrize("config", [0, 1, 2, 3])
 @pytest.mark.parametrize("num_edges", [1, 7, 300])
-def test_bucket_reduction_variants(preaggregate, num_edges):
-    """Both reduction variants (per-element atomics; block sorted by bin, one atomic per bin)."""
-    from brl_triton.kernels.bins import reduce_bins
+def test_bin_reduction_configs(config, num_edges):
+    """Every reduction config (per-element atomics; block sorted by bin, one atomic per bin)
+    gives the counts and offset sums of a searchsorted/bincount oracle."""
+    from brl_triton.kernels import bins
+    from brl_triton.kernels._layout import layout
+    from brl_triton.kernels._math import STATUS_WORDS
 
     g = torch.Generator().manual_seed(num_edges)
-    n = 701  # six blocks of 128: the interpreter runs the segmented scan element by element
+    n = 5001
     s = torch.round(torch.randn(n, generator=g) * 8) / 8
     y = torch.zeros(n)
     y[::5], y[::7] = 1, -1
     edges = torch.sort(torch.round(torch.randn(num_edges, generator=g) * 8) / 8).values
-    count, offset_sum = reduce_bins(s.to(DEVICE), y.to(DEVICE), edges.to(DEVICE), preaggregate, block=128)
+    count = torch.zeros(num_edges + 1, dtype=torch.int64, device=DEVICE)
+    offset_sum = torch.zeros(num_edges + 1, dtype=torch.float32, device=DEVICE)
+    status = torch.zeros(STATUS_WORDS.value, dtype=torch.int64, device=DEVICE)
+    bins.reduce(layout(s.to(DEVICE)), layout(y.to(DEVICE)), edges.to(DEVICE),
+                torch.full((1,), num_edges, device=DEVICE), status, count, offset_sum, False,
+                config=bins.REDUCE.configs[config])
     relevant = (y == 0) & (s >= edges[0])
     key = torch.where(relevant, torch.searchsorted(edges, s, right=True), 0)
     lower = torch.cat([edges[:1], edges])[key]

@@ -1,21 +1,30 @@
-"""Autotuning configurations that also work under the Triton interpreter."""
+"""Launch plumbing shared by the Triton kernels: configs, launches, host reads.
+
+Every kernel launch of the backend goes through :func:`launch` (or a :class:`Tunable`), and every
+device-to-host read through :func:`read_host`. That keeps three GPU facts checkable without a GPU:
+how many kernels one loss call launches, how many times it waits for the device, and which
+kernel variants (constexprs, dtypes) a real call compiles (see :func:`record_launches`).
+
+Configs: each kernel has one default config chosen by heuristics (block sizes, warps), so that a
+first call compiles one variant per kernel and runs no benchmark. ``BRL_AUTOTUNE=1`` lets the
+kernels that have alternatives autotune over them on a GPU (results cached on disk per device by
+Triton); their accumulated outputs are restored after every benchmark launch. ``BRL_AUTOTUNE=emulate``
+(tests, interpreter) replaces the benchmark by launching every config three times with the
+autotuner's own hooks, which is what autotuning does to the arguments on a GPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
 
 import triton
 
 # Read when the kernels are defined, which is when triton decides to interpret them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def configs(default: dict, *alternatives: dict, num_warps=(4,)) -> list:
-    """One config under the interpreter (multi-config autotuning needs a GPU), else all of them."""
-    if INTERPRET:
-        return [triton.Config(default, num_warps=num_warps[0])]
-    return [triton.Config(kw, num_warps=w) for kw in (default, *alternatives) for w in num_warps]
-
+AUTOTUNE_ENV = "BRL_AUTOTUNE"
+AUTOTUNE = os.environ.get(AUTOTUNE_ENV, "0")
 
 # Elements per launch of a streaming kernel: longer tensors are launched in chunks, so that grid
 # sizes and per-launch counts stay far from 2^31 (offsets inside the kernels are int64 anyway).
@@ -36,3 +45,125 @@ def size_class(n: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a GPU would compile it: the jit function, its runtime arguments and
+    every constexpr (config values included)."""
+
+    kernel: object  # triton JITFunction
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    grid: tuple = ()
+
+
+@dataclass
+class _Counters:
+    launches: list = field(default_factory=list)
+    host_reads: int = 0
+
+
+_recorders: list[_Counters] = []
+_inside_launch = 0
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect every launch and host read made inside the block (``.launches``, ``.host_reads``)."""
+    counters = _Counters()
+    _recorders.append(counters)
+    try:
+        yield counters
+    finally:
+        _recorders.remove(counters)
+
+
+def inside_launch() -> bool:
+    """True while a kernel is being launched: the interpreter's own host copies happen then."""
+    return _inside_launch > 0
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _record(kernel, args, constexprs, num_warps, num_stages, grid):
+    for counters in _recorders:
+        counters.launches.append(Launch(_jit_function(kernel), tuple(args), dict(constexprs), num_warps,
+                                        num_stages, tuple(grid)))
+
+
+def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **constexprs):
+    """``kernel[grid](*args, **constexprs)`` with fixed warps and stages, counted and recorded."""
+    global _inside_launch
+    grid = tuple(grid)
+    _inside_launch += 1
+    try:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    finally:
+        _inside_launch -= 1
+    _record(kernel, args, constexprs, num_warps, num_stages, grid)
+
+
+def read_host(tensor) -> list:
+    """The one way the backend waits for the device: a copy of ``tensor`` to host, as a list."""
+    for counters in _recorders:
+        counters.host_reads += 1
+    return tensor.tolist()
+
+
+def _emulated_benchmark(kernel_call, quantiles):
+    """What a GPU benchmark does to the arguments: several launches, each wrapped in the hooks."""
+    for _ in range(3):
+        kernel_call()
+    _emulated_benchmark.calls += 1
+    # a different config wins each time, so that the real launch also runs the alternatives
+    return [float(_emulated_benchmark.calls % 3)] * len(quantiles)
+
+
+_emulated_benchmark.calls = 0
+
+
+class Tunable:
+    """A kernel with a default config and, optionally, alternatives to autotune over.
+
+    ``launch(grid, *args, **constexprs)``: ``grid`` is a function of the config's kwargs.
+    ``fixed=True`` always takes the default, which is what deterministic mode asks for: the
+    summation order must not depend on a benchmark's outcome.
+    ``restore``: the arguments the kernel accumulates into; benchmark launches leave them as
+    they were, so that autotuning never changes a result (chunked launches keep accumulating).
+    """
+
+    def __init__(self, kernel, default: triton.Config, alternatives=(), key=(), restore=()):
+        self.kernel = kernel
+        self.default = default
+        self.configs = [default, *alternatives]
+        self.tuned = None
+        if AUTOTUNE in ("1", "emulate") and alternatives:
+            if AUTOTUNE == "1" and INTERPRET:
+                raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU; use {AUTOTUNE_ENV}=emulate under the interpreter")
+            options = {"do_bench": _emulated_benchmark} if AUTOTUNE == "emulate" else {"cache_results": True}
+            self.tuned = triton.autotune(configs=self.configs, key=list(key), restore_value=list(restore),
+                                         **options)(kernel)
+
+    def launch(self, grid, *args, fixed: bool = False, config=None, **constexprs):
+        """``config``: run that one (tests and the resource table); ``fixed``: the default."""
+        global _inside_launch
+        if self.tuned is None or fixed or config is not None:
+            config = config or self.default
+            launch(self.kernel, grid(config.kwargs), *args, num_warps=config.num_warps,
+                   num_stages=config.num_stages, **config.kwargs, **constexprs)
+            return
+        _inside_launch += 1
+        try:
+            self.tuned[lambda meta: tuple(grid(meta))](*args, **constexprs)
+        finally:
+            _inside_launch -= 1
+        config = self.tuned.best_config
+        _record(self.kernel, args, {**config.kwargs, **constexprs}, config.num_warps, config.num_stages,
+                grid(config.kwargs))

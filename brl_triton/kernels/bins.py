@@ -1,20 +1,19 @@
-"""The two streaming passes over all N elements: bucket reduction (forward) and gradient
+"""The two streaming passes over all N elements: bin reduction (forward) and gradient
 distribution (backward).
 
-Each element finds its bin by a binary search in registers among the E sorted edges (the
-positive logits with ``min - delta`` in front for the bucketed losses, the 2P breakpoints
-``s_i -/+ delta`` for the exact ones): ``key = #{edges <= s}``, bin ``key`` being
-``[edges[key - 1], edges[key])``. Only relevant negatives (``y == 0`` and ``s >= edges[0]``)
-take part. Offsets use int64, so N > 2^31 is safe.
+Each element finds its bin by a binary search in registers among the E sorted edges:
+``key = #{edges <= s}``, bin ``key`` being ``[edges[key - 1], edges[key])``. Only relevant
+negatives (``y == 0`` and ``s >= edges[0]``) take part. Offsets are int64, so N > 2^31 is safe.
 
-- reduction: per bin, count (int64) and the sum of ``s - lower edge`` (offsets, so that large
-  logits do not cancel), added with atomics, either one per element or, pre-aggregated, one
-  per distinct bin of the block (the block sorted by bin, then a segmented sum); float atomics
-  make the sums' round-off depend on the order. Reads 4 + 4 bytes per element (float32 logits and targets); the binary search reads
-  edges that stay in cache.
-- distribution: ``grad = const[key] + slope[key] * (s - lower edge)`` for relevant negatives,
-  0 for everything else (positives are written afterwards from their O(P) table). Reads
-  4 + 4 bytes and writes the gradient (4 bytes for float32) per element.
+- reduction: reads logits and targets (4 + 4 bytes per element for float32), checks that every
+  logit is finite, and adds per bin the count (int64) and the sum of ``s - lower edge`` (offsets,
+  so that large logits do not cancel) with relaxed atomics: one per element, or, pre-aggregated,
+  one per distinct bin of the block (the block sorted by bin, then a segmented sum). Float atomics
+  make the sums' round-off order-dependent; deterministic mode adds int64 fixed point instead.
+  The edge count comes from the device (``prepare`` wrote it), so no host sync precedes it.
+- distribution: ``grad = g_rank * (const[key] + slope[key] * (s - lower edge))`` for relevant
+  negatives, 0 for ignored and irrelevant elements; extra programs of the same launch write the
+  positives' gradient from their O(p) table. Reads 4 + 4 bytes, writes 4 bytes per element.
 """
 
 from __future__ import annotations
@@ -23,17 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import fixed_point_scale
-from ._config import configs, launch_chunks, size_class
+from . import _math as m
+from ._config import Tunable, launch, launch_chunks, size_class
+from ._layout import element_address
 
-_BLOCKS = configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8))
+DISTRIBUTE_BLOCK, DISTRIBUTE_WARPS = 1024, 4
 
 
 @triton.jit
-def _count_edges_at_or_below(edges_ptr, num_edges, x, steps):
-    """``#{edges <= x}`` for every element of x (upper bound), in ``steps = ceil(log2(E + 1))``."""
+def _count_edges_at_or_below(edges_ptr, num_edges, x):
+    """``#{edges <= x}`` for every element of x: binary search of floor(log2 E) + 1 steps."""
+    steps = (num_edges.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 126  # 0 edges: no step
     low = tl.zeros(x.shape, dtype=tl.int32)
-    high = tl.full(x.shape, num_edges, dtype=tl.int32)
+    high = tl.zeros(x.shape, dtype=tl.int32) + num_edges.to(tl.int32)
     for _ in range(steps):
         active = low < high
         mid = (low + high) // 2
@@ -51,116 +52,119 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
     return key_b, tl.where(same, offset_a + offset_b, offset_b), tl.where(same, count_a + count_b, count_b)
 
 
-@triton.jit
-def _reduce_bins_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, count_ptr, offset_sum_ptr, non_finite_ptr, start, stop, n_class,
-    edges_class, fixed_scale,
-    PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["start", "stop", "n_total", "n_class"])
+def _reduce_kernel(
+    s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
+    edges_ptr, num_edges_ptr, status_ptr, count_ptr, offset_sum_ptr, start, stop, n_total, n_class,
+    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """FIXED_POINT: offset_sum is int64 and gets round(offset * fixed_scale): exact, order-free sums.
-    non_finite: set to 1 if any logit is NaN/Inf (this pass reads every logit anyway)."""
+    """FIXED_POINT: offset_sum is int64 and gets round(offset * scale), exact in any order.
+    ``n_class``: the autotuning key (power of two of the chunk length), unused here."""
     lane = tl.arange(0, BLOCK)
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < stop
-    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
-    y = tl.load(y_ptr + offs, mask=inside, other=1)
-    non_finite = inside & ((s != s) | (tl.abs(s) == float("inf")))
-    tl.atomic_max(non_finite_ptr, tl.max(non_finite.to(tl.int64), axis=0))
-    relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
-    key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
-    lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
-    if FIXED_POINT:
-        offset = ((s - lower).to(tl.float64) * fixed_scale + 0.5).to(tl.int64)
-    else:
-        offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
-    count = tl.full([BLOCK], 1, tl.int64)
-    if PREAGGREGATE:
-        # sort the block by bin and sum each run of equal bins: one atomic per bin of the block
-        key = tl.where(relevant, key, num_edges + 1)
-        packed = tl.sort((key.to(tl.int64) << 32) | lane.to(tl.int64), 0)
-        key = (packed >> 32).to(tl.int32)
-        offset = tl.gather(offset, (packed & 0xFFFFFFFF).to(tl.int32), 0)
-        _, offset, count = tl.associative_scan((key, offset, count), 0, _same_bin_sum)
-        next_key = tl.gather(key, tl.minimum(lane + 1, BLOCK - 1), 0)
-        relevant = ((key != next_key) | (lane == BLOCK - 1)) & (key <= num_edges)
-    tl.atomic_add(count_ptr + key, count, mask=relevant)
-    tl.atomic_add(offset_sum_ptr + key, offset, mask=relevant)
-
-
-# Pre-aggregation pays when a block's elements share few bins; the autotuner decides on the GPU.
-# The interpreter runs the scan element by element, so its single config is the plain one.
-_reduce_bins_tuned = triton.autotune(
-    configs=configs(
-        {"BLOCK": 1024, "PREAGGREGATE": False, "FIXED_POINT": False},
-        {"BLOCK": 1024, "PREAGGREGATE": True, "FIXED_POINT": False},
-        {"BLOCK": 2048, "PREAGGREGATE": True, "FIXED_POINT": False},
-        {"BLOCK": 4096, "PREAGGREGATE": False, "FIXED_POINT": False}, num_warps=(4, 8),
-    ),
-    key=["n_class", "edges_class"],
-    reset_to_zero=["count_ptr", "offset_sum_ptr", "non_finite_ptr"],
-)(_reduce_bins_kernel)
-
-
-@triton.autotune(configs=_BLOCKS, key=["n_class", "edges_class"])
-@triton.jit
-def _distribute_kernel(
-    s_ptr, y_ptr, edges_ptr, num_edges, steps, const_ptr, slope_ptr, grad_ptr, start, stop, n_class, edges_class,
-    HAS_SLOPE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < stop
-    s = tl.load(s_ptr + offs, mask=inside, other=0.0)
-    y = tl.load(y_ptr + offs, mask=inside, other=1)
-    relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
-    key = _count_edges_at_or_below(edges_ptr, num_edges, s, steps)
-    grad = tl.load(const_ptr + key, mask=relevant, other=0.0)
-    if HAS_SLOPE:
+    s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
+    s = s.to(edges_ptr.dtype.element_ty)
+    bad = tl.max((inside & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), axis=0)
+    tl.atomic_max(status_ptr + m.STATUS_BAD_LOGITS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
+    num_edges = tl.load(num_edges_ptr)
+    if num_edges > 0:
+        y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
+        relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
+        key = _count_edges_at_or_below(edges_ptr, num_edges, s)
         lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
-        grad += tl.load(slope_ptr + key, mask=relevant, other=0.0) * (s - lower)
-    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
-
-
-def _steps(num_edges: int) -> int:
-    return max(1, int(num_edges).bit_length())  # ceil(log2(E + 1))
-
-
-def reduce_bins(s, y, edges, preaggregate: bool | None = None, block: int = 1024, deterministic: bool = False):
-    """Per key 0..E: count (int64) and sum of offsets from the bin's lower edge (s.dtype).
-    Key 0 (below every edge) stays 0. ``preaggregate``: force that variant with ``block``
-    elements per program (default: autotuned). ``deterministic``: int64 fixed-point offset sums,
-    bit-identical across runs (costs a max over the logits). Raises ValueError for NaN/Inf logits."""
-    num_edges = edges.numel()
-    count = torch.zeros(num_edges + 1, dtype=torch.int64, device=s.device)
-    scale = fixed_point_scale(s, edges) if deterministic else 1.0
-    offset_sum = torch.zeros(num_edges + 1, dtype=torch.int64 if deterministic else s.dtype, device=s.device)
-    non_finite = torch.zeros(1, dtype=torch.int64, device=s.device)
-    for start, stop in launch_chunks(s.numel()):
-        args = (s, y, edges, num_edges, _steps(num_edges), count, offset_sum, non_finite, start, stop,
-                size_class(stop - start), size_class(num_edges), scale)
-        if deterministic:
-            _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
-                *args, PREAGGREGATE=False, FIXED_POINT=True, BLOCK=block
-            )
-        elif preaggregate is None:
-            _reduce_bins_tuned[lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)](*args)
+        if FIXED_POINT:
+            scale = m.offset_scale(status_ptr, edges_ptr, n_total)
+            offset = tl.floor((s - lower).to(tl.float64) * scale + 0.5).to(tl.int64)
         else:
-            _reduce_bins_kernel[(triton.cdiv(stop - start, block),)](
-                *args, PREAGGREGATE=preaggregate, FIXED_POINT=False, BLOCK=block
-            )
-    if int(non_finite):
-        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
-    if deterministic:
-        return count, (offset_sum.double() / scale).to(s.dtype)
-    return count, offset_sum
+            offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
+        count = tl.full([BLOCK], 1, tl.int64)
+        if PREAGGREGATE:
+            # sort the block by bin and sum each run of equal bins: one atomic per bin of the block
+            key = tl.where(relevant, key, num_edges.to(tl.int32) + 1)
+            packed = tl.sort((key.to(tl.int64) << 32) | lane.to(tl.int64), 0)
+            key = (packed >> 32).to(tl.int32)
+            offset = tl.gather(offset, (packed & 0xFFFFFFFF).to(tl.int32), 0)
+            _, offset, count = tl.associative_scan((key, offset, count), 0, _same_bin_sum)
+            next_key = tl.gather(key, tl.minimum(lane + 1, BLOCK - 1), 0)
+            relevant = ((key != next_key) | (lane == BLOCK - 1)) & (key <= num_edges)
+        tl.atomic_add(count_ptr + key, count, mask=relevant, sem="relaxed")
+        tl.atomic_add(offset_sum_ptr + key, offset, mask=relevant, sem="relaxed")
 
 
-def distribute(s, y, edges, const, slope, out_dtype):
-    """The gradient of every element from the per-key tables (``const``/``slope`` in s.dtype)."""
-    grad = torch.empty(s.numel(), dtype=out_dtype, device=s.device)
-    for start, stop in launch_chunks(s.numel()):
-        grid = lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _distribute_kernel[grid](
-            s, y, edges, edges.numel(), _steps(edges.numel()), const, const if slope is None else slope,
-            grad, start, stop, size_class(stop - start), size_class(edges.numel()), HAS_SLOPE=slope is not None,
-        )
+# Pre-aggregation pays when a block's elements share few bins; with BRL_AUTOTUNE=1 the GPU decides.
+REDUCE = Tunable(
+    _reduce_kernel,
+    triton.Config({"BLOCK": 1024, "PREAGGREGATE": False}, num_warps=4, num_stages=2),
+    [triton.Config({"BLOCK": 1024, "PREAGGREGATE": True}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK": 2048, "PREAGGREGATE": True}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=8, num_stages=2)],
+    key=["n_class", "S_NDIM", "Y_NDIM"],
+    restore=["status_ptr", "count_ptr", "offset_sum_ptr"],
+)
+
+
+@triton.jit(do_not_specialize=["num_edges", "p", "start", "stop", "stream_programs", "scatter_programs"])
+def _distribute_kernel(
+    s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
+    edges_ptr, num_edges, const_ptr, slope_ptr, grad_ptr, pos_index_ptr, pos_rank_grad_ptr, pos_sort_grad_ptr, p,
+    upstream_rank_ptr, upstream_sort_ptr, start, stop, stream_programs, scatter_programs,
+    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, HAS_SLOPE: tl.constexpr, SORTING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g_rank = tl.load(upstream_rank_ptr).to(tl.float64)
+    if pid < stream_programs:
+        offs = start + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < stop
+        y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
+        s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
+        s = s.to(edges_ptr.dtype.element_ty)
+        relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
+        key = _count_edges_at_or_below(edges_ptr, num_edges, s)
+        grad = (tl.load(const_ptr + key, mask=relevant, other=0.0) * g_rank).to(s.dtype)
+        if HAS_SLOPE:
+            lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
+            slope = (tl.load(slope_ptr + key, mask=relevant, other=0.0) * g_rank).to(s.dtype)
+            grad += slope * (s - lower)
+        # positives are left to the scatter programs: the two sets of writes are disjoint
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside & (y <= 0))
+    elif pid < stream_programs + scatter_programs:
+        rows = (pid - stream_programs) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < p
+        grad = tl.load(pos_rank_grad_ptr + rows, mask=ok, other=0.0) * g_rank
+        if SORTING:
+            g_sort = tl.load(upstream_sort_ptr).to(tl.float64)
+            grad += tl.load(pos_sort_grad_ptr + rows, mask=ok, other=0.0) * g_sort
+        index = tl.load(pos_index_ptr + rows, mask=ok, other=0)
+        if grad_ptr.dtype.element_ty != tl.float64:  # float64 -> bfloat16 is not a conversion every target has
+            grad = grad.to(tl.float32)
+        tl.store(grad_ptr + index, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic: bool, config=None):
+    """Adds every relevant negative to its bin: ``count[key] += 1``, ``offset_sum[key] += s - lower``
+    (int64 fixed point when deterministic); flags non-finite logits in ``status``. With an edge
+    count of 0 in ``num_edges_word`` it only checks finiteness. ``s``, ``y``: layouts.
+    ``config``: force one of ``REDUCE.configs`` (default: the heuristic one, or autotuned)."""
+    n = s.tensor.numel()
+    for start, stop in launch_chunks(n):
+        REDUCE.launch(lambda config, n=stop - start: (triton.cdiv(n, config["BLOCK"]),),
+                       s.tensor, *s.args, y.tensor, *y.args, edges, num_edges_word, status, count, offset_sum,
+                       start, stop, n, size_class(stop - start), fixed=deterministic, config=config, S_NDIM=s.ndim, Y_NDIM=y.ndim, FIXED_POINT=deterministic)
+
+
+def distribute(s, y, edges, const, slope, pos_index, pos_rank_grad, pos_sort_grad, upstream, out_dtype):
+    """The flat gradient of every element, in one launch per chunk of 2^30 elements."""
+    n = s.tensor.numel()
+    grad = torch.empty(n, dtype=out_dtype, device=edges.device)
+    p = pos_index.numel()
+    for chunk, (start, stop) in enumerate(launch_chunks(n)):
+        stream = triton.cdiv(stop - start, DISTRIBUTE_BLOCK)
+        scatter = triton.cdiv(p, DISTRIBUTE_BLOCK) if chunk == 0 else 0
+        launch(_distribute_kernel, (stream + scatter,), s.tensor, *s.args, y.tensor, *y.args, edges, edges.numel(),
+               const, const if slope is None else slope, grad, pos_index, pos_rank_grad,
+               pos_rank_grad if pos_sort_grad is None else pos_sort_grad, p, upstream[0], upstream[-1], start, stop,
+               stream, scatter, num_warps=DISTRIBUTE_WARPS, S_NDIM=s.ndim, Y_NDIM=y.ndim,
+               HAS_SLOPE=slope is not None, SORTING=pos_sort_grad is not None, BLOCK=DISTRIBUTE_BLOCK)
     return grad

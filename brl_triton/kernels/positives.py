@@ -1,9 +1,15 @@
-"""Positives: one pass over the N targets compacts the positions of the positives and checks
-that float targets are finite; then the p positive logits are argsorted, in one program with
-``tl.sort`` when they fit a block.
+"""Positives: find them in one pass over the targets, then sort them and build the bin edges in
+one program.
 
-Memory traffic of the pass: reads the target of every element (4 bytes for float32 targets),
-writes 8 bytes per positive. The logits are not streamed here: the reduction pass checks them.
+- ``scan``: reads every target (4 bytes for float32 targets), checks float targets are finite,
+  reserves slots for the positives with one relaxed atomic per block and writes their flat
+  positions (8 bytes per positive). Deterministic mode also reads the logits of the negatives
+  for the largest one, which bounds the fixed-point offsets.
+- ``prepare`` (p <= SORT_BY_RANK_MAX, float32 compute): sorts the positives by (logit,
+  position) by counting ranks, writes their logits and targets in that order, the sorted bin
+  edges and their number, and zeroes the bin accumulators. It reads p from the device, so no
+  host sync is needed before the reduction pass; with more positives it leaves the edge count
+  at 0 and the host takes the torch path.
 """
 
 from __future__ import annotations
@@ -12,79 +18,157 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, launch_chunks, next_power_of_2, size_class
+from . import _math as m
+from ._config import launch, launch_chunks
+from ._layout import element_address
 
-SORT_IN_ONE_PROGRAM_MAX = 4096
-MIN_CAPACITY = 4096  # room for positive positions in the first compaction pass, at least
+SORT_BY_RANK_MAX = 4096
+SCAN_BLOCK, SCAN_WARPS = 1024, 4
+PREPARE_ROWS, PREPARE_COLS = 64, 64
+
+EDGES_POSITIVES = 0  # delta == 0: the positive logits (bucketed and exact are one computation)
+EDGES_BUCKETS = 1  # bucketed: min - delta, then the positive logits
+EDGES_BREAKPOINTS = 2  # exact: the 2p kinks s_i -/+ delta, rounded up
 
 
-@triton.autotune(
-    configs=configs({"BLOCK": 1024}, {"BLOCK": 2048}, {"BLOCK": 4096}, num_warps=(4, 8)), key=["n_class"]
-)
-@triton.jit
-def _compact_positives_kernel(
-    y_ptr, pos_index_ptr, status_ptr, start, stop, capacity, n_class,
-    TARGETS_FLOAT: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["start", "stop", "capacity"])
+def _scan_kernel(
+    y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2,
+    pos_index_ptr, status_ptr, start, stop, capacity,
+    Y_NDIM: tl.constexpr, S_NDIM: tl.constexpr, TARGETS_FLOAT: tl.constexpr, MAX_NEGATIVE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """status[0]: positives found (atomic slot counter); status[1]: 1 if a target is NaN/Inf."""
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < stop
-    y = tl.load(y_ptr + offs, mask=inside, other=0)
+    y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=0)
     if TARGETS_FLOAT:
-        bad_target = inside & ((y != y) | (tl.abs(y) == float("inf")))
-        tl.atomic_max(status_ptr + 1, tl.max(bad_target.to(tl.int64), axis=0))
+        bad = tl.max((inside & ((y != y) | (tl.abs(y) == float("inf")))).to(tl.int32), axis=0)
+        tl.atomic_max(status_ptr + m.STATUS_BAD_TARGETS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
     is_pos = inside & (y > 0)
-    first = tl.atomic_add(status_ptr, tl.sum(is_pos.to(tl.int64), axis=0))
+    found = tl.sum(is_pos.to(tl.int64), axis=0)
+    # slot reservation needs atomicity only; no other memory is ordered by it
+    first = tl.atomic_add(status_ptr + m.STATUS_POSITIVES, found, mask=found > 0, sem="relaxed")
     slot = first + tl.cumsum(is_pos.to(tl.int64), axis=0) - 1
     tl.store(pos_index_ptr + slot, offs, mask=is_pos & (slot < capacity))
+    if MAX_NEGATIVE:
+        negative = inside & (y == 0)
+        s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=negative, other=0.0)
+        top = tl.max(tl.where(negative, s.to(tl.float64), -float("inf")), axis=0)
+        tl.atomic_max(status_ptr + m.STATUS_MAX_NEGATIVE, m.max_negative_code(top), mask=top > -float("inf"),
+                      sem="relaxed")
 
 
 @triton.jit
-def _argsort_positives_kernel(s_ptr, pos_index_ptr, sorted_index_ptr, p, BLOCK: tl.constexpr):
-    """Sort p <= BLOCK float32 logits ascending: key = order-preserving int of the float in the
-    high 32 bits, flat index in the low 32 bits (ties by index, so the order is deterministic)."""
-    offs = tl.arange(0, BLOCK)
-    inside = offs < p
-    index = tl.load(pos_index_ptr + offs, mask=inside, other=0)
-    s = tl.load(s_ptr + index, mask=inside, other=0.0)
+def _sort_key(index, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, ok, S_NDIM: tl.constexpr):
+    """float32 logits of the positives at ``index`` and their sort key: order-preserving bits of
+    the logit, then the position (distinct keys; ties in flat order)."""
+    s = tl.load(s_ptr + element_address(index, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=ok, other=0.0)
+    s = s.to(tl.float32)
     bits = tl.where(s == 0, 0.0, s).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (ordered.to(tl.int64) << 32) | index
-    packed = tl.where(inside, packed, 0x7FFFFFFFFFFFFFFF)
-    packed = tl.sort(packed, 0)
-    tl.store(sorted_index_ptr + offs, packed & 0xFFFFFFFF, mask=inside)
+    return s, (ordered.to(tl.int64) << 32) | index
 
 
-def _compact(s: torch.Tensor, y: torch.Tensor, capacity: int):
-    pos_index = torch.empty(capacity, dtype=torch.int64, device=s.device)
-    status = torch.zeros(2, dtype=torch.int64, device=s.device)
-    for start, stop in launch_chunks(s.numel()):
-        grid = lambda meta, n=stop - start: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _compact_positives_kernel[grid](
-            y, pos_index, status, start, stop, capacity, size_class(stop - start), TARGETS_FLOAT=y.is_floating_point()
-        )
-    found, flags = status.tolist()
-    return pos_index, found, flags
+@triton.jit(do_not_specialize=["capacity", "accumulators", "delta_bits"])
+def _prepare_kernel(
+    s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
+    pos_index_ptr, status_ptr, s_pos_ptr, y_pos_ptr, sorted_index_ptr, edges_ptr, count_ptr, offset_sum_ptr,
+    capacity, accumulators, delta_bits,
+    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, EDGES: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """Sort by rank: each program counts, for its block of positives, the keys below theirs and
+    writes them to that position (O(p^2) compares spread over the grid, no sorting network to
+    compile). The exact losses' 2p breakpoints are merged the same way: a kink's position is the
+    number of kinks of its own kind below it plus the number of the other kind below (low kinks
+    go first on equal values)."""
+    pid = tl.program_id(0)
+    zeros = tl.arange(0, 4 * ROWS) + pid * 2 * ROWS  # 2 bins per positive, and the two past the last
+    tl.store(count_ptr + zeros, tl.zeros([4 * ROWS], count_ptr.dtype.element_ty), mask=zeros < accumulators)
+    tl.store(offset_sum_ptr + zeros, tl.zeros([4 * ROWS], offset_sum_ptr.dtype.element_ty),
+             mask=zeros < accumulators)
+    p = tl.load(status_ptr + m.STATUS_POSITIVES)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    if (p <= capacity) & (pid * ROWS < p):
+        row_ok = rows < p
+        index = tl.load(pos_index_ptr + rows, mask=row_ok, other=0)
+        s, key = _sort_key(index, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, row_ok, S_NDIM)
+        delta = m.bits_to_float64(delta_bits).to(tl.float32)
+        low = m.rounded_up_sum(s, -delta)
+        high = m.rounded_up_sum(s, delta)
+        rank = tl.zeros([ROWS], dtype=tl.int32)
+        low_rank = tl.zeros([ROWS], dtype=tl.int32)
+        high_rank = tl.zeros([ROWS], dtype=tl.int32)
+        for start in range(0, p, COLS):
+            cols = start + tl.arange(0, COLS)
+            col_ok = cols < p
+            s_k, key_k = _sort_key(tl.load(pos_index_ptr + cols, mask=col_ok, other=0), s_ptr, s_d1, s_d2, s_st0,
+                                   s_st1, s_st2, col_ok, S_NDIM)
+            below = col_ok[None, :] & (key_k[None, :] < key[:, None])
+            rank += tl.sum(below.to(tl.int32), axis=1)
+            if EDGES == 2:
+                low_k = m.rounded_up_sum(s_k, -delta)[None, :]
+                high_k = m.rounded_up_sum(s_k, delta)[None, :]
+                low_below = (low_k < low[:, None]) | ((low_k == low[:, None]) & below)
+                high_below = (high_k < high[:, None]) | ((high_k == high[:, None]) & below)
+                low_rank += tl.sum((col_ok[None, :] & low_below).to(tl.int32)
+                                   + (col_ok[None, :] & (high_k < low[:, None])).to(tl.int32), axis=1)
+                high_rank += tl.sum((col_ok[None, :] & high_below).to(tl.int32)
+                                    + (col_ok[None, :] & (low_k <= high[:, None])).to(tl.int32), axis=1)
+        y = tl.load(y_ptr + element_address(index, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=row_ok, other=0)
+        tl.store(sorted_index_ptr + rank, index, mask=row_ok)
+        tl.store(s_pos_ptr + rank, s, mask=row_ok)
+        tl.store(y_pos_ptr + rank, y.to(tl.float64), mask=row_ok)
+        if EDGES == 0:
+            tl.store(edges_ptr + rank, s, mask=row_ok)
+            num_edges = p
+        elif EDGES == 1:
+            tl.store(edges_ptr + 1 + rank, s, mask=row_ok)
+            tl.store(edges_ptr + rank, low, mask=row_ok & (rank == 0))  # min - delta in front
+            num_edges = p + 1
+        else:
+            tl.store(edges_ptr + low_rank, low, mask=row_ok)
+            tl.store(edges_ptr + high_rank, high, mask=row_ok)
+            num_edges = 2 * p
+        tl.store(status_ptr + m.STATUS_NUM_EDGES, num_edges, mask=pid == 0)
 
 
-def sorted_positives(s: torch.Tensor, y: torch.Tensor):
-    """Flat positions of the positives (``y > 0``) in ascending logit order (ties by position).
+def edges_kind(delta: float, bucketed: bool) -> int:
+    if delta == 0:
+        return EDGES_POSITIVES
+    return EDGES_BUCKETS if bucketed else EDGES_BREAKPOINTS
 
-    Raises ValueError for NaN/Inf in float targets (the logits are checked by the reduction).
-    """
-    if s.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=s.device)
-    # room for 1/64 of the elements; a second pass only when there are more positives
-    capacity = min(s.numel(), max(MIN_CAPACITY, s.numel() // 64))
-    pos_index, found, flags = _compact(s, y, capacity)
-    if flags:
-        raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
-    if found > capacity:
-        pos_index, found, _ = _compact(s, y, found)
-    pos_index = pos_index[:found]
-    if found <= SORT_IN_ONE_PROGRAM_MAX and s.dtype == torch.float32 and s.numel() < 2**31:
-        sorted_index = torch.empty_like(pos_index)
-        _argsort_positives_kernel[(1,)](s, pos_index, sorted_index, found, BLOCK=next_power_of_2(found))
-        return sorted_index
-    pos_index = torch.sort(pos_index).values  # ties by position, as in the one-program sort
-    return pos_index[torch.sort(s[pos_index], stable=True).indices]
+
+def num_edges(p: int, kind: int) -> int:
+    return {EDGES_POSITIVES: p, EDGES_BUCKETS: p + 1, EDGES_BREAKPOINTS: 2 * p}[kind]
+
+
+def scan(s, y, status, capacity: int, max_negative: bool) -> torch.Tensor:
+    """Positions of the first ``capacity`` positives found (unordered); counts all of them in
+    ``status``. ``s``, ``y``: :class:`~._layout.Layout`."""
+    pos_index = torch.empty(max(capacity, 1), dtype=torch.int64, device=status.device)
+    n = s.tensor.numel()
+    for start, stop in launch_chunks(n):
+        launch(_scan_kernel, (triton.cdiv(stop - start, SCAN_BLOCK),), y.tensor, *y.args, s.tensor, *s.args,
+               pos_index, status, start, stop, capacity, num_warps=SCAN_WARPS, Y_NDIM=y.ndim, S_NDIM=s.ndim,
+               TARGETS_FLOAT=y.tensor.is_floating_point(), MAX_NEGATIVE=max_negative, BLOCK=SCAN_BLOCK)
+    return pos_index
+
+
+def prepare(s, y, pos_index, status, delta: float, edges: int, offset_dtype):
+    """Sorted positives and bin edges for up to ``len(pos_index)`` positives.
+
+    Returns buffers sized for that many: (s_pos, y_pos, sorted_index, edges, count, offset_sum);
+    the host trims them once it knows p and the edge count (its one sync)."""
+    capacity = pos_index.numel()
+    device = pos_index.device
+    s_pos = torch.empty(capacity, dtype=torch.float32, device=device)
+    y_pos = torch.empty(capacity, dtype=torch.float64, device=device)
+    sorted_index = torch.empty(capacity, dtype=torch.int64, device=device)
+    edge_buffer = torch.empty(2 * capacity, dtype=torch.float32, device=device)
+    count = torch.empty(2 * capacity + 2, dtype=torch.int64, device=device)
+    offset_sum = torch.empty(2 * capacity + 2, dtype=offset_dtype, device=device)
+    launch(_prepare_kernel, (triton.cdiv(capacity, PREPARE_ROWS),), s.tensor, *s.args, y.tensor, *y.args, pos_index,
+           status, s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum, capacity, count.numel(),
+           m.float_bits(delta), num_warps=4, S_NDIM=s.ndim, Y_NDIM=y.ndim, EDGES=edges, ROWS=PREPARE_ROWS,
+           COLS=PREPARE_COLS)
+    return s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum

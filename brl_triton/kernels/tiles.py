@@ -1,15 +1,21 @@
-"""The O(P * bins) and O(P^2) terms, tiled in registers: no P x bins or P x P tensor in memory.
+"""The O(p * bins) and O(p^2) terms, tiled in registers, and every O(p) formula after them:
+no p x bins or p x p tensor in memory, and no torch op between the kernels.
 
-Positives are sorted ascending. H is evaluated on differences of nearby float values plus the
-bin's mean offset, ``H((lower_b - s_i) + mean_offset_b)``, never on raw large logits, and every
-sum is accumulated in float64.
+Positives are sorted ascending. H is evaluated on differences of nearby values plus the bin's
+mean offset, ``H((lower_b - s_i) + mean_offset_b)``, never on raw large logits. Products are
+in the compute dtype (float32 for float16/bfloat16/float32 logits, which every GPU runs at full
+rate); each tile's row sums are added into float64 accumulators (blocked accumulation: the
+float32 part spans one tile of BLOCK_COLS terms). Deterministic mode adds every term as int64
+fixed point instead, which is exact in any order, so the sums do not depend on the tile shape.
 
-- ``positive_sums``: one program per block of positive rows; loops over bins (FP) and over
-  positives (rank+, and the sorting sums for Rank & Sort).
-- ``sorting_received``: rows i, loop over k: ``sum_k share_k H(s_i - s_k) [y_i < y_k]``.
-- ``bin_gradient``: one program per block of bins; loops over positives: per bin
-  ``sum_i w_i H(value_b - s_i)``, and for the exact losses the slope ``sum_i w_i / 2delta``
-  over the positives whose window ``[s_i - delta, s_i + delta)`` holds the bin.
+- ``positive_terms``: one program per block of positive rows; FP over the bins, rank+ and the
+  sorting sums over the positives, then per positive the ranking error, its gradient and the
+  weight ``w_i`` of the negatives' gradient, the sorting error and its share ``eS / D``; the
+  interpolated AP keeps its precision for ``interpolated``.
+- ``interpolated``: one program, the running maximum of precision in ascending logit order.
+- ``finish``: one launch, three kinds of program: rows of the sorting gradient
+  (``sum_k share_k H(s_i - s_k) [y_i < y_k]`` minus what i gives), blocks of bins (gradient
+  constant and, for the exact losses, slope), and one program that writes the loss outputs.
 """
 
 from __future__ import annotations
@@ -18,174 +24,280 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, size_class
+from . import _math as m
+from ._config import Tunable, launch, size_class
 
-_TILES = configs({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, {"BLOCK_ROWS": 64, "BLOCK_COLS": 64},
-                 {"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=(4,))
+# rows of the per-positive table (float64, ROWS x p)
+T_RANK_GRAD = tl.constexpr(0)  # gradient of the ranking output on the positive
+T_WEIGHT = tl.constexpr(1)  # w_i: a negative at s gets sum_i w_i H(s - s_i)
+T_ERROR = tl.constexpr(2)  # ranking error lR(i); precision for the interpolated AP
+T_SORT_ERROR = tl.constexpr(3)  # eS(i)
+T_SHARE = tl.constexpr(4)  # eS(i) / D(i), 0 where D(i) == 0
+T_SORT_GRAD = tl.constexpr(5)  # gradient of the sorting output on the positive
+T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP)
+TABLE_ROWS = 7
+LOSS_BLOCK = tl.constexpr(1024)  # the loss sums' order, whatever the tile config
 
 
 @triton.jit
-def _step(x, inv_two_delta, SMOOTH: tl.constexpr):
-    """H(x): clamp(x / 2delta + 1/2, 0, 1), or x >= 0 when delta == 0."""
-    if SMOOTH:
-        return tl.minimum(tl.maximum(x * inv_two_delta + 0.5, 0.0), 1.0)
-    return (x >= 0).to(x.dtype)
+def _inverse_two_delta(delta_bits):
+    delta = m.bits_to_float64(delta_bits)
+    return 0.5 / tl.maximum(delta, 1e-300)
 
 
 @triton.jit
-def _mean_offset(count, offset_sum):
-    return tl.where(count > 0, offset_sum / tl.maximum(count, 1.0), 0.0)
+def _bins(edges_ptr, count_ptr, offset_sum_ptr, b, ok, offset_scale, FIXED_POINT: tl.constexpr):
+    """Lower edge, count and mean offset (float64) of bins b (key b + 1)."""
+    lower = tl.load(edges_ptr + b, mask=ok, other=0.0)
+    count = tl.load(count_ptr + 1 + b, mask=ok, other=0)
+    total = tl.load(offset_sum_ptr + 1 + b, mask=ok, other=0).to(tl.float64)
+    if FIXED_POINT:
+        total = total / offset_scale
+    mean = tl.where(count > 0, total / tl.maximum(count, 1).to(tl.float64), 0.0)
+    return lower, count, mean
 
 
-@triton.autotune(configs=_TILES, key=["p_class", "bins_class"])
-@triton.jit
-def _positive_sums_kernel(
-    s_ptr, y_ptr, p, lower_ptr, count_ptr, offset_sum_ptr, num_bins, out_ptr, inv_two_delta, p_class, bins_class,
-    SMOOTH: tl.constexpr, SORTING: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "delta_bits", "p_class", "bins_class"])
+def _positive_terms_kernel(
+    s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound, table_ptr,
+    delta_bits, p_class, bins_class,
+    SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, FIXED_POINT: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """out rows: fp, rank+, sort_current, sort_target, sort_target_count, lower_quality (p each)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < p
-    s_i = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
-    y_i = tl.load(y_ptr + rows, mask=row_ok, other=0.0)
-    fp = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    for start in range(0, num_bins, BLOCK_COLS):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        col_ok = cols < num_bins
-        count = tl.load(count_ptr + cols, mask=col_ok, other=0).to(s_i.dtype)
-        lower = tl.load(lower_ptr + cols, mask=col_ok, other=0.0)
+    s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
+    y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+    inv = _inverse_two_delta(delta_bits).to(s_i.dtype)
+    n_scale = m.power_of_two_scale(fp_bound.to(tl.float64) + 1.0)  # FP(i) <= relevant negatives
+    p_scale = m.power_of_two_scale(p.to(tl.float64) + 1.0)
+    offset_scale = 1.0
+    if FIXED_POINT:
+        offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
+    if EXACT:
+        fp = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+    else:
+        fp = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+    for start in range(0, num_edges, BLOCK_COLS):
+        b = start + tl.arange(0, BLOCK_COLS)
+        lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
         x = lower[None, :] - s_i[:, None]
         if SMOOTH:
-            x += _mean_offset(count, tl.load(offset_sum_ptr + cols, mask=col_ok, other=0.0))[None, :]
-        h = _step(x, inv_two_delta, SMOOTH)
-        fp += tl.sum(h.to(tl.float64) * count[None, :].to(tl.float64), axis=1)
+            x += mean.to(s_i.dtype)[None, :]
+        fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, EXACT)
+    fp = m.fixed_value(fp, n_scale, EXACT)
 
-    rank_plus = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    current = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    target = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    target_count = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    lower_quality = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+    rank_plus = tl.zeros_like(fp) if not EXACT else tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+    current = tl.zeros_like(rank_plus)
+    target = tl.zeros_like(rank_plus)
+    target_count = tl.zeros_like(rank_plus)
+    lower_quality = tl.zeros_like(rank_plus)
     for start in range(0, p, BLOCK_COLS):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        col_ok = cols < p
-        s_k = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
-        h = tl.where(col_ok[None, :], _step(s_k[None, :] - s_i[:, None], inv_two_delta, SMOOTH), 0.0)
-        h = h.to(tl.float64)
-        rank_plus += tl.sum(h, axis=1)
+        k = start + tl.arange(0, BLOCK_COLS)
+        k_ok = k < p
+        s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+        h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
+        rank_plus = m.fixed_sum(rank_plus, h, p_scale, EXACT)
         if SORTING:
-            y_k = tl.load(y_ptr + cols, mask=col_ok, other=0.0)
+            y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
             not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
-            one_minus_y = (1.0 - y_k)[None, :]
-            current += tl.sum(h * one_minus_y, axis=1)
-            target += tl.sum(not_worse * one_minus_y, axis=1)
-            target_count += tl.sum(not_worse, axis=1)
-            lower_quality += tl.sum(h - not_worse, axis=1)
-    tl.store(out_ptr + rows, fp, mask=row_ok)
-    tl.store(out_ptr + p + rows, rank_plus, mask=row_ok)
+            one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
+            current = m.fixed_sum(current, h * one_minus_y, p_scale, EXACT)
+            target = m.fixed_sum(target, not_worse * one_minus_y, p_scale, EXACT)
+            target_count = m.fixed_sum(target_count, not_worse, p_scale, EXACT)
+            lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, EXACT)
+    rank_plus = m.fixed_value(rank_plus, p_scale, EXACT)
+    count_p = p.to(tl.float64)
+    if INTERPOLATED:
+        rank_plus += 0.5  # 1 + sum over k != i, and H(0) = 1/2
+        tl.store(table_ptr + T_ERROR * p + rows, rank_plus / (rank_plus + fp), mask=row_ok)
+        tl.store(table_ptr + T_RANK * p + rows, rank_plus + fp, mask=row_ok)
+    else:
+        error = fp / (rank_plus + fp)
+        tl.store(table_ptr + T_ERROR * p + rows, error, mask=row_ok)
+        tl.store(table_ptr + T_RANK_GRAD * p + rows, -error / count_p, mask=row_ok)
+        weight = tl.where(fp > 0, error / tl.maximum(fp, 1e-300), 0.0) / count_p
+        tl.store(table_ptr + T_WEIGHT * p + rows, weight, mask=row_ok)
     if SORTING:
-        tl.store(out_ptr + 2 * p + rows, current, mask=row_ok)
-        tl.store(out_ptr + 3 * p + rows, target, mask=row_ok)
-        tl.store(out_ptr + 4 * p + rows, target_count, mask=row_ok)
-        tl.store(out_ptr + 5 * p + rows, lower_quality, mask=row_ok)
+        sorting_error = (m.fixed_value(current, p_scale, EXACT) / rank_plus
+                         - m.fixed_value(target, p_scale, EXACT) / m.fixed_value(target_count, p_scale, EXACT))
+        lower_quality = m.fixed_value(lower_quality, p_scale, EXACT)
+        share = tl.where(lower_quality > 0, sorting_error / tl.maximum(lower_quality, 1e-300), 0.0)
+        tl.store(table_ptr + T_SORT_ERROR * p + rows, sorting_error, mask=row_ok)
+        tl.store(table_ptr + T_SHARE * p + rows, share, mask=row_ok)
 
 
-@triton.autotune(configs=_TILES, key=["p_class"])
 @triton.jit
-def _sorting_received_kernel(
-    s_ptr, y_ptr, share_ptr, p, out_ptr, inv_two_delta, p_class,
-    SMOOTH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < p
-    s_i = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
-    y_i = tl.load(y_ptr + rows, mask=row_ok, other=0.0)
-    received = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    for start in range(0, p, BLOCK_COLS):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        col_ok = cols < p
-        s_k = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
-        y_k = tl.load(y_ptr + cols, mask=col_ok, other=0.0)
-        share = tl.load(share_ptr + cols, mask=col_ok, other=0.0)
-        h = _step(s_i[:, None] - s_k[None, :], inv_two_delta, SMOOTH).to(tl.float64)
-        h = tl.where(col_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
-        received += tl.sum(h * share[None, :], axis=1)
-    tl.store(out_ptr + rows, received, mask=row_ok)
+def _maximum(a, b):
+    return tl.maximum(a, b)
 
 
-@triton.autotune(configs=_TILES, key=["p_class", "bins_class"])
-@triton.jit
-def _bin_gradient_kernel(
-    s_ptr, weight_ptr, window_low_ptr, window_high_ptr, p, lower_ptr, count_ptr, offset_sum_ptr,
-    num_bins, const_ptr, slope_ptr, inv_two_delta, p_class, bins_class,
-    SMOOTH: tl.constexpr, AFFINE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+@triton.jit(do_not_specialize=["p"])
+def _interpolated_kernel(table_ptr, p, loss_ptr, BLOCK: tl.constexpr):
+    """Running maximum of precision in ascending logit order (best_i), its factor, the gradient
+    tables and the loss ``1 - mean_i best_i``, in one program."""
+    count_p = p.to(tl.float64)
+    carry = count_p * 0.0
+    total = count_p * 0.0
+    for start in range(0, p, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < p
+        precision = tl.load(table_ptr + T_ERROR * p + rows, mask=ok, other=0.0)
+        best = tl.maximum(tl.associative_scan(precision, 0, _maximum), carry)
+        carry = tl.max(best, axis=0)
+        factor = tl.where(best <= precision, 1.0, (1 - best) / (1 - precision))
+        rank = tl.load(table_ptr + T_RANK * p + rows, mask=ok, other=1.0)
+        tl.store(table_ptr + T_RANK_GRAD * p + rows, -(1 - best) / count_p, mask=ok)
+        tl.store(table_ptr + T_WEIGHT * p + rows, factor / rank / count_p, mask=ok)
+        total += tl.sum(tl.where(ok, best, 0.0), axis=0)
+    tl.store(loss_ptr, (1 - total / count_p).to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "delta_bits", "p_class", "bins_class"])
+def _finish_kernel(
+    s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
+    const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
+    SMOOTH: tl.constexpr, SORTING: tl.constexpr, AFFINE: tl.constexpr, INTERPOLATED: tl.constexpr,
+    FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """const[b] (and slope[b]) for bins b; const is the gradient at the bin's lower edge."""
-    bins = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    bin_ok = bins < num_bins
-    lower = tl.load(lower_ptr + bins, mask=bin_ok, other=0.0)
-    count = tl.load(count_ptr + bins, mask=bin_ok, other=0).to(lower.dtype)
-    offset = _mean_offset(count, tl.load(offset_sum_ptr + bins, mask=bin_ok, other=0.0))
-    const = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    slope = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
-    for start in range(0, p, BLOCK_COLS):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        col_ok = cols < p
-        s_i = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
-        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0)
-        x = lower[:, None] - s_i[None, :]
-        if SMOOTH:
-            x += offset[:, None]
-        h = _step(x, inv_two_delta, SMOOTH).to(tl.float64)
-        const += tl.sum(h * w[None, :], axis=1)
+    pid = tl.program_id(0)
+    count_p = p.to(tl.float64)
+    inv64 = _inverse_two_delta(delta_bits)
+    if SORTING:
+        sort_programs = tl.cdiv(p, BLOCK_ROWS)
+    else:
+        sort_programs = 0
+    bin_programs = tl.cdiv(num_edges, BLOCK_ROWS)
+    if pid < sort_programs:
+        # sorting gradient of positives i: what they receive from better-target positives k above
+        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < p
+        s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
+        y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+        inv = inv64.to(s_i.dtype)
+        p_scale = m.power_of_two_scale(count_p + 1.0)
+        if EXACT:
+            received = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+        else:
+            received = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+        for start in range(0, p, BLOCK_COLS):
+            k = start + tl.arange(0, BLOCK_COLS)
+            k_ok = k < p
+            s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+            y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
+            share = tl.load(table_ptr + T_SHARE * p + k, mask=k_ok, other=0.0).to(s_i.dtype)
+            h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
+            h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
+            received = m.fixed_sum(received, h * share[None, :], p_scale, EXACT)
+        received = m.fixed_value(received, p_scale, EXACT)
+        share_i = tl.load(table_ptr + T_SHARE * p + rows, mask=row_ok, other=0.0)
+        gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * p + rows, mask=row_ok, other=0.0), 0.0)
+        tl.store(table_ptr + T_SORT_GRAD * p + rows, (received - gives) / count_p, mask=row_ok)
+    elif pid < sort_programs + bin_programs:
+        # per bin: the negatives' gradient sum_i w_i H(value_b - s_i), at the lower edge
+        b = (pid - sort_programs) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        b_ok = b < num_edges
+        offset_scale = 1.0
+        if FIXED_POINT:
+            offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
+        lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
+        inv = inv64.to(lower.dtype)
+        delta = m.bits_to_float64(delta_bits).to(lower.dtype)
+        w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)  # sum_i w_i <= 2: w_i = 1 / (rank+(i) + FP(i)) / p, rank+ >= 1/2
+        if EXACT:
+            const = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+        else:
+            const = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+        slope = tl.zeros_like(const)
+        for start in range(0, p, BLOCK_COLS):
+            i = start + tl.arange(0, BLOCK_COLS)
+            i_ok = i < p
+            s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
+            w = tl.load(table_ptr + T_WEIGHT * p + i, mask=i_ok, other=0.0).to(lower.dtype)
+            x = lower[:, None] - s_i[None, :]
+            if SMOOTH:
+                x += mean.to(lower.dtype)[:, None]
+            const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, EXACT)
+            if AFFINE:
+                # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
+                # breakpoints exactly as ``prepare`` built the edges
+                low = m.rounded_up_sum(s_i, -delta)
+                high = m.rounded_up_sum(s_i, delta)
+                inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
+                slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, EXACT)
+        const = m.fixed_value(const, w_scale, EXACT)
+        slope = m.fixed_value(slope, w_scale, EXACT)
         if AFFINE:
-            low = tl.load(window_low_ptr + cols, mask=col_ok, other=0.0)
-            high = tl.load(window_high_ptr + cols, mask=col_ok, other=0.0)
-            inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :])
-            slope += tl.sum(tl.where(inside & col_ok[None, :], w[None, :], 0.0), axis=1)
-    if AFFINE:
-        slope = slope * inv_two_delta
-        const -= slope * offset.to(tl.float64)  # from the bin's mean to its lower edge
-        tl.store(slope_ptr + bins, slope, mask=bin_ok)
-    tl.store(const_ptr + bins, const, mask=bin_ok)
+            slope = slope * inv64
+            const -= slope * mean  # from the bin's mean to its lower edge
+            tl.store(slope_ptr + 1 + b, slope, mask=b_ok)
+        tl.store(const_ptr + 1 + b, const, mask=b_ok)
+        if pid == sort_programs:  # key 0: no bin
+            tl.store(const_ptr, 0.0)
+            tl.store(slope_ptr, 0.0)
+    else:
+        lanes = tl.arange(0, LOSS_BLOCK)
+        if not INTERPOLATED:
+            total = count_p * 0.0
+            for start in range(0, p, LOSS_BLOCK):
+                total += tl.sum(tl.load(table_ptr + T_ERROR * p + start + lanes, mask=start + lanes < p, other=0.0),
+                                axis=0)
+            tl.store(rank_loss_ptr, (total / count_p).to(rank_loss_ptr.dtype.element_ty))
+        if SORTING:
+            total = count_p * 0.0
+            for start in range(0, p, LOSS_BLOCK):
+                total += tl.sum(tl.load(table_ptr + T_SORT_ERROR * p + start + lanes, mask=start + lanes < p,
+                                        other=0.0), axis=0)
+            tl.store(sort_loss_ptr, (total / count_p).to(sort_loss_ptr.dtype.element_ty))
 
 
-def _inv_two_delta(delta: float) -> float:
-    return 0.5 / delta if delta > 0 else 0.0
+_TILE_DEFAULT = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=4, num_stages=2)
+_TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_warps=4, num_stages=2),
+                      triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=4, num_stages=2)]
+POSITIVE_TERMS = Tunable(_positive_terms_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
+FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
+INTERPOLATED_BLOCK = 1024
 
 
-def positive_sums(s_pos, y_pos, lower, count, offset_sum, delta: float, sorting: bool) -> torch.Tensor:
-    """(6, p) float64: fp, rank+, sort_current, sort_target, sort_target_count, lower_quality
-    (the last four only for Rank & Sort)."""
-    p, num_bins = s_pos.numel(), lower.numel()
-    out = torch.zeros(6, p, dtype=torch.float64, device=s_pos.device)
-    grid = lambda meta: (triton.cdiv(p, meta["BLOCK_ROWS"]),)  # noqa: E731
-    _positive_sums_kernel[grid](
-        s_pos, y_pos, p, lower, count, offset_sum, num_bins, out, _inv_two_delta(delta), size_class(p),
-        size_class(num_bins), SMOOTH=delta > 0, SORTING=sorting,
+def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
+                   sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool) -> torch.Tensor:
+    """The (TABLE_ROWS, p) float64 table of per-positive terms. ``n_total``: the elements the
+    reduction saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives."""
+    p, num_edges = s_pos.numel(), edges.numel()
+    table = torch.empty(TABLE_ROWS, p, dtype=torch.float64, device=s_pos.device)
+    POSITIVE_TERMS.launch(
+        lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, p, edges, num_edges, count, offset_sum,
+        status, n_total, fp_bound, table, delta_bits, size_class(p), size_class(num_edges), fixed=deterministic,
+        SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, FIXED_POINT=fixed_point,
+        EXACT=deterministic,
     )
-    return out
+    return table
 
 
-def sorting_received(s_pos, y_pos, share, delta: float) -> torch.Tensor:
-    p = s_pos.numel()
-    out = torch.empty(p, dtype=torch.float64, device=s_pos.device)
-    grid = lambda meta: (triton.cdiv(p, meta["BLOCK_ROWS"]),)  # noqa: E731
-    _sorting_received_kernel[grid](s_pos, y_pos, share, p, out, _inv_two_delta(delta), size_class(p),
-                                   SMOOTH=delta > 0)
-    return out
+def interpolated_terms(table, loss) -> None:
+    p = table.shape[1]
+    launch(_interpolated_kernel, (1,), table, p, loss, num_warps=4, BLOCK=INTERPOLATED_BLOCK)
 
 
-def bin_gradient(s_pos, weight, lower, count, offset_sum, delta: float, windows=None):
-    """Per bin: (const, slope or None), float64. ``windows``: the breakpoints ``(s_pos - delta,
-    s_pos + delta)`` exactly as the edges were built, for the exact losses (affine bins)."""
-    num_bins = lower.numel()
-    const = torch.empty(num_bins, dtype=torch.float64, device=s_pos.device)
-    slope = torch.empty_like(const) if windows is not None else None
-    low, high = windows if windows is not None else (s_pos, s_pos)
-    grid = lambda meta: (triton.cdiv(num_bins, meta["BLOCK_ROWS"]),)  # noqa: E731
-    _bin_gradient_kernel[grid](
-        s_pos, weight, low, high, s_pos.numel(), lower, count, offset_sum, num_bins, const,
-        const if slope is None else slope, _inv_two_delta(delta), size_class(s_pos.numel()), size_class(num_bins),
-        SMOOTH=delta > 0, AFFINE=windows is not None,
+def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_bits: int, table, losses, *,
+           sorting: bool, affine: bool, interpolated: bool, fixed_point: bool, deterministic: bool):
+    """Sorting gradient (table row T_SORT_GRAD), per-key gradient constant and slope (float64,
+    E + 1 each, key 0 = no bin) and the loss outputs, in one launch."""
+    p, num_edges = s_pos.numel(), edges.numel()
+    const = torch.empty(num_edges + 1, dtype=torch.float64, device=s_pos.device)
+    slope = torch.empty_like(const) if affine else None
+
+    def grid(config):  # sorting rows, bins, and the loss program
+        rows = config["BLOCK_ROWS"]
+        return ((triton.cdiv(p, rows) if sorting else 0) + triton.cdiv(num_edges, rows) + 1,)
+
+    FINISH.launch(
+        grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, const,
+        const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges), fixed=deterministic, SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
+        AFFINE=affine, INTERPOLATED=interpolated, FIXED_POINT=fixed_point, EXACT=deterministic,
     )
     return const, slope
+
+
+def _is_zero(delta_bits: int) -> bool:
+    return delta_bits == 0

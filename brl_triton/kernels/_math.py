@@ -1,0 +1,113 @@
+"""Scalar rules every kernel applies the same way: the step function, breakpoint rounding, the
+encoding of the largest negative logit, and the power-of-two fixed-point scales.
+
+float64 scalars (delta) reach the kernels as their int64 bit pattern: a Python float argument
+becomes a float32 kernel argument on a GPU, which would round delta and 1/(2 delta).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import triton
+import triton.language as tl
+
+# status words of one loss call (int64); the host reads the first five in its one sync
+STATUS_POSITIVES = tl.constexpr(0)  # positives found (the compaction's slot counter)
+STATUS_BAD_TARGETS = tl.constexpr(1)  # 1 if a float target is NaN/Inf
+STATUS_BAD_LOGITS = tl.constexpr(2)  # 1 if a logit is NaN/Inf
+STATUS_MAX_NEGATIVE = tl.constexpr(3)  # largest negative logit, encoded by max_negative_code (deterministic mode)
+STATUS_NUM_EDGES = tl.constexpr(4)  # bin edges the reduction uses; 0: finiteness check only
+STATUS_WORDS = tl.constexpr(8)
+
+
+def float_bits(x: float) -> int:
+    """The int64 bit pattern of a float64, for :func:`bits_to_float64` inside a kernel."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def bits_to_float64(bits):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def step(x, inv_two_delta, SMOOTH: tl.constexpr):
+    """H(x): clamp(x / 2delta + 1/2, 0, 1), or x >= 0 when delta == 0 (the 1/2 is added after the
+    difference, where it cannot vanish next to huge logits)."""
+    if SMOOTH:
+        return tl.minimum(tl.maximum(x * inv_two_delta + 0.5, 0.0), 1.0)
+    else:
+        return (x >= 0).to(x.dtype)
+
+
+@triton.jit
+def rounded_up_sum(a, b):
+    """The smallest value of a's dtype that is >= the exact a + b (TwoSum gives the rounding
+    error of a + b). Breakpoints ``s -/+ delta`` rounded up never leave values on both sides of a
+    kink inside one bin."""
+    total = a + b
+    b_part = total - a
+    error = (a - (total - b_part)) + (b - b_part)
+    if total.dtype == tl.float64:
+        bits = total.to(tl.int64, bitcast=True)
+    else:
+        bits = total.to(tl.int32, bitcast=True)
+    up_bits = tl.where(total > 0, bits + 1, tl.where(total < 0, bits - 1, 1))
+    up = up_bits.to(total.dtype, bitcast=True)
+    return tl.where(error > 0, up, total)
+
+
+@triton.jit
+def max_negative_code(s):
+    """An int64 whose order is that of the float64 ``s`` and which is > 0 for any finite value,
+    so that an atomic max into a zeroed word finds the largest one. It rounds up by at most one
+    unit in the last place (a safe bound)."""
+    bits = s.to(tl.float64).to(tl.int64, bitcast=True)
+    ordered = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
+    return (ordered >> 1) + 4611686018427387904  # 2^62
+
+
+@triton.jit
+def decode_max_negative(code):
+    ordered = ((code - 4611686018427387904) << 1) | 1
+    bits = ordered ^ ((ordered >> 63) & 0x7FFFFFFFFFFFFFFF)
+    return bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def power_of_two_scale(bound):
+    """2^(62 - e) with 2^e >= bound (float64 > 0): integers of |x| * scale for values whose sum
+    is at most ``bound`` in magnitude cannot overflow int64. Built from the exponent bits, exact."""
+    exponent = ((bound.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022  # > log2(bound)
+    e = tl.minimum(tl.maximum(62 - exponent, -1000), 1000)
+    return ((e + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def offset_scale(status_ptr, edges_ptr, n):
+    """Fixed-point scale of the per-bin offset sums (deterministic mode): every relevant negative's
+    offset from its bin's lower edge is at most (largest negative logit - edges[0]), and at most
+    n of them add up. Only relevant logits matter, so a far-off irrelevant one costs nothing."""
+    code = tl.load(status_ptr + STATUS_MAX_NEGATIVE)
+    largest = decode_max_negative(code) - tl.load(edges_ptr).to(tl.float64)
+    largest = tl.where((code > 0) & (largest > 1e-30), largest, 1e-30)
+    return power_of_two_scale(largest * n)
+
+
+@triton.jit
+def fixed_sum(acc, terms, scale, EXACT: tl.constexpr):
+    """``acc + sum(terms, axis=1)``: float64 accumulation of the block's compute-dtype sum, or,
+    EXACT (deterministic mode), int64 fixed point, which is exact whatever the tile shape."""
+    if EXACT:
+        return acc + tl.sum(tl.floor(terms.to(tl.float64) * scale + 0.5).to(tl.int64), axis=1)
+    else:
+        return acc + tl.sum(terms, axis=1).to(tl.float64)
+
+
+@triton.jit
+def fixed_value(acc, scale, EXACT: tl.constexpr):
+    if EXACT:
+        return acc.to(tl.float64) / scale
+    else:
+        return acc
