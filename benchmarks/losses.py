@@ -3,8 +3,8 @@
     python -m benchmarks.losses --quick                 # under a minute on a 2-core CPU
     python -m benchmarks.losses --preset full --out DIR  # the whole sweep (long on a CPU)
 
-Backends: ``triton`` (CUDA only; the autotuning warm-up is not timed and the chosen configs are
-printed), ``torch``, ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
+Backends: ``triton`` (CUDA only; the first call, which compiles and with BRL_AUTOTUNE=1 autotunes,
+is not timed, and the configs used are printed), ``torch``, ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
 runs, dense bucket x positive matrices; bucketed losses only, see ``sort_based.py``) and
 ``reference`` (the O(P*N) loops, only where they finish in about a second).
 
@@ -172,17 +172,11 @@ def plan(preset: dict):
 
 
 def triton_configs() -> str:
-    from brl_triton.kernels import bins, positives, tiles
+    """The config each tunable kernel ran with: its heuristic default, or what BRL_AUTOTUNE=1 chose."""
+    from brl_triton.kernels import bins, tiles
 
-    kernels = {
-        "compact_positives": positives._compact_positives_kernel,
-        "reduce_bins": bins._reduce_bins_tuned,
-        "distribute": bins._distribute_kernel,
-        "positive_sums": tiles._positive_sums_kernel,
-        "sorting_received": tiles._sorting_received_kernel,
-        "bin_gradient": tiles._bin_gradient_kernel,
-    }
-    return "; ".join(f"{name}: {getattr(k, 'best_config', None)}" for name, k in kernels.items())
+    kernels = {"reduce": bins.REDUCE, "positive_terms": tiles.POSITIVE_TERMS, "finish": tiles.FINISH}
+    return "; ".join(f"{name}: {getattr(k.tuned, 'best_config', None) or k.default}" for name, k in kernels.items())
 
 
 def machine_description(device: str) -> str:

@@ -1,8 +1,10 @@
-"""Rank-based torchvision detectors: Faster R-CNN as in RS-R-CNN / BRS-R-CNN, and RetinaNet.
+"""Rank-based torchvision detectors: Faster R-CNN and Mask R-CNN as in RS-R-CNN / RS-Mask R-CNN,
+RetinaNet, and FCOS as the RS papers train ATSS.
 
 ``convert_to_rank_based(model, loss="brs")`` swaps, in place, the parts of a torchvision
-``FasterRCNN`` (any backbone) or ``RetinaNet`` that compute losses for subclasses that use a
-ranking loss of this library:
+``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` (any backbone) that compute losses for
+subclasses that use a ranking loss of this library, and sets the model's recipe settings (box
+coder, proposal counts, inference thresholds) to those of the official RS configs:
 
 - RPN: no sampling, every non-ignored anchor of the batch in one ranking; the positive target
   is the IoU of the (detached) decoded box with its ground truth; box loss: GIoU of positives,
@@ -13,8 +15,12 @@ ranking loss of this library:
   column is left unused), all proposals (no 512-RoI subsampling), one ranking over all RoIs x
   classes of the batch with IoU targets; class-specific GIoU with the same weighting and
   balancing; inference scores are sigmoids.
+- Mask R-CNN: the RPN and RoI classification as above; the mask head and its loss are
+  torchvision's, trained on the positive RoIs (at most 200 of the batch, as RS-Mask R-CNN).
 - RetinaNet: the focal loss replaced by the ranking loss over all anchors x classes of the batch
   (IoU targets, ignored anchors ignored), GIoU box loss as above.
+- FCOS: as RetinaNet over FCOS's locations (its centre sampling and scale ranges pick the
+  positives); the centerness branch is dropped, see :func:`convert_to_rank_based`.
 
 Needs torchvision (``pip install brl_triton[examples]``).
 """
@@ -24,12 +30,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 try:
-    from torchvision.models.detection import FasterRCNN, RetinaNet
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.fcos import FCOSHead
     from torchvision.models.detection.retinanet import RetinaNetHead
-    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
     from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.ssd import SSD
     from torchvision.ops import boxes as box_ops
     from torchvision.ops import generalized_box_iou_loss
 except ImportError as error:  # pragma: no cover - depends on the environment
@@ -44,6 +54,8 @@ __all__ = [
     "RankBasedRPN",
     "RankBasedRoIHeads",
     "RankBasedRetinaNetHead",
+    "RankBasedFCOSHead",
+    "RankBasedFCOS",
     "convert_to_rank_based",
     "iou_from_deltas",
     "paired_box_iou",
@@ -56,6 +68,19 @@ _LOSSES = {
     "ap": (functional.ap_loss, 1.0),
 }
 _MIN_QUALITY = 1e-6  # a positive whose box misses its ground truth still counts as positive
+
+# The model settings of the official configs (RS-R-CNN and RS-Mask R-CNN, RS-ATSS for the
+# one-stage detectors) that convert_to_rank_based applies.
+RPN_BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # DeltaXYWH target stds (0.1, 0.1, 0.2, 0.2)
+RPN_PRE_NMS_TOP_N = {"training": 2000, "testing": 1000}  # per feature level
+RPN_POST_NMS_TOP_N = {"training": 1000, "testing": 1000}  # proposals per image
+ROI_SCORE_THRESH = 0.40
+ROI_NMS_THRESH = 0.5
+DENSE_TOPK_CANDIDATES = 1000  # per feature level, before NMS
+DENSE_NMS_THRESH = 0.6
+DENSE_SCORE_THRESH = 0.0  # selection by rank only; see convert_to_rank_based
+DETECTIONS_PER_IMAGE = 100
+MASK_POSITIVES_PER_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,8 @@ class RankingLoss:
 
 
 def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of ``boxes1[i]`` with ``boxes2[i]`` ((N, 4) x1y1x2y2 each), without the N x N matrix."""
+    """IoU of ``boxes1[i]`` with ``boxes2[i]`` ((N, 4) x1y1x2y2 each), without the N x N matrix
+    that ``torchvision.ops.box_iou`` would build."""
     top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
     bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
@@ -140,9 +166,11 @@ class RankBasedRPN(RegionProposalNetwork):
 
 
 class RankBasedRoIHeads(RoIHeads):
-    """torchvision's box RoI head with sigmoid classification trained by a ranking loss."""
+    """torchvision's RoI heads with sigmoid box classification trained by a ranking loss; a mask
+    head, if any, is torchvision's, trained on positive RoIs."""
 
     ranking: RankingLoss
+    mask_positives_per_batch: int = MASK_POSITIVES_PER_BATCH
 
     def subsample(self, labels):
         return [torch.where(labels_in_image >= 0)[0] for labels_in_image in labels]  # all but ignored
@@ -150,10 +178,13 @@ class RankBasedRoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
-        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        return [], self.ranking_losses(class_logits, box_regression, labels, regression_targets)
+        losses = self.ranking_losses(class_logits, box_regression, labels, regression_targets)
+        if self.has_mask():
+            losses["loss_mask"] = self.mask_loss(features, proposals, matched_idxs, labels, image_shapes, targets)
+        return [], losses
 
     def ranking_losses(self, class_logits, box_regression, labels, regression_targets):
         labels = torch.cat(labels, dim=0)
@@ -169,6 +200,23 @@ class RankBasedRoIHeads(RoIHeads):
         scores = logits[positive, classes - 1].sigmoid()
         box = balanced_giou_loss(pred_boxes, target_boxes, scores, classification)
         return {"loss_classifier": classification, "loss_box_reg": box}
+
+    def mask_loss(self, features, proposals, matched_idxs, labels, image_shapes, targets):
+        """torchvision's mask loss on the positive RoIs. Without subsampling every proposal that
+        overlaps an object is positive, so at most ``mask_positives_per_batch`` of them, drawn at
+        random, train the mask head (RS-Mask R-CNN draws 200 the same way): its cost stays that of
+        torchvision's sampled positives."""
+        positives = [torch.where(labels_in_image > 0)[0] for labels_in_image in labels]
+        counts = [len(p) for p in positives]
+        if sum(counts) > self.mask_positives_per_batch:
+            chosen = torch.zeros(sum(counts), dtype=torch.bool, device=positives[0].device)
+            chosen[torch.randperm(sum(counts), device=chosen.device)[: self.mask_positives_per_batch]] = True
+            positives = [p[keep] for p, keep in zip(positives, chosen.split(counts))]
+        mask_proposals = [boxes[p] for boxes, p in zip(proposals, positives)]
+        mask_matched_idxs = [matched[p] for matched, p in zip(matched_idxs, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        return maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                             [t["labels"] for t in targets], mask_matched_idxs)
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         """As torchvision's, with independent sigmoid scores per foreground class."""
@@ -192,36 +240,79 @@ class RankBasedRoIHeads(RoIHeads):
         return all_boxes, all_scores, all_labels
 
 
+def _dense_losses(ranking, cls_logits, bbox_regression, anchors, targets, matched_idxs, decode):
+    """Ranking and balanced GIoU losses of a dense head (RetinaNet, FCOS).
+
+    One ranking over every anchor x class of the batch: the positive's target is the IoU of its
+    decoded (detached) box with its ground truth, anchors between the matcher's thresholds are
+    ignored (-1), everything else is negative. ``decode(deltas, anchors)`` gives boxes.
+    """
+    quality_targets = torch.zeros_like(cls_logits)
+    pred_boxes, target_boxes, scores = [], [], []
+    for image, (target, matched) in enumerate(zip(targets, matched_idxs)):
+        quality_targets[image, matched == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
+        foreground = torch.where(matched >= 0)[0]
+        if foreground.numel() == 0:
+            continue
+        gt_boxes = target["boxes"][matched[foreground]]
+        gt_labels = target["labels"][matched[foreground]]
+        boxes = decode(bbox_regression[image, foreground], anchors[image][foreground])
+        quality = paired_box_iou(boxes.detach(), gt_boxes).clamp(min=_MIN_QUALITY)
+        quality_targets[image, foreground, gt_labels] = quality.to(cls_logits.dtype)
+        pred_boxes.append(boxes)
+        target_boxes.append(gt_boxes)
+        scores.append(cls_logits[image, foreground, gt_labels].sigmoid())
+    classification = ranking(cls_logits, quality_targets)
+    if pred_boxes:
+        box = balanced_giou_loss(torch.cat(pred_boxes), torch.cat(target_boxes), torch.cat(scores), classification)
+    else:
+        box = bbox_regression.sum() * 0.0
+    return {"classification": classification, "bbox_regression": box}
+
+
 class RankBasedRetinaNetHead(RetinaNetHead):
     """RetinaNet's head with the focal loss replaced by a ranking loss and GIoU box loss."""
 
     ranking: RankingLoss
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        cls_logits = head_outputs["cls_logits"]  # (B, anchors, classes)
-        bbox_regression = head_outputs["bbox_regression"]
-        box_coder = self.regression_head.box_coder
-        quality_targets = torch.zeros_like(cls_logits)
-        pred_boxes, target_boxes, scores = [], [], []
-        for image, (target, matched) in enumerate(zip(targets, matched_idxs)):
-            quality_targets[image, matched == self.classification_head.BETWEEN_THRESHOLDS] = -1
-            foreground = torch.where(matched >= 0)[0]
-            if foreground.numel() == 0:
-                continue
-            gt_boxes = target["boxes"][matched[foreground]]
-            gt_labels = target["labels"][matched[foreground]]
-            boxes = box_coder.decode_single(bbox_regression[image, foreground], anchors[image][foreground])
-            quality = paired_box_iou(boxes.detach(), gt_boxes).clamp(min=_MIN_QUALITY)
-            quality_targets[image, foreground, gt_labels] = quality.to(cls_logits.dtype)
-            pred_boxes.append(boxes)
-            target_boxes.append(gt_boxes)
-            scores.append(cls_logits[image, foreground, gt_labels].sigmoid())
-        classification = self.ranking(cls_logits, quality_targets)
-        if pred_boxes:
-            box = balanced_giou_loss(torch.cat(pred_boxes), torch.cat(target_boxes), torch.cat(scores), classification)
-        else:
-            box = bbox_regression.sum() * 0.0
-        return {"classification": classification, "bbox_regression": box}
+        return _dense_losses(self.ranking, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors,
+                             targets, matched_idxs, self.regression_head.box_coder.decode_single)
+
+
+class RankBasedFCOSHead(FCOSHead):
+    """FCOS's head with a ranking loss (IoU targets) and GIoU box loss; no centerness loss."""
+
+    ranking: RankingLoss
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+        return _dense_losses(self.ranking, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors,
+                             targets, matched_idxs, self.box_coder.decode)
+
+
+class RankBasedFCOS(FCOS):
+    """FCOS whose detections are scored by the classifier alone, not by its geometric mean with
+    centerness (the centerness branch is not trained after conversion)."""
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+        detections = []
+        for index, image_shape in enumerate(image_shapes):
+            image_boxes, image_scores, image_labels = [], [], []
+            for logits, deltas, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
+                                                     anchors[index]):
+                scores = torch.sigmoid(logits[index]).flatten()  # (locations x classes)
+                candidates = torch.where(scores > self.score_thresh)[0]
+                scores, order = scores[candidates].topk(min(self.topk_candidates, candidates.numel()))
+                candidates = candidates[order]
+                location = torch.div(candidates, logits.shape[-1], rounding_mode="floor")
+                boxes = self.box_coder.decode(deltas[index][location], level_anchors[location])
+                image_boxes.append(box_ops.clip_boxes_to_image(boxes, image_shape))
+                image_scores.append(scores)
+                image_labels.append(candidates % logits.shape[-1])
+            boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return detections
 
 
 def _retype(module: torch.nn.Module, cls, **settings):
@@ -233,34 +324,135 @@ def _retype(module: torch.nn.Module, cls, **settings):
     return converted
 
 
+@torch.no_grad()
+def _set_rpn_box_coder(rpn, weights):
+    """Give the RPN a box coder with ``weights`` and rescale its regression layer's outputs so
+    that it proposes the same boxes as before (a pretrained RPN keeps its proposals)."""
+    old, new = torch.tensor(rpn.box_coder.weights), torch.tensor(weights)
+    layer = getattr(rpn.head, "bbox_pred", None)
+    if isinstance(layer, nn.Conv2d):  # outputs (anchor, dx/dy/dw/dh) in that order
+        scale = (new / old).to(layer.weight).repeat(layer.out_channels // 4)
+        layer.weight.mul_(scale.view(-1, 1, 1, 1))
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+    rpn.box_coder = det_utils.BoxCoder(weights, rpn.box_coder.bbox_xform_clip)
+
+
+@torch.no_grad()
+def _foreground_against_background(cls_score: nn.Linear):
+    """Re-express a softmax classifier's foreground rows against its background row.
+
+    A softmax head is invariant to adding the same number to all logits of a RoI, so its raw
+    logits have no absolute level, and their sigmoids are meaningless (a converted COCO model
+    scores nearly every class of every RoI above 0.5). ``z_c - z_background`` is the log-odds of
+    class c against background, which does not have that freedom: sigmoid scores then start from
+    ``p_c / (p_c + p_background)`` of the softmax head. The background row, unused from here on,
+    is zeroed, so converting twice changes nothing more.
+    """
+    cls_score.weight[1:] -= cls_score.weight[0]
+    cls_score.weight[0] = 0
+    if cls_score.bias is not None:
+        cls_score.bias[1:] -= cls_score.bias[0]
+        cls_score.bias[0] = 0
+
+
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
                           rpn_weight: float = 0.2):
-    """Turn a torchvision ``FasterRCNN`` or ``RetinaNet`` into its rank-based version, in place.
+    """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
+    version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place.
 
     Args:
-        model: ``torchvision.models.detection.FasterRCNN`` (any backbone; box detection only, not
-            Mask/Keypoint R-CNN) or ``RetinaNet``, pretrained or not. Its parameters are kept.
+        model: ``torchvision.models.detection.FasterRCNN`` or ``MaskRCNN`` (any backbone),
+            ``RetinaNet`` or ``FCOS``, pretrained or not. Keypoint R-CNN and SSD are not supported.
         loss: ``"brs"`` (bucketed Rank & Sort, default), ``"rs"``, ``"bap"`` or ``"ap"``.
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
-        rpn_weight: factor on the whole RPN loss (Faster R-CNN).
+        rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
 
     Returns:
-        The same model object. Its training losses keep torchvision's names; classification
-        targets are IoUs (> 0 positive), 0 negative, -1 ignored, as ``brl_triton`` expects.
+        The same model object. Its training losses keep torchvision's names (FCOS loses
+        ``bbox_ctrness``); classification targets are IoUs (> 0 positive), 0 negative, -1
+        ignored, as ``brl_triton`` expects. The state dict keeps its keys.
+
+    What the conversion sets (the official RS configs' values):
+
+    - Faster/Mask R-CNN: RPN box coder weights (10, 10, 5, 5) (RS-RPN's target stds 0.1, 0.1,
+      0.2, 0.2; the RPN's regression layer is rescaled so a pretrained RPN proposes the same
+      boxes); 2000 / 1000 boxes per level before NMS (train / test) and 1000 proposals per
+      image after it; RoI score threshold 0.40, NMS 0.5, 100 detections per image. The RoI
+      classifier's foreground rows are re-expressed against its background row (log-odds
+      against background, the background row zeroed): a softmax-trained head, such as a
+      COCO-pretrained one, then gives meaningful sigmoid scores instead of letting nearly every
+      class of every RoI pass; for a freshly initialised head it is just another random
+      initialisation. These are the only parameter values the conversion changes.
+    - RetinaNet and FCOS: scores are sigmoids of the classifier; the 1000 best candidates per
+      level (RS-ATSS's ``nms_pre``), class-wise NMS at 0.6, 100 detections per image (RS-ATSS),
+      and score threshold 0 instead of RS-ATSS's 0.05. Ranking losses depend only on logit
+      differences: shifting all logits changes neither the loss nor its gradient, and the
+      gradient sums to zero, so the mean logit stays at the classification prior (0.01, bias
+      -4.6), which is kept because it sets the relative weights of the positives in the
+      score-weighted box loss, as in RS-ATSS. A 0.05 threshold then removes every detection
+      until training has lifted the positives' scores far above what the loss asks for; with
+      threshold 0 detections are chosen by rank, which is all COCO AP measures, and a converted
+      model returns detections from its first evaluation.
+    - FCOS's centerness branch is dropped, as the RS paper drops it for ATSS: the IoU target
+      already makes the classifier rank positives by localisation quality, which is what
+      centerness estimates, and multiplying in an independently trained centerness would
+      reorder what the sorting loss ordered. Its layer stays in the state dict but is frozen
+      (``requires_grad=False``, no loss reaches it, so DistributedDataParallel needs no
+      ``find_unused_parameters``) and unused at inference (``model`` becomes a
+      :class:`RankBasedFCOS`).
+
+    What the training loop must do (it is not part of the model): SGD with momentum 0.9 and
+    weight decay 1e-4 at a learning rate of 0.012 per 16 images for Faster/Mask R-CNN and 0.008
+    per 16 images for RetinaNet/FCOS (RS-R-CNN, RS-ATSS), scaled linearly with the batch (0.003
+    and 0.002 at batch 4), after a linear warm-up over the first 500 iterations. Rates tuned for
+    cross-entropy are several times too high: on the example's digits set BRS at 0.02 with batch
+    4 gives NaN logits within ~100 iterations unclipped and learns nothing clipped at norm 10.
+    The official configs do not clip gradients; the rank-based heads' gradient norm is large
+    (about 60 at the start of the example's Faster R-CNN, against about 25 with cross-entropy),
+    and the example's run measured to learn (LR 0.003, mAP 0.233 after 300 iterations) clipped
+    at norm 10, so the example keeps that clipping. ``examples/finetune_fasterrcnn.py`` applies
+    this recipe by default (its ``RECIPES`` table).
 
     Example:
         >>> from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
         >>> model = convert_to_rank_based(fasterrcnn_mobilenet_v3_large_fpn(num_classes=11), "brs")
     """
     ranking = RankingLoss(loss, delta, backend)
-    if isinstance(model, FasterRCNN):
-        if model.roi_heads.has_mask() or model.roi_heads.has_keypoint():
-            raise ValueError("convert_to_rank_based supports box detection only, not Mask/Keypoint R-CNN heads")
+    if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
+        if model.roi_heads.has_keypoint():
+            raise ValueError("convert_to_rank_based does not support Keypoint R-CNN (keypoint heads); "
+                             "Faster R-CNN, Mask R-CNN, RetinaNet and FCOS are supported")
         model.rpn = _retype(model.rpn, RankBasedRPN, ranking=ranking, loss_weight=rpn_weight)
-        model.roi_heads = _retype(model.roi_heads, RankBasedRoIHeads, ranking=ranking)
+        _set_rpn_box_coder(model.rpn, RPN_BOX_CODER_WEIGHTS)
+        model.rpn._pre_nms_top_n = dict(RPN_PRE_NMS_TOP_N)
+        model.rpn._post_nms_top_n = dict(RPN_POST_NMS_TOP_N)
+        model.roi_heads = _retype(model.roi_heads, RankBasedRoIHeads, ranking=ranking, score_thresh=ROI_SCORE_THRESH,
+                                  nms_thresh=ROI_NMS_THRESH, detections_per_img=DETECTIONS_PER_IMAGE)
+        cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
+        if isinstance(cls_score, nn.Linear):
+            _foreground_against_background(cls_score)
     elif isinstance(model, RetinaNet):
         model.head = _retype(model.head, RankBasedRetinaNetHead, ranking=ranking)
+        _set_dense_inference(model)
+    elif isinstance(model, FCOS):
+        model.head = _retype(model.head, RankBasedFCOSHead, ranking=ranking)
+        model.head.regression_head.bbox_ctrness.requires_grad_(False)
+        model.__class__ = RankBasedFCOS  # same object: only postprocess_detections differs
+        _set_dense_inference(model)
+    elif isinstance(model, SSD):
+        raise TypeError("convert_to_rank_based does not support SSD (its hard-negative mining loss has no "
+                        "rank-based counterpart here); use RetinaNet or FCOS for a one-stage detector")
     else:
-        raise TypeError(f"model must be a torchvision FasterRCNN or RetinaNet, got {type(model).__name__}")
+        raise TypeError("model must be a torchvision FasterRCNN, MaskRCNN, RetinaNet or FCOS, "
+                        f"got {type(model).__name__}")
     return model
+
+
+def _set_dense_inference(model):
+    """Inference settings of a rank-based RetinaNet / FCOS (see convert_to_rank_based)."""
+    model.score_thresh = DENSE_SCORE_THRESH
+    model.topk_candidates = DENSE_TOPK_CANDIDATES
+    model.nms_thresh = DENSE_NMS_THRESH
+    model.detections_per_img = DETECTIONS_PER_IMAGE

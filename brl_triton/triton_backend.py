@@ -94,7 +94,8 @@ def _sorted_positives_by_torch(logits, targets, pos_index, compute, group):
     pos_index = torch.sort(pos_index).values
     s_values = s_flat[pos_index].to(compute)
     if group is not None:
-        return gather_positives(s_values, y_flat[pos_index], pos_index, group)
+        s_pos, y_pos, mine, own_index = gather_positives(s_values, y_flat[pos_index], pos_index, group)
+        return s_pos, y_pos, own_index, mine
     s_pos, order = torch.sort(s_values, stable=True)
     sorted_index = pos_index[order]
     return s_pos, y_flat[sorted_index].double(), sorted_index, None

@@ -44,14 +44,15 @@ def _worker(rank, init_file, out_dir, backend):
         for case in CASES:
             logits, targets = _case(case)
             for name, (fn, extra, _) in LOSSES.items():
-                for delta in (0.0, 0.5):
+                for delta, deterministic in [(0.0, False), (0.5, False), (0.5, True)]:
                     if name == "interpolated_ap" and delta == 0:
                         continue
                     x = _shard(logits, rank).clone().requires_grad_(True)
-                    out = fn(x, _shard(targets, rank), delta, backend=backend, process_group=dist.group.WORLD, **extra)
+                    out = fn(x, _shard(targets, rank), delta, backend=backend, process_group=dist.group.WORLD,
+                             deterministic=deterministic, **extra)
                     out = out if isinstance(out, tuple) else (out,)
                     torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)[: len(out)]])
-                    results[(case, name, delta)] = ([o.detach() for o in out], x.grad)
+                    results[(case, name, delta, deterministic)] = ([o.detach() for o in out], x.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -80,7 +81,7 @@ def test_two_gloo_ranks_equal_the_concatenated_batch(backend):
         pytest.importorskip("triton")
     ranks = _run_two_ranks(backend)
     for key, (losses0, grad0) in ranks[0].items():
-        case, name, delta = key
+        case, name, delta, _ = key
         losses1, grad1 = ranks[1][key]
         logits, targets = _case(case)
         want_losses, want_grad = run_loss(name, logits, targets, delta, "torch")

@@ -43,10 +43,6 @@ def size_class(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
-def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 @dataclass
 class Launch:
     """One kernel launch as a GPU would compile it: the jit function, its runtime arguments and

@@ -151,7 +151,8 @@ def reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic
     for start, stop in launch_chunks(n):
         REDUCE.launch(lambda config, n=stop - start: (triton.cdiv(n, config["BLOCK"]),),
                        s.tensor, *s.args, y.tensor, *y.args, edges, num_edges_word, status, count, offset_sum,
-                       start, stop, n, size_class(stop - start), fixed=deterministic, config=config, S_NDIM=s.ndim, Y_NDIM=y.ndim, FIXED_POINT=deterministic)
+                       start, stop, n, size_class(stop - start), fixed=deterministic, config=config, S_NDIM=s.ndim,
+                       Y_NDIM=y.ndim, FIXED_POINT=deterministic)
 
 
 def distribute(s, y, edges, const, slope, pos_index, pos_rank_grad, pos_sort_grad, upstream, out_dtype):

@@ -36,13 +36,14 @@ T_SHARE = tl.constexpr(4)  # eS(i) / D(i), 0 where D(i) == 0
 T_SORT_GRAD = tl.constexpr(5)  # gradient of the sorting output on the positive
 T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP)
 TABLE_ROWS = 7
+TABLE_ALIGN = 16  # elements: 128-byte rows
 LOSS_BLOCK = tl.constexpr(1024)  # the loss sums' order, whatever the tile config
 
 
 @triton.jit
 def _inverse_two_delta(delta_bits):
     delta = m.bits_to_float64(delta_bits)
-    return 0.5 / tl.maximum(delta, 1e-300)
+    return tl.where(delta > 0, 0.5 / tl.maximum(delta, 1e-300), 0.0)  # 0: hard step, unused
 
 
 @triton.jit
@@ -57,10 +58,11 @@ def _bins(edges_ptr, count_ptr, offset_sum_ptr, b, ok, offset_scale, FIXED_POINT
     return lower, count, mean
 
 
-@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "delta_bits", "p_class", "bins_class"])
+@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "stride", "delta_bits", "p_class",
+                               "bins_class"])
 def _positive_terms_kernel(
     s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound, table_ptr,
-    delta_bits, p_class, bins_class,
+    stride, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, FIXED_POINT: tl.constexpr,
     EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
@@ -110,21 +112,21 @@ def _positive_terms_kernel(
     count_p = p.to(tl.float64)
     if INTERPOLATED:
         rank_plus += 0.5  # 1 + sum over k != i, and H(0) = 1/2
-        tl.store(table_ptr + T_ERROR * p + rows, rank_plus / (rank_plus + fp), mask=row_ok)
-        tl.store(table_ptr + T_RANK * p + rows, rank_plus + fp, mask=row_ok)
+        tl.store(table_ptr + T_ERROR * stride + rows, rank_plus / (rank_plus + fp), mask=row_ok)
+        tl.store(table_ptr + T_RANK * stride + rows, rank_plus + fp, mask=row_ok)
     else:
         error = fp / (rank_plus + fp)
-        tl.store(table_ptr + T_ERROR * p + rows, error, mask=row_ok)
-        tl.store(table_ptr + T_RANK_GRAD * p + rows, -error / count_p, mask=row_ok)
+        tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, -error / count_p, mask=row_ok)
         weight = tl.where(fp > 0, error / tl.maximum(fp, 1e-300), 0.0) / count_p
-        tl.store(table_ptr + T_WEIGHT * p + rows, weight, mask=row_ok)
+        tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
     if SORTING:
         sorting_error = (m.fixed_value(current, p_scale, EXACT) / rank_plus
                          - m.fixed_value(target, p_scale, EXACT) / m.fixed_value(target_count, p_scale, EXACT))
         lower_quality = m.fixed_value(lower_quality, p_scale, EXACT)
         share = tl.where(lower_quality > 0, sorting_error / tl.maximum(lower_quality, 1e-300), 0.0)
-        tl.store(table_ptr + T_SORT_ERROR * p + rows, sorting_error, mask=row_ok)
-        tl.store(table_ptr + T_SHARE * p + rows, share, mask=row_ok)
+        tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
+        tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
 
 
 @triton.jit
@@ -132,8 +134,8 @@ def _maximum(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit(do_not_specialize=["p"])
-def _interpolated_kernel(table_ptr, p, loss_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["stride", "p"])
+def _interpolated_kernel(table_ptr, stride, p, loss_ptr, BLOCK: tl.constexpr):
     """Running maximum of precision in ascending logit order (best_i), its factor, the gradient
     tables and the loss ``1 - mean_i best_i``, in one program."""
     count_p = p.to(tl.float64)
@@ -142,21 +144,21 @@ def _interpolated_kernel(table_ptr, p, loss_ptr, BLOCK: tl.constexpr):
     for start in range(0, p, BLOCK):
         rows = start + tl.arange(0, BLOCK)
         ok = rows < p
-        precision = tl.load(table_ptr + T_ERROR * p + rows, mask=ok, other=0.0)
+        precision = tl.load(table_ptr + T_ERROR * stride + rows, mask=ok, other=0.0)
         best = tl.maximum(tl.associative_scan(precision, 0, _maximum), carry)
         carry = tl.max(best, axis=0)
         factor = tl.where(best <= precision, 1.0, (1 - best) / (1 - precision))
-        rank = tl.load(table_ptr + T_RANK * p + rows, mask=ok, other=1.0)
-        tl.store(table_ptr + T_RANK_GRAD * p + rows, -(1 - best) / count_p, mask=ok)
-        tl.store(table_ptr + T_WEIGHT * p + rows, factor / rank / count_p, mask=ok)
+        rank = tl.load(table_ptr + T_RANK * stride + rows, mask=ok, other=1.0)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, -(1 - best) / count_p, mask=ok)
+        tl.store(table_ptr + T_WEIGHT * stride + rows, factor / rank / count_p, mask=ok)
         total += tl.sum(tl.where(ok, best, 0.0), axis=0)
     tl.store(loss_ptr, (1 - total / count_p).to(loss_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "delta_bits", "p_class", "bins_class"])
+@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "stride", "delta_bits", "p_class", "bins_class"])
 def _finish_kernel(
     s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
-    const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
+    stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, AFFINE: tl.constexpr, INTERPOLATED: tl.constexpr,
     FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
@@ -185,14 +187,14 @@ def _finish_kernel(
             k_ok = k < p
             s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
             y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-            share = tl.load(table_ptr + T_SHARE * p + k, mask=k_ok, other=0.0).to(s_i.dtype)
+            share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
             h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
             h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
             received = m.fixed_sum(received, h * share[None, :], p_scale, EXACT)
         received = m.fixed_value(received, p_scale, EXACT)
-        share_i = tl.load(table_ptr + T_SHARE * p + rows, mask=row_ok, other=0.0)
-        gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * p + rows, mask=row_ok, other=0.0), 0.0)
-        tl.store(table_ptr + T_SORT_GRAD * p + rows, (received - gives) / count_p, mask=row_ok)
+        share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
+        gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
+        tl.store(table_ptr + T_SORT_GRAD * stride + rows, (received - gives) / count_p, mask=row_ok)
     elif pid < sort_programs + bin_programs:
         # per bin: the negatives' gradient sum_i w_i H(value_b - s_i), at the lower edge
         b = (pid - sort_programs) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -203,7 +205,8 @@ def _finish_kernel(
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
         inv = inv64.to(lower.dtype)
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
-        w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)  # sum_i w_i <= 2: w_i = 1 / (rank+(i) + FP(i)) / p, rank+ >= 1/2
+        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2
+        w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
         if EXACT:
             const = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
         else:
@@ -213,7 +216,7 @@ def _finish_kernel(
             i = start + tl.arange(0, BLOCK_COLS)
             i_ok = i < p
             s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
-            w = tl.load(table_ptr + T_WEIGHT * p + i, mask=i_ok, other=0.0).to(lower.dtype)
+            w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
             x = lower[:, None] - s_i[None, :]
             if SMOOTH:
                 x += mean.to(lower.dtype)[:, None]
@@ -240,14 +243,14 @@ def _finish_kernel(
         if not INTERPOLATED:
             total = count_p * 0.0
             for start in range(0, p, LOSS_BLOCK):
-                total += tl.sum(tl.load(table_ptr + T_ERROR * p + start + lanes, mask=start + lanes < p, other=0.0),
-                                axis=0)
+                errors = tl.load(table_ptr + T_ERROR * stride + start + lanes, mask=start + lanes < p, other=0.0)
+                total += tl.sum(errors, axis=0)
             tl.store(rank_loss_ptr, (total / count_p).to(rank_loss_ptr.dtype.element_ty))
         if SORTING:
             total = count_p * 0.0
             for start in range(0, p, LOSS_BLOCK):
-                total += tl.sum(tl.load(table_ptr + T_SORT_ERROR * p + start + lanes, mask=start + lanes < p,
-                                        other=0.0), axis=0)
+                errors = tl.load(table_ptr + T_SORT_ERROR * stride + start + lanes, mask=start + lanes < p, other=0.0)
+                total += tl.sum(errors, axis=0)
             tl.store(sort_loss_ptr, (total / count_p).to(sort_loss_ptr.dtype.element_ty))
 
 
@@ -261,13 +264,17 @@ INTERPOLATED_BLOCK = 1024
 
 def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
                    sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool) -> torch.Tensor:
-    """The (TABLE_ROWS, p) float64 table of per-positive terms. ``n_total``: the elements the
+    """The (TABLE_ROWS, p) float64 table of per-positive terms (a view: rows are padded to a
+    multiple of TABLE_ALIGN, so that every row starts aligned whatever p; an unaligned row would
+    be a differently specialized kernel variant on a GPU). ``n_total``: the elements the
     reduction saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives."""
     p, num_edges = s_pos.numel(), edges.numel()
-    table = torch.empty(TABLE_ROWS, p, dtype=torch.float64, device=s_pos.device)
+    stride = -(-p // TABLE_ALIGN) * TABLE_ALIGN
+    table = torch.empty(TABLE_ROWS, stride, dtype=torch.float64, device=s_pos.device)[:, :p]
     POSITIVE_TERMS.launch(
         lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, p, edges, num_edges, count, offset_sum,
-        status, n_total, fp_bound, table, delta_bits, size_class(p), size_class(num_edges), fixed=deterministic,
+        status, n_total, fp_bound, table, table.stride(0), delta_bits, size_class(p), size_class(num_edges),
+        fixed=deterministic,
         SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, FIXED_POINT=fixed_point,
         EXACT=deterministic,
     )
@@ -275,8 +282,8 @@ def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int,
 
 
 def interpolated_terms(table, loss) -> None:
-    p = table.shape[1]
-    launch(_interpolated_kernel, (1,), table, p, loss, num_warps=4, BLOCK=INTERPOLATED_BLOCK)
+    launch(_interpolated_kernel, (1,), table, table.stride(0), table.shape[1], loss, num_warps=4,
+           BLOCK=INTERPOLATED_BLOCK)
 
 
 def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_bits: int, table, losses, *,
@@ -292,8 +299,9 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
         return ((triton.cdiv(p, rows) if sorting else 0) + triton.cdiv(num_edges, rows) + 1,)
 
     FINISH.launch(
-        grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, const,
-        const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges), fixed=deterministic, SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
+        grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, table.stride(0), const,
+        const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges),
+        fixed=deterministic, SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
         AFFINE=affine, INTERPOLATED=interpolated, FIXED_POINT=fixed_point, EXACT=deterministic,
     )
     return const, slope

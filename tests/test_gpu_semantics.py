@@ -1,0 +1,241 @@
+"""What a GPU would do, checked without one: tensor layouts read in place, the launch and sync
+budget of one training step, autotuning's repeated benchmark launches, and deterministic mode
+that does not depend on the tile shape."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import LOSSES, UPSTREAM, assert_close, expected, make_case
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _losses_and_grad(name, logits, targets, backend, delta=0.5, **options):
+    fn, extra, _ = LOSSES[name]
+    x = logits.detach().clone().requires_grad_(True)  # clone keeps the layout
+    out = fn(x, targets, delta, backend=backend, **extra, **options)
+    out = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(out, [torch.tensor(g, dtype=o.dtype, device=o.device) for g, o in zip(UPSTREAM, out)])
+    return torch.stack([o.detach() for o in out]), x.grad
+
+
+def _layouts():
+    """(id, logits view, targets view) with the same values as make_case's contiguous tensors."""
+    logits, targets = make_case(2 * 3 * 5 * 41, 30, seed=3, dtype=torch.float32)
+    wide_l, wide_t = logits.view(410, 3), targets.view(410, 3)
+    nchw_l = logits.view(2, 3, 5, 41).contiguous(memory_format=torch.channels_last)
+    nchw_t = targets.view(2, 3, 5, 41).contiguous(memory_format=torch.channels_last)
+    padded_l = torch.zeros(3, 4, 7, 45)
+    padded_l[:2, :3, 1:6, 2:43] = logits.view(2, 3, 5, 41)
+    padded_t = torch.zeros(3, 4, 7, 45)
+    padded_t[:2, :3, 1:6, 2:43] = targets.view(2, 3, 5, 41)
+    row_t = targets[:410].clone()
+    row_t[row_t > 0] = 0.5
+    return [
+        ("column", wide_l[:, 1], wide_t[:, 1]),  # one stride: scores[:, k]
+        ("every_other", logits[::2], targets[::2]),
+        ("transposed", wide_l.t(), wide_t.t()),  # two dims, not mergeable
+        ("expanded_targets", logits[:1230].view(3, 410), row_t.expand(3, 410)),  # stride 0
+        ("channels_last", nchw_l, nchw_t),
+        ("sliced_3d", padded_l[:1, :3, 1:6, 2:43], padded_t[:1, :3, 1:6, 2:43]),  # size-1 dim dropped
+        ("sliced_4d", padded_l[:2, :3, 1:6, 2:43], padded_t[:2, :3, 1:6, 2:43]),  # four strided dims: copied
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("case", _layouts(), ids=lambda c: c[0])
+def test_any_layout_equals_its_contiguous_copy(case, name, backend):
+    _, logits, targets = case
+    assert not (logits.is_contiguous() and targets.is_contiguous())
+    logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    got = _losses_and_grad(name, logits, targets, backend)
+    want = _losses_and_grad(name, logits.contiguous(), targets.contiguous(), backend)
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    assert got[1].shape == logits.shape
+    assert_close(got[1], want[1], atol=0, rtol=0, what="gradient")
+    want_losses, _ = expected(name, logits.cpu().contiguous(), targets.cpu().contiguous(), 0.5)
+    assert_close(got[0], torch.stack(list(want_losses)), atol=1e-6, rtol=1e-5, what="losses vs reference")
+
+
+# torch ops that wait for the device (data-dependent results read on the host)
+SYNCING_OPS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim", "allclose", "repeat_interleave")
+# torch ops that launch no kernel: allocation without initialisation, and views
+FREE_OPS = ("empty", "empty_strided", "empty_like", "detach", "lift_fresh", "alias")
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts the torch ops that would launch a GPU kernel or sync, outside Triton launches (the
+    interpreter copies arguments to and from the host around each launch: not a GPU op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from brl_triton.kernels._config import inside_launch
+
+        name = func.overloadpacket.__name__
+        if not inside_launch():
+            if name in SYNCING_OPS:
+                self.syncs.append(name)
+            elif not func.is_view and name not in FREE_OPS:
+                self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _count():
+    from brl_triton.kernels._config import record_launches
+
+    with record_launches() as kernels, _LaunchCounter() as ops:
+        yield kernels, ops
+
+
+LAUNCH_BUDGET, SYNC_BUDGET = 10, 1
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_one_step_launches_at_most_10_kernels_and_syncs_once(name, deterministic):
+    fn, extra, _ = LOSSES[name]
+    logits, targets = make_case(3001, 40, seed=2, dtype=torch.float32)
+    x = logits.to(DEVICE).requires_grad_(True)
+    targets = targets.to(DEVICE)
+    upstream = [torch.tensor(g, device=DEVICE) for g in UPSTREAM]
+    with _count() as (kernels, ops):
+        out = fn(x, targets, 0.5, backend="triton", deterministic=deterministic, **extra)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(out, upstream[:len(out)])
+    launches = len(kernels.launches) + len(ops.ops)
+    syncs = kernels.host_reads + len(ops.syncs)
+    detail = f"kernels {[k.kernel.__name__ for k in kernels.launches]}, torch ops {ops.ops}, syncs {ops.syncs}"
+    assert launches <= LAUNCH_BUDGET, detail
+    assert syncs <= SYNC_BUDGET, detail
+    want_losses, want_grad = expected(name, logits, targets.cpu(), 0.5)
+    assert_close(torch.stack([o.detach().cpu() for o in out]), torch.stack(list(want_losses)), atol=1e-6,
+                 rtol=1e-5, what="losses")
+    assert_close(x.grad, want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")
+
+
+def test_the_counter_sees_torch_launches_and_syncs():
+    """The budget test's instrument: it must see what it is meant to count."""
+    x = torch.randn(100)
+    with _count() as (kernels, ops):
+        y = (x * 2).sum()
+        bool(y > 0)
+        x.view(10, 10).t()
+        torch.empty(5)
+    assert ops.ops == ["mul", "sum", "gt"] and ops.syncs == ["_local_scalar_dense"]
+
+
+@pytest.mark.triton
+def test_autotuning_benchmark_launches_do_not_change_results():
+    """On a GPU, autotuning launches every config several times on the real arguments, at every
+    new key. Emulated here (BRL_AUTOTUNE=emulate: every config three times, with the autotuner's
+    own hooks, on each new key, then the winner once), every loss still equals the reference."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import LOSSES, assert_close, expected, make_case, run_loss
+        from brl_triton.kernels import _config
+        # two sizes (new autotuning keys), and launches in chunks of 1000 (accumulating across
+        # launches, with a new key at the last, shorter chunk)
+        for n, p, chunk in [(3000, 40, 1 << 30), (1500, 17, 1 << 30), (2500, 30, 1000)]:
+            _config.MAX_ELEMENTS_PER_LAUNCH = chunk
+            logits, targets = make_case(n, p, seed=n, dtype=torch.float32)
+            for name in LOSSES:
+                fn, extra, _ = LOSSES[name]
+                x = logits.clone().requires_grad_(True)
+                out = fn(x, targets, 0.5, backend="triton", **extra)
+                out = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)][:len(out)])
+                want_losses, want_grad = expected(name, logits, targets, 0.5)
+                for got, want in zip(out, want_losses):
+                    assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"{name} {n} loss")
+                assert_close(x.grad, want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4,
+                             what=f"{name} {n} grad")
+        print("benchmarks", _config._emulated_benchmark.calls)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", BRL_AUTOTUNE="emulate")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stdout + result.stderr
+    benchmarks = int(result.stdout.split("benchmarks")[-1])
+    # three tuned kernels, each with several configs at two new keys at least
+    assert benchmarks >= 3 * 2 * 3, result.stdout
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["bucketed_rank_sort", "rank_sort", "interpolated_ap"])
+def test_deterministic_mode_is_bit_identical_for_every_tile_config(name, monkeypatch):
+    """Deterministic mode adds the tile sums as int64 fixed point, so the tile shape (which
+    autotuning could pick) does not change a single bit; the float path does depend on it."""
+    from brl_triton.kernels import bins, tiles
+
+    logits, targets = make_case(3001, 130, seed=21, dtype=torch.float32)  # several tiles of every config
+    logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    results = {True: [], False: []}
+    for index, config in enumerate(tiles.POSITIVE_TERMS.configs):
+        monkeypatch.setattr(tiles.POSITIVE_TERMS, "default", config)
+        monkeypatch.setattr(tiles.FINISH, "default", config)
+        monkeypatch.setattr(bins.REDUCE, "default", bins.REDUCE.configs[index])
+        for deterministic in (True, False):
+            results[deterministic].append(
+                _losses_and_grad(name, logits, targets, "triton", deterministic=deterministic))
+    first = results[True][0]
+    for other in results[True][1:]:
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+    # the instrument: without fixed point, a wider tile sums in another order
+    plain = results[False][0]
+    assert any(not torch.equal(plain[1], other[1]) for other in results[False][1:])
+    want_losses, want_grad = expected(name, logits.cpu(), targets.cpu(), 0.5)
+    assert_close(first[0], torch.stack(list(want_losses)), atol=1e-6, rtol=1e-5, what="losses")
+    assert_close(first[1], want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["rank_sort", "bucketed_rank_sort"])
+def test_float64_delta_reaches_the_kernels_unrounded(name):
+    """delta = 0.3 is not a float32 value: passed as a float argument it would be rounded on a GPU."""
+    logits, targets = make_case(3001, 40, seed=4, dtype=torch.float64)
+    got = _losses_and_grad(name, logits.to(DEVICE), targets.to(DEVICE), "triton", delta=0.3)
+    want_losses, want_grad = expected(name, logits, targets, 0.3)
+    assert_close(got[0], torch.stack(list(want_losses)), atol=1e-14, rtol=1e-12, what="losses")
+    assert_close(got[1], want_grad, atol=1e-15, rtol=1e-10, what="grad")
+
+
+FIRST_CALL_VARIANTS = 8
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_first_call_compiles_at_most_8_kernel_variants(name, dtype, deterministic):
+    """Each distinct (kernel, signature, constexprs, specialization) of a call is one compile on a
+    GPU; sizes are not specialized on, so they do not add variants."""
+    from benchmarks.kernel_resources import variant_of
+    from brl_triton.kernels._config import record_launches
+
+    variants = set()
+    for n, p in [(3001, 40), (2000, 17)]:  # a second size must not add any
+        logits, targets = make_case(n, p, seed=n, dtype=dtype)
+        with record_launches() as recorded:
+            _losses_and_grad(name, logits.to(DEVICE), targets.to(DEVICE), "triton", deterministic=deterministic)
+        variants |= {variant_of(launch) for launch in recorded.launches}
+        if n == 3001:
+            first = set(variants)
+    assert len(first) <= FIRST_CALL_VARIANTS, sorted(v.name for v in first)
+    assert variants == first, sorted(v.name for v in variants - first)
