@@ -17,7 +17,7 @@ import brl_triton
 from brl_triton import _common as kinds
 from brl_triton.reference import reference_forward
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "official_cases.pt"
+GOLDEN = Path(__file__).resolve().parent / "data" / "official_cases.pt"  # provenance: tests/data/README.md
 
 # name -> (public function, extra keyword arguments, LossKind of the reference)
 LOSSES = {
@@ -105,5 +105,5 @@ def assert_close(actual, expected, *, atol, rtol, what=""):
 @pytest.fixture(scope="session")
 def golden_cases():
     if not GOLDEN.exists():
-        pytest.fail(f"golden data not found at {GOLDEN}: the repository expects ../shared beside it")
+        pytest.fail(f"golden data not found at {GOLDEN}: it is part of the repository (git LFS is not used)")
     return torch.load(GOLDEN, weights_only=False)["cases"]

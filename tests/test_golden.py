@@ -1,4 +1,4 @@
-"""Every backend against the official implementation's outputs (shared/golden/official_cases.pt)."""
+"""Every backend against the official implementation's outputs (tests/data/official_cases.pt)."""
 
 import pytest
 import torch
