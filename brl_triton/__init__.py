@@ -1,6 +1,6 @@
 """brl_triton: bucketed ranking-based losses (Rank & Sort, AP) for object detectors.
 
-See ``shared/ALGORITHM.md`` for the definitions every backend computes.
+See ``docs/losses.md`` for the definitions every backend computes.
 """
 
 from .functional import ap_loss, bucketed_ap_loss, bucketed_rank_sort_loss, rank_sort_loss

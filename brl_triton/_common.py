@@ -10,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class LossKind:
-    """Which loss of ``shared/ALGORITHM.md`` is computed.
+    """Which loss of ``docs/losses.md`` is computed.
 
     ``bucketed``: negatives grouped into buckets between consecutive positives (BRS/BAP).
     ``sorting``: Rank & Sort (two outputs: ranking and sorting loss) instead of AP (one output).

@@ -1,6 +1,6 @@
 """The losses as functions: ``bucketed_rank_sort_loss``, ``rank_sort_loss``, ``bucketed_ap_loss``, ``ap_loss``.
 
-All of them follow ``shared/ALGORITHM.md``. Common conventions:
+All of them follow ``docs/losses.md``. Common conventions:
 
 - ``logits``: float tensor (float16, bfloat16, float32 or float64) of any shape, e.g. ``(B, A, C)``
   classification logits of a detector; it is flattened, and the whole tensor is one ranking

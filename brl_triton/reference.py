@@ -1,4 +1,4 @@
-"""The test oracle: the losses of ``shared/ALGORITHM.md`` as O(P*N) loops, one positive at a time.
+"""The test oracle: the losses of ``docs/losses.md`` as O(P*N) loops, one positive at a time.
 
 Nothing here is clever on purpose. Every quantity is computed in float64 straight from its
 definition, so that the fast backends can be checked against it. It is also reachable as

@@ -1,4 +1,4 @@
-"""Torch backend: the losses of ``shared/ALGORITHM.md`` at bucketed cost, in plain torch ops.
+"""Torch backend: the losses of ``docs/losses.md`` at bucketed cost, in plain torch ops.
 
 It runs on every device torch runs on and is the fallback wherever Triton is not used.
 

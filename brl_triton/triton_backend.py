@@ -1,4 +1,4 @@
-"""Triton backend: the losses of the spec (``docs``/``torch_backend``) as a handful of Triton
+"""Triton backend: the losses of ``docs/losses.md`` as a handful of Triton
 launches with one host sync, reading inputs of any layout in place (``brl_triton.kernels``).
 
 Data flow (N elements, p positives, E <= 2p edges), for p <= 4096 and float32 compute:
