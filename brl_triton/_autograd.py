@@ -34,8 +34,13 @@ class RankingLossFunction(torch.autograd.Function):
         return tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in result[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of this gradient was asked for
+            raise RuntimeError(
+                "ranking losses have no second derivative: their gradient is the error-driven identity "
+                "update, not a differentiable function of the logits; call backward without create_graph=True"
+            )
+        # grad mode is off from here on, as in any backward without create_graph
         logits, targets = ctx.saved_tensors
         if ctx.state is None:
             grad = torch.zeros_like(logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ def check_delta(delta, kind: LossKind) -> float:
         if delta.numel() != 1:
             raise ValueError(f"delta must be a scalar, got a tensor of shape {tuple(delta.shape)}")
         delta = delta.item()
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+    # numbers.Real: Python and numpy scalars alike
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
         raise TypeError(f"delta must be a real number, got {type(delta).__name__}")
     delta = float(delta)
     if math.isnan(delta) or math.isinf(delta) or delta < 0:

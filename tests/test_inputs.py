@@ -185,3 +185,24 @@ def test_modules_match_functions(module, name, kwargs):
     for got, w in zip(out, want):
         assert_close(got, w, atol=1e-10, rtol=1e-9, what=name)
     assert "delta=0.25" in repr(criterion)
+
+
+def test_numpy_scalars_are_accepted_as_delta():
+    np = pytest.importorskip("numpy")
+    logits, targets = make_case(300, 5, seed=1)
+    want = brl_triton.rank_sort_loss(logits, targets, 0.5, backend="torch")
+    for delta in (np.float32(0.5), np.float64(0.5)):
+        got = brl_triton.rank_sort_loss(logits, targets, delta, backend="torch")
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match="delta must be a real number"):
+        brl_triton.rank_sort_loss(logits, targets, np.array([0.5, 0.5]), backend="torch")
+
+
+def test_create_graph_is_a_clear_error():
+    logits, targets = make_case(300, 5, seed=1)
+    x = logits.clone().requires_grad_(True)
+    ranking, sorting = brl_triton.bucketed_rank_sort_loss(x, targets, backend="torch")
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(ranking + sorting, x, create_graph=True)
+    (ranking + sorting).backward()  # a plain backward still works
+    assert x.grad is not None
