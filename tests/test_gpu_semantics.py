@@ -150,9 +150,9 @@ def test_autotuning_benchmark_launches_do_not_change_results():
         sys.path.insert(0, "tests")
         from conftest import LOSSES, assert_close, expected, make_case, run_loss
         from brl_triton.kernels import _config
-        # two sizes (new autotuning keys), and launches in chunks of 1000 (accumulating across
-        # launches, with a new key at the last, shorter chunk)
-        for n, p, chunk in [(3000, 40, 1 << 30), (1500, 17, 1 << 30), (2500, 30, 1000)]:
+        # a first size, then launches in chunks of 2048 (accumulating across launches; the last,
+        # shorter chunk is a new key, benchmarked on top of what the first chunk added)
+        for n, p, chunk in [(3000, 40, 1 << 30), (2500, 30, 2048)]:
             _config.MAX_ELEMENTS_PER_LAUNCH = chunk
             logits, targets = make_case(n, p, seed=n, dtype=torch.float32)
             for name in LOSSES:
@@ -173,7 +173,7 @@ def test_autotuning_benchmark_launches_do_not_change_results():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stdout + result.stderr
     benchmarks = int(result.stdout.split("benchmarks")[-1])
-    # three tuned kernels, each with several configs at two new keys at least
+    # three tuned kernels with three or four configs each, at two new keys at least
     assert benchmarks >= 3 * 2 * 3, result.stdout
 
 
