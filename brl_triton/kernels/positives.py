@@ -24,7 +24,7 @@ from ._layout import element_address
 
 SORT_BY_RANK_MAX = 4096
 SCAN_BLOCK, SCAN_WARPS = 1024, 4
-PREPARE_ROWS, PREPARE_COLS = 64, 64
+PREPARE_ROWS, PREPARE_COLS = 64, 32
 
 EDGES_POSITIVES = 0  # delta == 0: the positive logits (bucketed and exact are one computation)
 EDGES_BUCKETS = 1  # bucketed: min - delta, then the positive logits

@@ -257,6 +257,8 @@ def _finish_kernel(
 _TILE_DEFAULT = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=4, num_stages=2)
 _TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_warps=4, num_stages=2),
                       triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=4, num_stages=2)]
+# float64 tiles need twice the registers: narrower column blocks keep the sorting tiles unspilled
+TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=4, num_stages=2)
 POSITIVE_TERMS = Tunable(_positive_terms_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 INTERPOLATED_BLOCK = 1024
@@ -274,7 +276,7 @@ def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int,
     POSITIVE_TERMS.launch(
         lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, p, edges, num_edges, count, offset_sum,
         status, n_total, fp_bound, table, table.stride(0), delta_bits, size_class(p), size_class(num_edges),
-        fixed=deterministic,
+        fixed=deterministic, config=_float64_config(s_pos),
         SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, FIXED_POINT=fixed_point,
         EXACT=deterministic,
     )
@@ -301,10 +303,14 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
     FINISH.launch(
         grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, table.stride(0), const,
         const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges),
-        fixed=deterministic, SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
+        fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
         AFFINE=affine, INTERPOLATED=interpolated, FIXED_POINT=fixed_point, EXACT=deterministic,
     )
     return const, slope
+
+
+def _float64_config(s_pos):
+    return TILE_FLOAT64 if s_pos.dtype == torch.float64 else None
 
 
 def _is_zero(delta_bits: int) -> bool:

@@ -1,0 +1,445 @@
+"""Ahead-of-time resource report of the Triton kernels for sm_80 and sm_90, without a GPU.
+
+    python -m benchmarks.kernel_resources [--out DIR] [--quick]
+
+Triton compiles for any NVIDIA target on a CPU-only machine: the wheel holds the front end, LLVM
+and ptxas. What a GPU would compile is taken from real calls: every loss runs through the
+interpreter with its launches recorded (``brl_triton.kernels._config.record_launches``), and each
+launch becomes a :class:`Variant` keyed the way Triton's runtime keys it (signature, constexprs,
+and the attributes it derives from the argument values: 16-divisible pointers and ints, ints
+equal to 1). Kernels with alternative configs (``_config.Tunable``) are compiled with each of
+them. Registers, spills and static shared memory come from ``ptxas -v`` (Triton only learns them
+from the driver, when a GPU loads the cubin), the instructions from ``cuobjdump -sass``, and the
+occupancy from the CUDA occupancy rules. Writes kernel_resources.csv and kernel_resources.md.
+
+The full matrix (every logits x target dtype, mode, delta and size; every config) is ~380 variants,
+760 compiles: about half an hour on 2 cores. --quick (float32, one size) is ~70 variants.
+
+Compiles run in spawned worker processes with the interpreter off: under ``TRITON_INTERPRET=1``
+``@triton.jit`` makes interpreter objects, which Triton cannot compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import io
+import itertools
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+# Without a GPU the losses only run through the interpreter, which triton applies to every
+# @triton.jit function defined once it is imported, its own standard library included: it must be
+# on before triton is first imported. (The compile workers are started with it off.)
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+ARCHS = (80, 90)
+FIGURES = Path(__file__).resolve().parent / "figures"
+LOGITS_DTYPES = ("float16", "bfloat16", "float32", "float64")
+TARGET_DTYPES = ("float32", "int64", "bool")
+# (N, P): sizes that are not multiples of 16, and ones that are with a single positive, so that both
+# the plain and the specialized (16-divisible, == 1) integer arguments get compiled
+SIZES = ((203, 13), (256, 1))
+# a memory barrier whose scope is the whole GPU or the system (MEMBAR.SC.GPU, MEMBAR.ALL.SYS, ...)
+MEMBAR_GPU = re.compile(r"\bMEMBAR(?:\.\w+)*\.(?:GPU|SYS)\b")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What bounds the resident blocks of one SM. Per-SM sizes and limits: the CUDA C++
+    Programming Guide, "Compute Capabilities" (technical specifications per compute capability);
+    allocation units and the 1 KB per block the driver reserves (from sm_80 on): the occupancy
+    calculator, ``cuda_occupancy.h`` (cudaOccMaxBlocksPerSMRegsLimit / SmemLimit)."""
+
+    smem_per_sm: int  # bytes, at the largest shared-memory carveout
+    smem_per_block: int  # bytes one block may use (opt-in maximum), the reserved 1 KB not included
+    smem_reserved_per_block: int = 1024
+    smem_granularity: int = 128  # a block's shared memory is allocated in 128-byte units
+    regs_per_sm: int = 65536  # 32-bit registers
+    reg_granularity: int = 256  # registers are allocated per warp, in units of 256 ...
+    sub_partitions: int = 4  # ... from one of the SM's 4 quarter register files
+    max_regs_per_thread: int = 255
+    max_warps_per_sm: int = 64  # 2048 resident threads
+    max_warps_per_block: int = 32  # 1024 threads
+    max_blocks_per_sm: int = 32
+
+
+HARDWARE = {
+    80: Hardware(smem_per_sm=164 * 1024, smem_per_block=163 * 1024),  # A100
+    90: Hardware(smem_per_sm=228 * 1024, smem_per_block=227 * 1024),  # H100 / H200
+}
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> float:
+    """Resident warps per SM over the maximum, the way cudaOccMaxActiveBlocksPerMultiprocessor
+    counts them: the fewest blocks allowed by registers, shared memory, warps and blocks."""
+    hw = HARDWARE[arch]
+    if (num_warps > hw.max_warps_per_block or registers > hw.max_regs_per_thread
+            or shared_bytes > hw.smem_per_block):
+        return 0.0
+    regs_per_warp = _round_up(max(registers, 1) * 32, hw.reg_granularity)
+    warps_by_regs = hw.regs_per_sm // hw.sub_partitions // regs_per_warp * hw.sub_partitions
+    smem_per_block = _round_up(shared_bytes + hw.smem_reserved_per_block, hw.smem_granularity)
+    blocks = min(warps_by_regs // num_warps, hw.smem_per_sm // smem_per_block,
+                 hw.max_warps_per_sm // num_warps, hw.max_blocks_per_sm)
+    return blocks * num_warps / hw.max_warps_per_sm
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation of a kernel, as Triton's runtime keys it (equal variants compile to the
+    same binary). ``config`` and ``dtypes`` only label it in the report."""
+
+    module: str
+    name: str  # qualified name of the kernel in its module
+    signature: tuple  # ((parameter, type), ...): "*fp32", "i32", "fp32", "constexpr", ...
+    constexprs: tuple  # ((path, value), ...), including ints specialized to 1 and None
+    attrs: tuple  # ((path, ((attribute, value), ...)), ...): "tt.divisibility" 16
+    num_warps: int
+    num_stages: int
+    config: str = field(default="", compare=False)
+    dtypes: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Resources:
+    kernel: str
+    arch: int
+    registers: int  # per thread
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    shared_bytes: int  # per block: Triton's dynamic shared memory plus ptxas' static
+    occupancy: float
+    has_membar_gpu: bool | None  # a GPU- or system-scope barrier in the SASS; None: not disassembled
+    sass: str = field(repr=False)
+
+
+def _unwrap(kernel):
+    """(innermost function, @triton.jit options): through autotuners and interpreter objects."""
+    options = {}
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+        if isinstance(kernel, InterpretedFunction):
+            options = kernel.kwargs
+        kernel = kernel.fn
+    return kernel, options
+
+
+def _lookup(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _key(kernel) -> tuple[str, str]:
+    fn, _ = _unwrap(kernel)
+    return fn.__module__, fn.__qualname__
+
+
+_binding_functions: dict = {}
+
+
+def _binding_function(kernel) -> JITFunction:
+    """A JITFunction to bind arguments with, exactly as the runtime does. Under the interpreter the
+    package records the plain function: wrap it again with the decorator's options (the module's
+    own object keeps them), e.g. do_not_specialize. Nothing is compiled from it."""
+    fn, options = _unwrap(kernel)
+    if isinstance(fn, JITFunction):
+        return fn
+    if fn not in _binding_functions:
+        if not options:
+            options = _unwrap(_lookup(fn.__module__, fn.__qualname__))[1]
+        _binding_functions[fn] = JITFunction(fn, **options)
+    return _binding_functions[fn]
+
+
+def variant(kernel, args, constexprs, num_warps: int = 4, num_stages: int = 2) -> Variant:
+    """What ``kernel[grid](*args, num_warps=..., num_stages=..., **constexprs)`` compiles, with
+    Triton's own binder and argument packing (runtime/jit.py), so specialization cannot drift."""
+    jit = _binding_function(kernel)
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # specialization does not depend on the arch
+    kwargs = {**constexprs, "num_warps": num_warps, "num_stages": num_stages}
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, consts, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    config = [f"{jit.arg_names[path[0]]}={value}" for path, value in consts.items()
+              if jit.params[path[0]].is_constexpr]
+    return Variant(
+        module=jit.__module__, name=jit.__qualname__, signature=tuple(signature.items()),
+        constexprs=tuple(sorted(consts.items())),
+        attrs=tuple(sorted((path, tuple(tuple(a) for a in attr)) for path, attr in attrs.items() if attr)),
+        num_warps=num_warps, num_stages=num_stages,
+        config=" ".join([*config, f"warps={num_warps}", f"stages={num_stages}"]),
+        dtypes=",".join(t[1:] for _, t in signature.items() if t.startswith("*")),
+    )
+
+
+def variant_of(launch) -> Variant:
+    """The variant of a recorded ``_config.Launch``."""
+    return variant(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+
+
+def missing_tools() -> str | None:
+    """Why nothing can be compiled here (ptxas or cuobjdump not found), or None."""
+    try:
+        get_ptxas(90)
+        knobs.nvidia.cuobjdump
+    except RuntimeError as e:
+        return f"Triton's bundled NVIDIA tools are missing: {e}"
+    return None
+
+
+def _compilable(v: Variant) -> JITFunction:
+    fn = _lookup(v.module, v.name)
+    while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{v.module}.{v.name} was imported under TRITON_INTERPRET=1: cannot compile it")
+    return fn
+
+
+def _ptxas_log(compiled, arch: int, workdir: Path) -> str:
+    """``ptxas -v`` on the PTX, with the flags of Triton's make_cubin (backends/nvidia/compiler.py),
+    for kernels that came from Triton's cache."""
+    md = compiled.metadata
+    ptx = workdir / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+           *([] if md.enable_fp_fusion else ["--fmad=false"]), *(md.ptx_options or "").split(),
+           f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(workdir / "ptxas.cubin")]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+
+def _disassemble(cubin: bytes, workdir: Path) -> str:
+    path = workdir / "triton.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def compile_variant(v: Variant, arch: int, sass: bool = True) -> Resources:
+    """Compile ``v`` for sm_<arch> and measure it. ``sass=False`` skips the disassembly, which costs
+    about as much as ptxas. From a process that interprets kernels the compile goes to a worker
+    process (see the module docstring)."""
+    if not knobs.runtime.interpret:
+        return _compile_here(v, arch, sass)
+    result, = compile_all([(v, arch, sass)], workers=1)
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    return result
+
+
+def _compile_here(v: Variant, arch: int, sass: bool = True) -> Resources:
+    """:func:`compile_variant` in this process."""
+    attrs = {path: [list(a) for a in attr] for path, attr in v.attrs}
+    printed = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(printed):
+        knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v but only prints the log if asked
+        compiled = triton.compile(ASTSource(_compilable(v), dict(v.signature), dict(v.constexprs), attrs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    log = printed.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "Used" not in log:  # a cache hit: no ptxas ran
+            log = _ptxas_log(compiled, arch, Path(tmp))
+        code = _disassemble(compiled.asm["cubin"], Path(tmp)) if sass else ""
+    registers = int(re.search(r"Used (\d+) registers", log)[1])
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    static_smem = re.search(r"(\d+) bytes smem", log)
+    shared = compiled.metadata.shared + (int(static_smem[1]) if static_smem else 0)
+    return Resources(v.name, arch, registers, int(spills[1]), int(spills[2]), shared,
+                     occupancy(registers, shared, v.num_warps, arch),
+                     bool(MEMBAR_GPU.search(code)) if sass else None, code)
+
+
+def _compile_job(job):
+    try:
+        return _compile_here(*job)
+    except Exception as e:  # reported per row; one broken variant must not hide the others
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})"
+
+
+def compile_all(jobs, workers: int = 2, progress: bool = False) -> list:
+    """Run :func:`compile_variant` on each ``(variant, arch[, sass])`` in spawned processes with the
+    interpreter off. Returns a :class:`Resources` per job, or the error message as a string.
+
+    The workers inherit the environment when they start, before they import triton (which
+    already applies the interpreter to its own standard library), hence the switch here."""
+    jobs = list(jobs)
+    interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(_compile_job, jobs)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(jobs), desc="compiling", unit="kernel")
+            return list(results)
+    finally:
+        if interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def _case(n: int, p: int, logits_dtype, target_dtype, device):
+    """Random logits; p positives with IoU-like targets in (0, 1], a tenth of the rest ignored
+    (int targets: 1 / 0 / -1; bool targets: no ignored entries)."""
+    g = torch.Generator().manual_seed(n * 1000 + p)
+    logits = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    perm = torch.randperm(n, generator=g)
+    targets = torch.zeros(n, dtype=torch.float64)
+    targets[perm[:p]] = torch.rand(p, generator=g, dtype=torch.float64).clamp_min(0.05)
+    targets[perm[p:p + n // 10]] = -1
+    if target_dtype == torch.bool:
+        targets = targets > 0
+    elif not target_dtype.is_floating_point:
+        targets = targets.sign()
+    return logits.to(device, logits_dtype).requires_grad_(), targets.to(device, target_dtype)
+
+
+def representative_launches(logits_dtypes=LOGITS_DTYPES, target_dtypes=TARGET_DTYPES,
+                            deterministic=(False, True), deltas=(0.0, 0.5), sizes=SIZES) -> list:
+    """Every loss, forward and backward with ``backend="triton"``, over the product of the given
+    dtypes (names of torch dtypes), modes, deltas and (N, P) sizes; returns the recorded launches."""
+    if not torch.cuda.is_available() and not isinstance(triton.language.sum, InterpretedFunction):
+        raise RuntimeError("without a GPU the kernels run through the interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported")
+    import brl_triton
+    from brl_triton.kernels import _config
+
+    device = "cpu" if _config.INTERPRET else "cuda"
+    losses = [(brl_triton.bucketed_rank_sort_loss, {}), (brl_triton.rank_sort_loss, {}),
+              (brl_triton.bucketed_ap_loss, {}), (brl_triton.ap_loss, {}),
+              (brl_triton.ap_loss, {"interpolated": True})]
+    with _config.record_launches() as recorder:
+        for (fn, kwargs), ldt, tdt, det, delta, (n, p) in itertools.product(
+                losses, logits_dtypes, target_dtypes, deterministic, deltas, sizes):
+            if delta == 0 and kwargs.get("interpolated"):
+                continue  # the interpolated AP loss needs delta > 0
+            logits, targets = _case(n, p, getattr(torch, ldt), getattr(torch, tdt), device)
+            out = fn(logits, targets, delta, backend="triton", deterministic=det, **kwargs)
+            out = out if isinstance(out, tuple) else (out,)
+            torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+    return recorder.launches
+
+
+def tunables() -> dict:
+    """``(module, qualname)`` of a kernel -> its ``_config.Tunable``, from the globals of every
+    module of ``brl_triton.kernels``."""
+    import brl_triton.kernels as package
+    from brl_triton.kernels import _config
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found.update({_key(t.kernel): t for t in vars(module).values() if isinstance(t, _config.Tunable)})
+    return found
+
+
+def variant_matrix(launches, tunable: dict | None = None) -> dict:
+    """Every distinct variant of ``launches``, each Tunable kernel's launches with every one of its
+    configs in turn. Value: whether the variant is what a default-config call compiles."""
+    tunable = tunables() if tunable is None else tunable
+    found: dict = {}
+    for launch in launches:
+        owner = tunable.get(_key(launch.kernel))
+        configs = [(c, c is owner.default) for c in owner.configs] if owner else [(None, True)]
+        for config, default in configs:
+            configured = launch if config is None else replace(
+                launch, constexprs={**launch.constexprs, **config.kwargs}, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+            v = variant_of(configured)
+            found[v] = found.get(v, False) or default
+    return found
+
+
+COLUMNS = ["kernel", "config", "dtypes", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes",
+           "occupancy", "membar_gpu", "default", "signature", "constexprs", "attrs", "error"]
+
+
+def rows(matrix: dict, jobs, results) -> list[dict]:
+    """One row per compile (COLUMNS), default configs first within a kernel."""
+    out = []
+    for (v, arch), r in zip(jobs, results):
+        row = {"kernel": v.name, "config": v.config, "dtypes": v.dtypes, "arch": f"sm_{arch}",
+               "default": matrix[v], "signature": " ".join(f"{k}:{t}" for k, t in v.signature),
+               "constexprs": repr(v.constexprs), "attrs": repr(v.attrs), "error": ""}
+        if isinstance(r, str):
+            row["error"] = r
+        else:
+            row.update(registers=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
+                       shared_bytes=r.shared_bytes, occupancy=round(r.occupancy, 4),
+                       membar_gpu=r.has_membar_gpu)
+        out.append(row)
+    return sorted(out, key=lambda r: (r["kernel"], not r["default"], r["config"], r["dtypes"], r["arch"]))
+
+
+def markdown(table: list[dict]) -> str:
+    head = ["kernel", "config", "dtypes", "arch", "registers", "spills st/ld (B)", "shared (B)", "occupancy",
+            "MEMBAR .GPU", "default"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        if r["error"]:
+            cells = ["error: " + r["error"].splitlines()[0][:80]] + [""] * 4
+        else:
+            cells = [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["shared_bytes"]),
+                     f"{r['occupancy']:.0%}", "yes" if r["membar_gpu"] else ""]
+        lines.append("| " + " | ".join([r["kernel"], r["config"], r["dtypes"], r["arch"], *cells,
+                                         "yes" if r["default"] else ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=FIGURES)
+    parser.add_argument("--quick", action="store_true",
+                        help="float32 logits and targets, one size (every loss, mode, delta and config)")
+    args = parser.parse_args(argv)
+    if reason := missing_tools():
+        parser.error(reason)
+    float32 = dict(logits_dtypes=("float32",), target_dtypes=("float32",), sizes=SIZES[:1])
+    matrix = variant_matrix(representative_launches(**(float32 if args.quick else {})))
+    jobs = [(v, arch) for v in matrix for arch in ARCHS]
+    table = rows(matrix, jobs, compile_all(jobs, progress=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "kernel_resources.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    text = markdown(table)
+    (args.out / "kernel_resources.md").write_text(text)
+    print(text)
+    return 1 if any(r["error"] for r in table) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""AOT compile gate: the Triton kernels compiled for sm_80 and sm_90 with Triton's bundled ptxas,
+no GPU needed. Default configs must not spill, must fit a block's shared memory, and the streaming
+reduction and positive-compaction kernels must not fence the whole GPU: a default (acq_rel) atomic
+comes with a MEMBAR .GPU, which waits until the warp's earlier writes are visible to the whole GPU.
+
+Toy kernels check that the gate can fail: an acq_rel atomic has the fence, a relaxed one has not,
+and a register tile too big for one warp spills. The compiles run in worker processes (see
+``benchmarks/kernel_resources.py``), so the toy kernels live at module level.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks import kernel_resources as kr
+
+MISSING = kr.missing_tools()
+pytestmark = [pytest.mark.aot, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+
+
+@triton.jit
+def _toy_atomic(out_ptr, value):
+    tl.atomic_add(out_ptr, value)  # default semantics: acq_rel, GPU scope
+
+
+@triton.jit
+def _toy_relaxed_atomic(out_ptr, value):
+    tl.atomic_add(out_ptr, value, sem="relaxed")
+
+
+@triton.jit
+def _toy_spill(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)  # all BLOCK values stay live across the reductions
+    tl.store(out_ptr + offs, x - tl.sum(x, 0) / tl.max(x, 0))
+
+
+@triton.jit
+def _toy_scale(x_ptr, out_ptr, n, m, factor, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n * m) * factor, mask=offs < n * m)
+
+
+@pytest.fixture(scope="module")
+def toys():
+    x = torch.zeros(8192)
+    atomic = kr.variant(_toy_atomic, (x, 1.5), {}, num_warps=1, num_stages=1)
+    relaxed = kr.variant(_toy_relaxed_atomic, (x, 1.5), {}, num_warps=1, num_stages=1)
+    spill = kr.variant(_toy_spill, (x, x), {"BLOCK": 8192}, num_warps=1, num_stages=1)  # 256 values a thread
+    jobs = {**{("atomic", arch): (atomic, arch) for arch in kr.ARCHS},
+            **{("relaxed", arch): (relaxed, arch) for arch in kr.ARCHS}, "spill": (spill, 90, False)}
+    return dict(zip(jobs, kr.compile_all(jobs.values())))
+
+
+def test_variant_specializes_like_the_runtime():
+    x = torch.zeros(64)
+    v = kr.variant(_toy_scale, (x, x[1:], 1, 17, 0.5), {"BLOCK": 64})
+    assert dict(v.signature) == {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "constexpr", "m": "i32",
+                                 "factor": "fp32", "BLOCK": "constexpr"}
+    assert dict(v.constexprs) == {(2,): 1, (5,): 64}  # an int equal to 1 becomes a constant
+    assert dict(v.attrs) == {(0,): (("tt.divisibility", 16),)}  # the offset view is not 16-byte aligned
+    w = kr.variant(_toy_scale, (torch.ones(64), torch.ones(64), 32, 32, 2.0), {"BLOCK": 64})
+    assert dict(w.attrs) == {(0,): (("tt.divisibility", 16),), (1,): (("tt.divisibility", 16),),
+                             (2,): (("tt.divisibility", 16),), (3,): (("tt.divisibility", 16),)}
+    same = kr.variant(_toy_scale, (torch.zeros(8), torch.zeros(8), 48, 16, -1.0), {"BLOCK": 64})
+    assert len({v, w, same}) == 2 and same == w  # other tensors, same specialization: one variant
+
+
+def test_occupancy_follows_the_cuda_rules():
+    assert kr.occupancy(32, 0, 4, 90) == 1.0
+    assert kr.occupancy(255, 0, 4, 90) == 8 / 64  # 8192 registers a warp: 2 warps per quarter SM
+    assert kr.occupancy(40, 0, 4, 80) == 48 / 64  # 1280 a warp: 12 warps per quarter, not 51 per SM
+    assert kr.occupancy(32, 100 * 1024, 4, 80) == 4 / 64  # 101 KB with the reserve: one block
+    assert kr.occupancy(32, 100 * 1024, 4, 90) == 8 / 64
+    assert kr.occupancy(32, 200 * 1024, 4, 80) == 0.0  # over the per-block limit
+
+
+@pytest.mark.parametrize("arch", kr.ARCHS)
+def test_gate_sees_gpu_scope_fences(toys, arch):
+    atomic, relaxed = toys["atomic", arch], toys["relaxed", arch]
+    assert not isinstance(atomic, str) and not isinstance(relaxed, str), (atomic, relaxed)
+    assert atomic.has_membar_gpu and "MEMBAR" in atomic.sass
+    assert relaxed.has_membar_gpu is False and ("RED" in relaxed.sass or "ATOM" in relaxed.sass)
+    assert atomic.spill_stores == relaxed.spill_stores == 0
+
+
+def test_gate_sees_spills(toys):
+    spill = toys["spill"]
+    assert not isinstance(spill, str), spill
+    assert spill.spill_stores > 0 and spill.spill_loads > 0 and spill.registers == 255
+    assert spill.has_membar_gpu is None  # not disassembled
+    assert spill.occupancy == 8 / 64  # 8192 registers a warp: 2 warps in each quarter of the SM
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The distinct default-config variants of a float32 and a float64 call of every loss, hard and
+    smooth step, deterministic or not, compiled for sm_80 and sm_90 (float64 tiles need twice the
+    registers: the likeliest to spill)."""
+    launches = kr.representative_launches(logits_dtypes=("float32", "float64"), target_dtypes=("float32",),
+                                          deltas=(0.0, 0.5), sizes=kr.SIZES[:1])
+    variants = [v for v, default in kr.variant_matrix(launches).items() if default]
+    jobs = [(v, arch, _streaming(v.name)) for v in variants for arch in kr.ARCHS]  # disassembly where checked
+    return list(zip(jobs, kr.compile_all(jobs)))
+
+
+def _streaming(name):
+    return any(word in name for word in ("reduce", "scan", "compact"))
+
+
+def _label(v, arch, *_):
+    return f"{v.name} [{v.config}; {v.dtypes}] sm_{arch}"
+
+
+def test_kernels_compile(kernels):
+    errors = [f"{_label(*job)}: {r}" for job, r in kernels if isinstance(r, str)]
+    assert not errors, "\n".join(errors)
+
+
+def test_default_configs_do_not_spill(kernels):
+    spills = [f"{_label(*job)}: {r.spill_stores} B stored, {r.spill_loads} B loaded" for job, r in kernels
+              if not isinstance(r, str) and (r.spill_stores or r.spill_loads)]
+    assert not spills, "\n".join(spills)
+
+
+def test_shared_memory_fits_a_block(kernels):
+    over = [f"{_label(*job)}: {r.shared_bytes} B" for job, r in kernels
+            if not isinstance(r, str) and r.shared_bytes > kr.HARDWARE[r.arch].smem_per_block]
+    assert not over, "\n".join(over)
+
+
+def test_streaming_kernels_have_no_gpu_scope_fence(kernels):
+    streaming = [(job, r) for job, r in kernels if not isinstance(r, str) and _streaming(r.kernel)]
+    names = {r.kernel for _, r in streaming}
+    assert any("reduce" in n for n in names) and any("scan" in n or "compact" in n for n in names), names
+    fenced = [f"{_label(*job)}: {', '.join(sorted(set(kr.MEMBAR_GPU.findall(r.sass))))}"
+              for job, r in streaming if r.has_membar_gpu]
+    assert not fenced, "\n".join(fenced)
