@@ -99,7 +99,7 @@ REDUCE = Tunable(
     triton.Config({"BLOCK": 1024, "PREAGGREGATE": False}, num_warps=4, num_stages=2),
     [triton.Config({"BLOCK": 1024, "PREAGGREGATE": True}, num_warps=4, num_stages=2),
      triton.Config({"BLOCK": 2048, "PREAGGREGATE": True}, num_warps=8, num_stages=2),
-     triton.Config({"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=8, num_stages=2)],
+     triton.Config({"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=16, num_stages=2)],
     key=["n_class", "S_NDIM", "Y_NDIM"],
     restore=["status_ptr", "count_ptr", "offset_sum_ptr"],
 )
