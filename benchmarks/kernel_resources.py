@@ -367,18 +367,17 @@ def tunables() -> dict:
 
 def variant_matrix(launches, tunable: dict | None = None) -> dict:
     """Every distinct variant of ``launches``, each Tunable kernel's launches with every one of its
-    configs in turn. Value: whether the variant is what a default-config call compiles."""
+    configs in turn. Value: whether the variant is what the recorded (default, not autotuned)
+    call compiled; the other configs are what autotuning could pick."""
     tunable = tunables() if tunable is None else tunable
     found: dict = {}
     for launch in launches:
+        found[variant_of(launch)] = True  # what the call compiled (a dtype may pick its own config)
         owner = tunable.get(_key(launch.kernel))
-        configs = [(c, c is owner.default) for c in owner.configs] if owner else [(None, True)]
-        for config, default in configs:
-            configured = launch if config is None else replace(
-                launch, constexprs={**launch.constexprs, **config.kwargs}, num_warps=config.num_warps,
-                num_stages=config.num_stages)
-            v = variant_of(configured)
-            found[v] = found.get(v, False) or default
+        for config in owner.configs if owner else ():
+            configured = replace(launch, constexprs={**launch.constexprs, **config.kwargs},
+                                 num_warps=config.num_warps, num_stages=config.num_stages)
+            found.setdefault(variant_of(configured), False)
     return found
 
 

@@ -19,15 +19,23 @@ def step(x: torch.Tensor, delta: float) -> torch.Tensor:
     return (x >= 0).to(x.dtype)
 
 
-def _buckets(pos_logits, neg_logits):
-    """Bucket id of each relevant negative, and per bucket (count, mean), non-empty buckets only."""
+def _buckets(pos_logits, neg_logits, delta):
+    """Bucket id of each relevant negative, and per bucket (count, prototype), non-empty buckets only.
+
+    The prototype is the mean. With delta == 0 every member of a bucket has the same step
+    H(s_j - s_i) for every positive, which the rounded mean need not keep: a bucket tied with a
+    positive can average to just below it. Any member is exact there; the largest is taken."""
     bucket = torch.zeros(neg_logits.numel(), dtype=torch.long)
     for s_i in pos_logits:
         bucket += (s_i > neg_logits).long()
     ids, member_of, counts = torch.unique(bucket, return_inverse=True, return_counts=True)
     counts = counts.double()
-    means = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, member_of, neg_logits) / counts
-    return member_of, counts, means
+    if delta == 0:
+        prototypes = torch.full((ids.numel(),), -torch.inf, dtype=torch.float64)
+        prototypes.scatter_reduce_(0, member_of, neg_logits, reduce="amax")
+    else:
+        prototypes = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, member_of, neg_logits) / counts
+    return member_of, counts, prototypes
 
 
 def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings=None):
@@ -50,7 +58,7 @@ def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: Loss
     neg_index = ((y == 0) & (s >= s_pos.min() - delta)).nonzero().squeeze(1)
     s_neg = s[neg_index]
     if kind.bucketed:
-        member_of, counts, means = _buckets(s_pos, s_neg)
+        member_of, counts, means = _buckets(s_pos, s_neg, delta)
 
     def false_positives(i):
         """FP(i) and the factor H(s_j - s_i) (or H(m_b - s_i)) of every relevant negative."""

@@ -32,6 +32,16 @@ def bits_to_float64(bits):
 
 
 @triton.jit
+def upcast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` that keeps bfloat16 subnormals: bfloat16 is the top half of a float32, so
+    the bits are moved rather than converted (the Triton interpreter's conversion flushes them;
+    a GPU's is exact, and this compiles to the same shift)."""
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def step(x, inv_two_delta, SMOOTH: tl.constexpr):
     """H(x): clamp(x / 2delta + 1/2, 0, 1), or x >= 0 when delta == 0 (the 1/2 is added after the
     difference, where it cannot vanish next to huge logits)."""

@@ -65,7 +65,7 @@ def _reduce_kernel(
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < stop
     s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
-    s = s.to(edges_ptr.dtype.element_ty)
+    s = m.upcast(s, edges_ptr.dtype.element_ty)
     bad = tl.max((inside & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), axis=0)
     tl.atomic_max(status_ptr + m.STATUS_BAD_LOGITS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
     num_edges = tl.load(num_edges_ptr)
@@ -119,7 +119,7 @@ def _distribute_kernel(
         inside = offs < stop
         y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
         s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
-        s = s.to(edges_ptr.dtype.element_ty)
+        s = m.upcast(s, edges_ptr.dtype.element_ty)
         relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
         key = _count_edges_at_or_below(edges_ptr, num_edges, s)
         grad = (tl.load(const_ptr + key, mask=relevant, other=0.0) * g_rank).to(s.dtype)

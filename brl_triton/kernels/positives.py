@@ -53,7 +53,7 @@ def _scan_kernel(
     if MAX_NEGATIVE:
         negative = inside & (y == 0)
         s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=negative, other=0.0)
-        top = tl.max(tl.where(negative, s.to(tl.float64), -float("inf")), axis=0)
+        top = tl.max(tl.where(negative, m.upcast(s, tl.float64), -float("inf")), axis=0)
         tl.atomic_max(status_ptr + m.STATUS_MAX_NEGATIVE, m.max_negative_code(top), mask=top > -float("inf"),
                       sem="relaxed")
 
@@ -63,7 +63,7 @@ def _sort_key(index, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, ok, S_NDIM: tl.cons
     """float32 logits of the positives at ``index`` and their sort key: order-preserving bits of
     the logit, then the position (distinct keys; ties in flat order)."""
     s = tl.load(s_ptr + element_address(index, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=ok, other=0.0)
-    s = s.to(tl.float32)
+    s = m.upcast(s, tl.float32)
     bits = tl.where(s == 0, 0.0, s).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return s, (ordered.to(tl.int64) << 32) | index
