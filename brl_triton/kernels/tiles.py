@@ -258,8 +258,8 @@ _TILE_DEFAULT = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=4,
 # twice the tile of the default: twice the warps, so that no alternative spills (kernel_resources)
 _TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_warps=8, num_stages=2),
                       triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=8, num_stages=2)]
-# float64 tiles need twice the registers: narrower column blocks keep the sorting tiles unspilled
-TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=4, num_stages=2)
+# float64 tiles need twice the registers: narrower column blocks and more warps keep them unspilled (sm_80 too)
+TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=8, num_stages=2)
 POSITIVE_TERMS = Tunable(_positive_terms_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 INTERPOLATED_BLOCK = 1024
