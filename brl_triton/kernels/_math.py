@@ -106,6 +106,15 @@ def offset_scale(status_ptr, edges_ptr, n):
 
 
 @triton.jit
+def zero_sums(BLOCK: tl.constexpr, EXACT: tl.constexpr):
+    """Accumulators for :func:`fixed_sum`: int64 fixed point (EXACT) or float64."""
+    if EXACT:
+        return tl.zeros([BLOCK], dtype=tl.int64)
+    else:
+        return tl.zeros([BLOCK], dtype=tl.float64)
+
+
+@triton.jit
 def fixed_sum(acc, terms, scale, EXACT: tl.constexpr):
     """``acc + sum(terms, axis=1)``: float64 accumulation of the block's compute-dtype sum, or,
     EXACT (deterministic mode), int64 fixed point, which is exact whatever the tile shape."""

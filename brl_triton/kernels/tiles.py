@@ -76,10 +76,7 @@ def _positive_terms_kernel(
     offset_scale = 1.0
     if FIXED_POINT:
         offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
-    if EXACT:
-        fp = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
-    else:
-        fp = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+    fp = m.zero_sums(BLOCK_ROWS, EXACT)
     for start in range(0, num_edges, BLOCK_COLS):
         b = start + tl.arange(0, BLOCK_COLS)
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
@@ -89,7 +86,7 @@ def _positive_terms_kernel(
         fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, EXACT)
     fp = m.fixed_value(fp, n_scale, EXACT)
 
-    rank_plus = tl.zeros_like(fp) if not EXACT else tl.zeros([BLOCK_ROWS], dtype=tl.int64)
+    rank_plus = m.zero_sums(BLOCK_ROWS, EXACT)
     current = tl.zeros_like(rank_plus)
     target = tl.zeros_like(rank_plus)
     target_count = tl.zeros_like(rank_plus)
@@ -178,10 +175,7 @@ def _finish_kernel(
         y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
         inv = inv64.to(s_i.dtype)
         p_scale = m.power_of_two_scale(count_p + 1.0)
-        if EXACT:
-            received = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
-        else:
-            received = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+        received = m.zero_sums(BLOCK_ROWS, EXACT)
         for start in range(0, p, BLOCK_COLS):
             k = start + tl.arange(0, BLOCK_COLS)
             k_ok = k < p
@@ -207,10 +201,7 @@ def _finish_kernel(
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
         # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2
         w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
-        if EXACT:
-            const = tl.zeros([BLOCK_ROWS], dtype=tl.int64)
-        else:
-            const = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+        const = m.zero_sums(BLOCK_ROWS, EXACT)
         slope = tl.zeros_like(const)
         for start in range(0, p, BLOCK_COLS):
             i = start + tl.arange(0, BLOCK_COLS)
