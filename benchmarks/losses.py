@@ -33,25 +33,44 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import brl_triton
+from brl_triton import registry
 
 from .sort_based import sort_based_bucketed_loss
 
 
 @dataclass(frozen=True)
 class Loss:
-    fn: object
-    delta: float
+    """A benchmark row's loss: ``fn(logits, targets, delta, **kwargs)`` with aLRP's regression
+    losses filled in (``stand_in_regression_losses``)."""
+
+    spec: registry.LossSpec
     kwargs: dict = field(default_factory=dict)
-    sort_based: bool | None = None  # None: no sort-based version; else whether it has the sorting term
+
+    @property
+    def delta(self) -> float:
+        return self.spec.delta
+
+    @property
+    def sort_based(self) -> bool | None:
+        """None: no baseline of the paper's pipeline; else whether it has the sorting term."""
+        return SORT_BASED.get(self.spec.short)
+
+    def fn(self, logits, targets, delta, **kwargs):
+        owner = registry.BY_NAME[self.spec.variant_of] if self.spec.variant_of else self.spec
+        extra = (stand_in_regression_losses(targets),) if self.spec.regression else ()
+        return getattr(brl_triton, owner.function_name)(logits, targets, *extra, delta, **kwargs)
 
 
-LOSSES = {
-    "brs": Loss(brl_triton.bucketed_rank_sort_loss, 0.5, sort_based=True),
-    "rs": Loss(brl_triton.rank_sort_loss, 0.5),
-    "bap": Loss(brl_triton.bucketed_ap_loss, 1.0, sort_based=False),
-    "ap": Loss(brl_triton.ap_loss, 1.0),
-    "ap_interp": Loss(brl_triton.ap_loss, 1.0, {"interpolated": True}),
-}
+def stand_in_regression_losses(targets: torch.Tensor) -> torch.Tensor:
+    """aLRP's regression losses for a benchmark: 1 - IoU target of each positive, in [0, 1]."""
+    flat = targets.reshape(-1)
+    return (1 - flat[flat > 0]).clamp(0, 1).float()
+
+
+# baselines of the paper's pipeline (sort_based.py), by short name: whether it has the sorting term
+SORT_BASED = {"brs": True, "bap": False}
+# every loss of the registry, a row each, by its short name
+LOSSES = {spec.short: Loss(spec, {spec.option: True} if spec.option else {}) for spec in registry.LOSSES}
 
 # Detector-shaped problems: (name, number of scores, number of positives)
 DETECTORS = [

@@ -1,20 +1,14 @@
-"""brl_triton: bucketed ranking-based losses (Rank & Sort, AP) for object detectors.
+"""brl_triton: bucketed ranking-based losses (Rank & Sort, AP, aLRP) for object detectors.
 
-See ``docs/losses.md`` for the definitions every backend computes.
+See ``docs/losses.md`` for the definitions every backend computes, and ``registry.LOSSES`` for
+the list of losses.
 """
 
-from .functional import ap_loss, bucketed_ap_loss, bucketed_rank_sort_loss, rank_sort_loss
-from .modules import APLoss, BucketedAPLoss, BucketedRankSortLoss, RankSortLoss
+from . import functional, modules
+from .balancing import SelfBalancingWeight
+from .functional import *  # noqa: F403  (one function per loss of the registry)
+from .modules import *  # noqa: F403  (one module per loss of the registry)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "APLoss",
-    "BucketedAPLoss",
-    "BucketedRankSortLoss",
-    "RankSortLoss",
-    "ap_loss",
-    "bucketed_ap_loss",
-    "bucketed_rank_sort_loss",
-    "rank_sort_loss",
-]
+__all__ = sorted(functional.__all__ + modules.__all__ + ["SelfBalancingWeight"])

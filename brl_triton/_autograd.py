@@ -5,8 +5,10 @@ A backend is an object with
 - ``inputs(logits, targets) -> (s, y)``: what its forward and backward read, e.g. flat tensors in
   the compute dtype (``_common.flat_inputs``), or the tensors as they are for kernels that read
   any layout and dtype.
-- ``forward(s, y, delta, kind, settings) -> (losses, state) | None``: ``None`` when there is no
-  positive (in the whole process group).
+- ``forward(s, y, delta, kind, settings, regression) -> (losses, state) | None``: ``None`` when
+  there is no positive (in the whole process group). ``kind`` is the ``registry.LossSpec``;
+  ``regression`` its regression losses or None. For a regression loss the outputs are the
+  classification loss and the rank of this process's positives in flat order (not differentiable).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
 
 The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
@@ -17,21 +19,27 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LossKind, Settings, compute_dtype
+from ._common import Settings, compute_dtype
 
 
 class RankingLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, delta: float, kind: LossKind, backend, settings: Settings):
+    def forward(ctx, logits, targets, delta: float, kind, backend, settings: Settings, regression=None):
         s, y = backend.inputs(logits, targets)
-        result = backend.forward(s, y, delta, kind, settings)
+        result = backend.forward(s, y, delta, kind, settings, regression)
         ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
         ctx.state = None if result is None else result[1]
         ctx.save_for_backward(logits, targets)
         out_dtype = compute_dtype(logits.dtype)
         if result is None:
-            return tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.num_outputs))
-        return tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in result[0])
+            outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.ranking_outputs))
+            if kind.regression:
+                outputs += (logits.new_zeros((0,), dtype=out_dtype),)
+        else:
+            outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in result[0])
+        if kind.regression:
+            ctx.mark_non_differentiable(outputs[-1])
+        return outputs
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -48,4 +56,4 @@ class RankingLossFunction(torch.autograd.Function):
             s, y = ctx.backend.inputs(logits, targets)
             grad = ctx.backend.backward(ctx.state, s, y, grad_outputs)
             grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by every backend: loss kinds, input checks, flattening."""
+"""Host-side helpers shared by every backend: settings, input checks, flattening."""
 
 from __future__ import annotations
 
@@ -7,25 +7,6 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class LossKind:
-    """Which loss of ``docs/losses.md`` is computed.
-
-    ``bucketed``: negatives grouped into buckets between consecutive positives (BRS/BAP).
-    ``sorting``: Rank & Sort (two outputs: ranking and sorting loss) instead of AP (one output).
-    ``interpolated``: the original, interpolated AP loss (exact FP, running-max precision).
-    """
-
-    name: str
-    bucketed: bool
-    sorting: bool
-    interpolated: bool = False
-
-    @property
-    def num_outputs(self) -> int:
-        return 2 if self.sorting else 1
 
 
 @dataclass(frozen=True)
@@ -40,16 +21,7 @@ class Settings:
     deterministic: bool = False
 
 
-BUCKETED_RANK_SORT = LossKind("bucketed_rank_sort", bucketed=True, sorting=True)
-RANK_SORT = LossKind("rank_sort", bucketed=False, sorting=True)
-BUCKETED_AP = LossKind("bucketed_ap", bucketed=True, sorting=False)
-AP = LossKind("ap", bucketed=False, sorting=False)
-INTERPOLATED_AP = LossKind("interpolated_ap", bucketed=False, sorting=False, interpolated=True)
-
-ALL_KINDS = (BUCKETED_RANK_SORT, RANK_SORT, BUCKETED_AP, AP, INTERPOLATED_AP)
-
-
-def check_delta(delta, kind: LossKind) -> float:
+def check_delta(delta, kind) -> float:
     """Return ``delta`` as a Python float, or raise if it is not a valid smoothing width."""
     if isinstance(delta, torch.Tensor):
         if delta.numel() != 1:
@@ -61,8 +33,10 @@ def check_delta(delta, kind: LossKind) -> float:
     delta = float(delta)
     if math.isnan(delta) or math.isinf(delta) or delta < 0:
         raise ValueError(f"delta must be a finite number >= 0, got {delta}")
-    if kind.interpolated and delta == 0:
-        raise ValueError("delta must be > 0 for the interpolated AP loss, got 0.0")
+    if kind.needs_smoothing and delta == 0:
+        name = kind.paper.split(" (")[0]
+        name = name[0].lower() + name[1:] if name[1:2].islower() else name
+        raise ValueError(f"delta must be > 0 for the {name}, got 0.0")
     return delta
 
 

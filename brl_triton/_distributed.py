@@ -27,23 +27,32 @@ def _all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
-def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.Tensor, group):
+def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.Tensor, group, regression=None):
     """All ranks' positives, sorted ascending by logit (ties by rank, then position).
 
-    Returns ``(s_sorted, y_sorted, mine, local_index)``: logits (s_pos.dtype) and float64
-    targets of all positives; ``mine``: positions in that order of this rank's positives;
-    ``local_index``: their flat positions in this rank's tensor.
+    ``regression``: this rank's regression losses, one per positive in flat order (aLRP), or None.
+    Returns ``(s_sorted, y_sorted, mine, local_index, l_sorted)``: logits (s_pos.dtype) and
+    float64 targets of all positives; ``mine``: positions in that order of this rank's
+    positives; ``local_index``: their flat positions in this rank's tensor; ``l_sorted``: the
+    float64 regression losses in that order, or None.
     """
     rank = dist.get_rank(group)
-    rows = torch.stack([
-        s_pos.double(), y_pos.double(), pos_index.double(), torch.full_like(y_pos, rank, dtype=torch.float64),
-    ], dim=1)  # float64 holds float32/float64 logits and indices < 2^53 exactly
+    columns = [s_pos.double(), y_pos.double(), pos_index.double(), torch.full_like(y_pos, rank, dtype=torch.float64)]
+    if regression is not None:  # pos_index is ascending: flat order
+        columns.append(regression.detach().reshape(-1).double())
+    rows = torch.stack(columns, dim=1)  # float64 holds float32/float64 logits and indices < 2^53 exactly
     rows = _all_gather_rows(rows, group)
     order = torch.sort(rows[:, 0], stable=True).indices  # gathered rank-major, so ties are deterministic
     rows = rows[order]
     mine = torch.where(rows[:, 3] == rank)[0]
+    l_sorted = rows[:, 4].contiguous() if regression is not None else None
     # columns of a row-major table are strided views: kernels expect contiguous vectors
-    return rows[:, 0].to(s_pos.dtype).contiguous(), rows[:, 1].contiguous(), mine, rows[mine, 2].long()
+    return rows[:, 0].to(s_pos.dtype).contiguous(), rows[:, 1].contiguous(), mine, rows[mine, 2].long(), l_sorted
+
+
+def gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's (k_r, C) rows in rank order (k_r may differ)."""
+    return _all_gather_rows(rows, group)
 
 
 def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):

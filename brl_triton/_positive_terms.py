@@ -7,9 +7,11 @@ A backend computes, for the p positives in ascending logit order (float64):
 - for Rank & Sort: ``sort_current`` = sum_k H(s_k - s_i) (1 - y_k),
   ``sort_target`` = sum_k H(s_k - s_i) [y_k >= y_i] (1 - y_k),
   ``sort_target_count`` = sum_k H(s_k - s_i) [y_k >= y_i] and
-  ``lower_quality`` = D(i) = sum_k H(s_k - s_i) [y_k < y_i].
+  ``lower_quality`` = D(i) = sum_k H(s_k - s_i) [y_k < y_i],
+- for aLRP: ``regression`` = l_i and ``weighted_rank`` = sum_k H(s_k - s_i) l_k (k = i included).
 
-Everything after that is O(p) and lives here once.
+Everything after that is O(p) and lives here once, one function per family of losses (the
+``formulas`` of a ``registry.LossSpec``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind
 
 
 @dataclass
@@ -29,6 +30,8 @@ class PositiveSums:
     sort_target: torch.Tensor | None = None
     sort_target_count: torch.Tensor | None = None
     lower_quality: torch.Tensor | None = None
+    regression: torch.Tensor | None = None
+    weighted_rank: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,30 +41,57 @@ class PositiveTerms:
     weight: torch.Tensor  # (p,) w_i: negatives get sum_i w_i H(s_j - s_i)
     sorting_error: torch.Tensor | None = None  # (p,) eS(i)
     sorting_share: torch.Tensor | None = None  # (p,) eS(k) / D(k), 0 where D(k) == 0
+    rank: torch.Tensor | None = None  # (p,) rank(i) = rank+(i) + FP(i), aLRP
 
 
-def positive_terms(kind: LossKind, sums: PositiveSums) -> PositiveTerms:
+ALRP_EPS = 1e-5  # aLRP: a positive with FP(i) <= this has no error and sends no gradient
+
+
+def ranking_terms(sums: PositiveSums) -> PositiveTerms:
+    """AP and bucketed AP: the mean ranking error FP(i) / (rank+(i) + FP(i))."""
     fp, rank_plus = sums.fp, sums.rank_plus
     p = fp.numel()
-    if kind.interpolated:
-        rank_plus = rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
-        precision = rank_plus / (rank_plus + fp)
-        best = torch.cummax(precision, 0).values  # running maximum in ascending logit order
-        factor = torch.where(best <= precision, 1.0, (1 - best) / (1 - precision))
-        return PositiveTerms((1 - best.mean(),), -(1 - best) / p, factor / (rank_plus + fp) / p)
-
     ranking_error = fp / (rank_plus + fp)
-    terms = PositiveTerms(
+    return PositiveTerms(
         (ranking_error.mean(),),
         -ranking_error / p,
         torch.where(fp > 0, ranking_error / fp.clamp(min=1e-300), 0.0) / p,
     )
-    if kind.sorting:
-        sorting_error = sums.sort_current / rank_plus - sums.sort_target / sums.sort_target_count
-        lower = sums.lower_quality
-        terms.losses = terms.losses + (sorting_error.mean(),)
-        terms.sorting_error = sorting_error
-        terms.sorting_share = torch.where(lower > 0, sorting_error / lower.clamp(min=1e-300), 0.0)
+
+
+def rank_sort_terms(sums: PositiveSums) -> PositiveTerms:
+    """Rank & Sort and BRS: the ranking terms, and the sorting error with its share eS / D."""
+    terms = ranking_terms(sums)
+    sorting_error = sums.sort_current / sums.rank_plus - sums.sort_target / sums.sort_target_count
+    lower = sums.lower_quality
+    terms.losses = terms.losses + (sorting_error.mean(),)
+    terms.sorting_error = sorting_error
+    terms.sorting_share = torch.where(lower > 0, sorting_error / lower.clamp(min=1e-300), 0.0)
+    return terms
+
+
+def interpolated_terms(sums: PositiveSums) -> PositiveTerms:
+    """The interpolated AP loss: precision's running maximum in ascending logit order."""
+    fp = sums.fp
+    p = fp.numel()
+    rank_plus = sums.rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
+    precision = rank_plus / (rank_plus + fp)
+    best = torch.cummax(precision, 0).values
+    factor = torch.where(best <= precision, 1.0, (1 - best) / (1 - precision))
+    return PositiveTerms((1 - best.mean(),), -(1 - best) / p, factor / (rank_plus + fp) / p)
+
+
+def alrp_terms(sums: PositiveSums) -> PositiveTerms:
+    """aLRP's classification part: error FP(i) / rank(i), and the gradient
+    g(i) = -(sum_{k != i} H(s_k - s_i) l_k + FP(i)) / rank(i) where FP(i) > eps."""
+    fp = sums.fp
+    p = fp.numel()
+    rank = sums.rank_plus + 0.5 + fp  # rank+(i) = 1 + sum over k != i, and H(0) = 1/2
+    others = sums.weighted_rank - 0.5 * sums.regression  # k = i was counted with H(0) = 1/2
+    wrong = fp > ALRP_EPS
+    g = torch.where(wrong, -(others + fp) / rank, 0.0)
+    terms = PositiveTerms((fp.div(rank).mean(),), g / p, torch.where(wrong, -g / fp.clamp(min=1e-300), 0.0) / p)
+    terms.rank = rank
     return terms
 
 

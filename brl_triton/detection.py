@@ -47,7 +47,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "brl_triton.detection needs torchvision: pip install 'brl_triton[examples]'"
     ) from error
 
-from . import functional
+from . import functional, registry
 
 __all__ = [
     "RankingLoss",
@@ -61,12 +61,8 @@ __all__ = [
     "paired_box_iou",
 ]
 
-_LOSSES = {
-    "brs": (functional.bucketed_rank_sort_loss, 0.5),
-    "rs": (functional.rank_sort_loss, 0.5),
-    "bap": (functional.bucketed_ap_loss, 1.0),
-    "ap": (functional.ap_loss, 1.0),
-}
+# the registry's classification losses by short name (aLRP also needs the heads' regression losses)
+_LOSSES = {spec.short: spec for spec in registry.LOSSES if registry.public(spec) and not spec.regression}
 _MIN_QUALITY = 1e-6  # a positive whose box misses its ground truth still counts as positive
 
 # The model settings of the official configs (RS-R-CNN and RS-Mask R-CNN, RS-ATSS for the
@@ -85,8 +81,8 @@ MASK_POSITIVES_PER_BATCH = 200
 
 @dataclass(frozen=True)
 class RankingLoss:
-    """Which ranking loss a rank-based head uses: ``loss`` in brs/rs/bap/ap, its delta (None:
-    the loss's default) and backend."""
+    """Which ranking loss a rank-based head uses: ``loss``, a short name of ``registry.LOSSES``
+    (brs, rs, bap, ap), its delta (None: the loss's default) and backend."""
 
     loss: str = "brs"
     delta: float | None = None
@@ -98,8 +94,9 @@ class RankingLoss:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The classification loss: ranking + sorting for (B)RS, the AP loss for (B)AP."""
-        fn, default_delta = _LOSSES[self.loss]
-        out = fn(logits, targets, default_delta if self.delta is None else self.delta, backend=self.backend)
+        spec = _LOSSES[self.loss]
+        fn = getattr(functional, spec.function_name)
+        out = fn(logits, targets, spec.delta if self.delta is None else self.delta, backend=self.backend)
         return out[0] + out[1] if isinstance(out, tuple) else out
 
 

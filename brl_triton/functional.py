@@ -1,4 +1,5 @@
-"""The losses as functions: ``bucketed_rank_sort_loss``, ``rank_sort_loss``, ``bucketed_ap_loss``, ``ap_loss``.
+"""The losses as functions, one per entry of ``registry.LOSSES``: ``bucketed_rank_sort_loss``,
+``rank_sort_loss``, ``bucketed_ap_loss``, ``ap_loss``, ``alrp_loss``, ``bucketed_alrp_loss``.
 
 All of them follow ``docs/losses.md``. Common conventions:
 
@@ -34,26 +35,21 @@ reductions (GPU atomics), are summed as int64 fixed point instead.
 
 from __future__ import annotations
 
+import inspect
+import textwrap
+
 import torch
 
+from . import registry
 from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
-from ._common import (
-    AP,
-    BUCKETED_AP,
-    BUCKETED_RANK_SORT,
-    INTERPOLATED_AP,
-    RANK_SORT,
-    Settings,
-    check_delta,
-    check_finite,
-    check_inputs,
-)
+from ._common import Settings, check_delta, check_finite, check_inputs
+from ._distributed import gather_rows
 
-__all__ = ["bucketed_rank_sort_loss", "rank_sort_loss", "bucketed_ap_loss", "ap_loss"]
+__all__ = [spec.function_name for spec in registry.LOSSES if registry.public(spec)]
 
 
-def _apply(kind, logits, targets, delta, backend, process_group, deterministic):
+def _apply(kind, logits, targets, delta, backend, process_group, deterministic, regression_losses=None):
     delta = check_delta(delta, kind)
     check_inputs(logits, targets)
     implementation = resolve_backend(backend, logits)
@@ -64,162 +60,167 @@ def _apply(kind, logits, targets, delta, backend, process_group, deterministic):
             raise ValueError("process_group was given but torch.distributed is not initialized")
     if not implementation.checks_finite:
         check_finite(logits, targets)
+    if kind.regression:
+        check_regression_losses(regression_losses, logits, targets)
     settings = Settings(process_group, bool(deterministic) or torch.are_deterministic_algorithms_enabled())
-    losses = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings)
-    return losses if kind.sorting else losses[0]
+    outputs = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings,
+                                        None if regression_losses is None else regression_losses.detach())
+    if kind.regression:
+        classification, rank = outputs
+        return classification, localisation(logits, targets, regression_losses, rank, process_group)
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
-def bucketed_rank_sort_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto",
-    process_group=None, deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucketed Rank & Sort loss (BRS, Yavuz et al., ECCV 2024).
+def check_regression_losses(regression_losses, logits, targets) -> None:
+    """One finite value >= 0 per positive of ``targets``, on the logits' device."""
+    if not isinstance(regression_losses, torch.Tensor):
+        raise TypeError(f"regression_losses must be a torch.Tensor, got {type(regression_losses).__name__}")
+    if not regression_losses.is_floating_point():
+        raise TypeError(f"regression_losses must be a floating-point tensor, got {regression_losses.dtype}")
+    if regression_losses.device != logits.device:
+        raise ValueError(f"regression_losses must be on the logits' device {logits.device}, "
+                         f"got {regression_losses.device}")
+    p = int((targets > 0).sum())
+    if regression_losses.numel() != p:
+        raise ValueError(f"regression_losses must hold one value per positive target ({p}, in flat order), "
+                         f"got {regression_losses.numel()}")
+    if p and not bool(torch.isfinite(regression_losses).all() & (regression_losses >= 0).all()):
+        raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
-    The negatives between two consecutive positives (in descending logit order) form a bucket
-    and act as that many copies of their mean logit, so the cost is O(M log P + P^2) instead of
-    the O(P * M) of Rank & Sort. With ``delta == 0`` it equals :func:`rank_sort_loss` exactly.
 
-    Args:
+def localisation(logits, targets, regression_losses, rank, process_group=None) -> torch.Tensor:
+    """aLRP's localisation part: ``mean_i (sum of l_k over positives k ranked at or above i) /
+    rank(i)``, the positives in descending logit order (ties in flat order), rank detached. An
+    O(p log p) sort and prefix sum, differentiable in ``regression_losses``; with a process
+    group, over the positives of all ranks (one more all-gather of O(p) numbers), and the
+    gradient reaches this rank's regression losses."""
+    l = regression_losses.reshape(-1)
+    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0].double()
+    rank = rank.detach().double()
+    if process_group is not None:
+        rows = gather_rows(torch.stack([s_pos, l.detach().double(), rank,
+                                        torch.full_like(rank, torch.distributed.get_rank(process_group))], 1),
+                           process_group)
+        own = (rows[:, 3] == torch.distributed.get_rank(process_group)).nonzero().squeeze(1)
+        s_pos, rank = rows[:, 0], rows[:, 2]
+        l = rows[:, 1].to(l.dtype).index_put((own,), l)  # this rank's values stay in the graph
+    if rank.numel() == 0:
+        return (l.sum() * 0).to(torch.float64 if l.dtype == torch.float64 else torch.float32)
+    order = torch.sort(s_pos, descending=True, stable=True).indices
+    at_or_above = torch.cumsum(l[order].double(), 0)
+    loss = (at_or_above / rank[order]).mean()
+    return loss.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+_OUTPUTS = {
+    "ranking": "the mean over positives of the ranking error, in [0, 1]",
+    "sorting": "the mean sorting error, in [-1, 1]",
+    "ap": "the AP loss (1 - AP), in [0, 1]",
+    "classification": "the classification part, the mean of FP(i) / rank(i), in [0, 1]",
+    "localisation": "the localisation part, differentiable in ``regression_losses``",
+}
+_SIGNATURE_ARGS = """\
         logits: ``(*)`` float16/bfloat16/float32/float64 classification logits.
         targets: ``(*)``, same shape, any real dtype: ``> 0`` positive with its IoU (quality)
-            target, ``0`` negative, ``< 0`` ignored.
-        delta: smoothing width of the step function, ``>= 0`` (default 0.5).
+            target, ``0`` negative, ``< 0`` ignored."""
+_REGRESSION_ARG = """
+        regression_losses: ``(P,)`` float, one loss >= 0 per positive in the flat order of the
+            positives (the order of ``logits[targets > 0]``), e.g. a GIoU loss scaled to [0, 1]."""
+_SETTINGS_ARGS = """
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
         process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
-            (see "Distributed" above); None: this tensor alone.
+            (see "Distributed" in ``brl_triton.functional``); None: this tensor alone.
         deterministic: bit-identical results across runs (also on under
-            ``torch.use_deterministic_algorithms(True)``).
+            ``torch.use_deterministic_algorithms(True)``)."""
+
+
+def _example(spec) -> str:
+    outputs = ", ".join(spec.outputs) if len(spec.outputs) > 1 else "loss"
+    extra = ", regression_losses" if spec.regression else ""
+    lines = [
+        ">>> logits = torch.randn(2, 100, 8, requires_grad=True)",
+        ">>> targets = torch.zeros(2, 100, 8)",
+        ">>> targets[0, :5, 3] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])  # 5 positives, IoU targets",
+    ]
+    if spec.regression:
+        lines.append(">>> regression_losses = torch.rand(5, requires_grad=True)  # one per positive")
+    lines.append(f">>> {outputs} = {spec.function_name}(logits, targets{extra})")
+    total = " + ".join(spec.outputs) if len(spec.outputs) > 1 else "loss"
+    lines.append(f">>> ({total}).backward()" if len(spec.outputs) > 1 else ">>> loss.backward()")
+    return "\n".join("        " + line for line in lines)
+
+
+def _docstring(spec) -> str:
+    options = registry.variants(spec)
+    delta_rule = ">= 0" if not spec.needs_smoothing else "> 0"
+    args = _SIGNATURE_ARGS + (_REGRESSION_ARG if spec.regression else "")
+    args += f"\n        delta: smoothing width of the step function, ``{delta_rule}`` (default {spec.delta})."
+    for option, variant in options.items():
+        args += f"\n        {option}: compute the {variant.paper} instead (needs delta > 0)."
+    args += _SETTINGS_ARGS
+    if len(spec.outputs) > 1:
+        returns = f"``({', '.join(name + '_loss' for name in spec.outputs)})``: 0-d tensors, " + "; ".join(
+            _OUTPUTS[name] for name in spec.outputs) + "."
+    else:
+        returns = f"0-d tensor, {_OUTPUTS[spec.outputs[0]]}."
+    summary = textwrap.fill(spec.summary, 96, initial_indent="    ", subsequent_indent="    ")
+    returns = textwrap.fill(returns, 96, initial_indent="        ", subsequent_indent="        ").lstrip()
+    return f"""{spec.paper}.
+
+{summary}
+
+    Args:
+{args}
 
     Returns:
-        ``(ranking_loss, sorting_loss)``: 0-d tensors, the means over positives of the
-        (bucketed) ranking error in [0, 1] and of the sorting error in [-1, 1]. Add them (or
-        weight them) to form the training loss.
+        {returns}
+        float32 (float64 for float64 logits); the logits' gradient is the error-driven identity update.
 
     Raises:
         TypeError: logits not floating point, targets complex, delta not a number.
-        ValueError: shape or device mismatch, NaN/Inf in logits or targets, delta < 0 or NaN,
-            unknown backend, ``backend="triton"`` where it cannot run.
+        ValueError: shape or device mismatch, NaN/Inf in logits or targets, delta < 0 or NaN
+            (or 0 where it must be > 0), unknown backend, ``backend="triton"`` where it cannot run.
 
     Example:
-        >>> logits = torch.tensor([2.0, 1.0, 0.5, -1.0], requires_grad=True)
-        >>> targets = torch.tensor([0.9, 0.0, 0.6, -1.0])  # two positives, one negative, one ignored
-        >>> ranking, sorting = bucketed_rank_sort_loss(logits, targets)
-        >>> (ranking + sorting).backward()
+{_example(spec)}
     """
-    return _apply(BUCKETED_RANK_SORT, logits, targets, delta, backend, process_group, deterministic)
 
 
-def rank_sort_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 0.5, *, backend: str = "auto",
-    process_group=None, deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank & Sort loss (RS, Oksuz et al., ICCV 2021), exact, at bucketed cost.
+def _loss_function(spec):
+    options = registry.variants(spec)
 
-    Every relevant negative counts with its own logit (no bucketing). Since H is piecewise
-    linear with kinks at ``s_i -/+ delta``, the negatives are reduced per interval between those
-    2P breakpoints, which gives the exact loss and gradient in O(M log P + P^2).
+    def loss(logits, targets, *args, **kwargs):
+        bound = signature.bind(logits, targets, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        kind = spec
+        for option, variant in options.items():
+            if values.pop(option):
+                kind = variant
+        return _apply(kind, values["logits"], values["targets"], values["delta"], values["backend"],
+                      values["process_group"], values["deterministic"], values.get("regression_losses"))
 
-    Args:
-        logits: ``(*)`` float16/bfloat16/float32/float64 classification logits.
-        targets: ``(*)``, same shape, any real dtype: ``> 0`` positive with its IoU (quality)
-            target, ``0`` negative, ``< 0`` ignored.
-        delta: smoothing width of the step function, ``>= 0`` (default 0.5).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
-        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
-            (see "Distributed" above); None: this tensor alone.
-        deterministic: bit-identical results across runs (also on under
-            ``torch.use_deterministic_algorithms(True)``).
-
-    Returns:
-        ``(ranking_loss, sorting_loss)``: 0-d tensors (ranking error in [0, 1], sorting error in
-        [-1, 1], both averaged over positives).
-
-    Raises:
-        TypeError, ValueError: as :func:`bucketed_rank_sort_loss`.
-
-    Example:
-        >>> logits = torch.randn(2, 1000, 80, requires_grad=True)
-        >>> targets = torch.zeros(2, 1000, 80)
-        >>> targets[0, :5, 3] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
-        >>> ranking, sorting = rank_sort_loss(logits, targets)
-        >>> (ranking + sorting).backward()
-    """
-    return _apply(RANK_SORT, logits, targets, delta, backend, process_group, deterministic)
+    positional = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="torch.Tensor")
+                  for name in ("logits", "targets")]
+    if spec.regression:
+        positional.append(inspect.Parameter("regression_losses", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            annotation="torch.Tensor"))
+    positional.append(inspect.Parameter("delta", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=spec.delta,
+                                        annotation="float"))
+    keywords = [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+                for option in options]
+    keywords += [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
+                 inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None),
+                 inspect.Parameter("deterministic", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                   annotation="bool")]
+    signature = inspect.Signature(positional + keywords)
+    loss.__signature__ = signature
+    loss.__name__ = loss.__qualname__ = spec.function_name
+    loss.__module__ = __name__
+    loss.__doc__ = _docstring(spec)
+    return loss
 
 
-def bucketed_ap_loss(
-    logits: torch.Tensor, targets: torch.Tensor, delta: float = 1.0, *, backend: str = "auto",
-    process_group=None, deterministic: bool = False,
-) -> torch.Tensor:
-    """Bucketed AP loss (BAP): the mean bucketed ranking error over positives.
-
-    Only whether a target is positive matters (usually 1); there is no sorting term.
-
-    Args:
-        logits: ``(*)`` float16/bfloat16/float32/float64 classification logits.
-        targets: ``(*)``, same shape, any real dtype: ``> 0`` positive, ``0`` negative,
-            ``< 0`` ignored.
-        delta: smoothing width of the step function, ``>= 0`` (default 1.0).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
-        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
-            (see "Distributed" above); None: this tensor alone.
-        deterministic: bit-identical results across runs (also on under
-            ``torch.use_deterministic_algorithms(True)``).
-
-    Returns:
-        0-d tensor in [0, 1].
-
-    Raises:
-        TypeError, ValueError: as :func:`bucketed_rank_sort_loss`.
-
-    Example:
-        >>> logits = torch.randn(4, 100, requires_grad=True)
-        >>> targets = (torch.rand(4, 100) > 0.95).float()
-        >>> bucketed_ap_loss(logits, targets).backward()
-    """
-    return _apply(BUCKETED_AP, logits, targets, delta, backend, process_group, deterministic)
-
-
-def ap_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    delta: float = 1.0,
-    *,
-    interpolated: bool = False,
-    backend: str = "auto",
-    process_group=None,
-    deterministic: bool = False,
-) -> torch.Tensor:
-    """AP loss, exact (every negative with its own logit), at bucketed cost.
-
-    ``interpolated=False``: the mean exact ranking error, ``1 - AP`` with the smoothed step.
-    ``interpolated=True``: the original AP-loss (Chen et al.) as in the Rank & Sort repository:
-    precision interpolated by a running maximum over positives in ascending logit order, and
-    its error-driven gradient; it needs ``delta > 0``.
-
-    Args:
-        logits: ``(*)`` float16/bfloat16/float32/float64 classification logits.
-        targets: ``(*)``, same shape, any real dtype: ``> 0`` positive, ``0`` negative,
-            ``< 0`` ignored.
-        delta: smoothing width of the step function (default 1.0); ``>= 0``, or ``> 0`` when
-            interpolated.
-        interpolated: use the original interpolated AP-loss.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``.
-        process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
-            (see "Distributed" above); None: this tensor alone.
-        deterministic: bit-identical results across runs (also on under
-            ``torch.use_deterministic_algorithms(True)``).
-
-    Returns:
-        0-d tensor in [0, 1].
-
-    Raises:
-        TypeError, ValueError: as :func:`bucketed_rank_sort_loss`; ValueError also for
-            ``interpolated=True`` with ``delta == 0``.
-
-    Example:
-        >>> logits = torch.randn(4, 100, requires_grad=True)
-        >>> targets = (torch.rand(4, 100) > 0.95).long()
-        >>> ap_loss(logits, targets, interpolated=True).backward()
-    """
-    return _apply(INTERPOLATED_AP if interpolated else AP, logits, targets, delta, backend, process_group, deterministic)
+for _spec in registry.LOSSES:
+    if registry.public(_spec):
+        globals()[_spec.function_name] = _loss_function(_spec)

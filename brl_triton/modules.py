@@ -1,97 +1,69 @@
-"""``nn.Module`` wrappers of the functional losses: they hold the settings and call the function."""
+"""``nn.Module`` wrappers of the functional losses, one per entry of ``registry.LOSSES``
+(``BucketedRankSortLoss``, ``RankSortLoss``, ``BucketedAPLoss``, ``APLoss``, ``ALRPLoss``,
+``BucketedALRPLoss``): they hold the settings and call the function."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import functional as F
+from . import functional, registry
+
+__all__ = [spec.module for spec in registry.LOSSES if registry.public(spec)]
 
 
-class _RankingLoss(nn.Module):
-    """Holds ``delta``, ``backend``, ``process_group`` and ``deterministic`` (see ``functional``)."""
+class RankingLoss(nn.Module):
+    """Holds ``delta``, ``backend``, ``process_group``, ``deterministic`` and the loss's options
+    (``interpolated`` for ``APLoss``), and calls the loss's function with them."""
 
-    def __init__(self, delta: float, backend: str = "auto", process_group=None, deterministic: bool = False):
+    spec: registry.LossSpec
+
+    def __init__(self, delta: float | None = None, *, backend: str = "auto", process_group=None,
+                 deterministic: bool = False, **options):
         super().__init__()
-        self.delta = delta
+        unknown = set(options) - set(registry.variants(self.spec))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected options {sorted(unknown)}")
+        self.delta = self.spec.delta if delta is None else delta
         self.backend = backend
         self.process_group = process_group
         self.deterministic = deterministic
+        self.options = {option: bool(options.get(option, False)) for option in registry.variants(self.spec)}
+        for option, value in self.options.items():
+            setattr(self, option, value)
 
-    def _options(self) -> dict:
-        return {"backend": self.backend, "process_group": self.process_group, "deterministic": self.deterministic}
-
-    def extra_repr(self) -> str:
-        return f"delta={self.delta}, backend={self.backend!r}, deterministic={self.deterministic}"
-
-
-class BucketedRankSortLoss(_RankingLoss):
-    """Module form of :func:`brl_triton.bucketed_rank_sort_loss`.
-
-    ``forward(logits, targets) -> (ranking_loss, sorting_loss)``; shapes and target semantics
-    as there (``> 0`` positive with IoU target, ``0`` negative, ``< 0`` ignored).
-
-    Example:
-        >>> criterion = BucketedRankSortLoss(delta=0.5)
-        >>> ranking, sorting = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
-    """
-
-    def __init__(self, delta: float = 0.5, backend: str = "auto", process_group=None, deterministic: bool = False):
-        super().__init__(delta, backend, process_group, deterministic)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.bucketed_rank_sort_loss(logits, targets, self.delta, **self._options())
-
-
-class RankSortLoss(_RankingLoss):
-    """Module form of :func:`brl_triton.rank_sort_loss` (exact Rank & Sort).
-
-    ``forward(logits, targets) -> (ranking_loss, sorting_loss)``.
-
-    Example:
-        >>> criterion = RankSortLoss(delta=0.5)
-        >>> ranking, sorting = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
-    """
-
-    def __init__(self, delta: float = 0.5, backend: str = "auto", process_group=None, deterministic: bool = False):
-        super().__init__(delta, backend, process_group, deterministic)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.rank_sort_loss(logits, targets, self.delta, **self._options())
-
-
-class BucketedAPLoss(_RankingLoss):
-    """Module form of :func:`brl_triton.bucketed_ap_loss`. ``forward(logits, targets) -> loss``.
-
-    Example:
-        >>> criterion = BucketedAPLoss(delta=1.0)
-        >>> loss = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
-    """
-
-    def __init__(self, delta: float = 1.0, backend: str = "auto", process_group=None, deterministic: bool = False):
-        super().__init__(delta, backend, process_group, deterministic)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.bucketed_ap_loss(logits, targets, self.delta, **self._options())
-
-
-class APLoss(_RankingLoss):
-    """Module form of :func:`brl_triton.ap_loss` (exact, or the interpolated original).
-
-    ``forward(logits, targets) -> loss``.
-
-    Example:
-        >>> criterion = APLoss(delta=1.0, interpolated=True)
-        >>> loss = criterion(torch.randn(8, 80), (torch.rand(8, 80) > 0.9).float())
-    """
-
-    def __init__(self, delta: float = 1.0, interpolated: bool = False, backend: str = "auto", process_group=None,
-                 deterministic: bool = False):
-        super().__init__(delta, backend, process_group, deterministic)
-        self.interpolated = interpolated
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor):
-        return F.ap_loss(logits, targets, self.delta, interpolated=self.interpolated, **self._options())
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, *regression_losses: torch.Tensor):
+        """``(logits, targets)``, or ``(logits, targets, regression_losses)`` for aLRP; returns what
+        the function returns."""
+        options = {option: getattr(self, option) for option in self.options}
+        return getattr(functional, self.spec.function_name)(
+            logits, targets, *regression_losses, self.delta, backend=self.backend, process_group=self.process_group,
+            deterministic=self.deterministic, **options)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, interpolated={self.interpolated}"
+        text = f"delta={self.delta}, backend={self.backend!r}, deterministic={self.deterministic}"
+        return text + "".join(f", {option}={getattr(self, option)}" for option in self.options)
+
+
+def _module_class(spec: registry.LossSpec) -> type:
+    call = "criterion(logits, targets, regression_losses)" if spec.regression else "criterion(logits, targets)"
+    outputs = ", ".join(spec.outputs) if len(spec.outputs) > 1 else "loss"
+    doc = f"""Module form of :func:`brl_triton.{spec.function_name}` ({spec.paper}).
+
+    ``forward(logits, targets{", regression_losses" if spec.regression else ""}) -> {outputs}``; shapes, dtypes and
+    target semantics as there (``> 0`` positive with IoU target, ``0`` negative, ``< 0`` ignored).
+    Keyword arguments: ``delta`` (default {spec.delta}), ``backend``, ``process_group``,
+    ``deterministic``{"".join(f", ``{o}``" for o in registry.variants(spec))}.
+
+    Example:
+        >>> criterion = {spec.module}()
+        >>> logits, targets = torch.randn(8, 80), torch.zeros(8, 80)
+        >>> targets[:, 3] = torch.linspace(0.2, 0.9, 8)  # 8 positives with their IoU targets
+{"        >>> regression_losses = torch.rand(8)" + chr(10) if spec.regression else ""}        >>> {outputs} = {call}
+    """
+    return type(spec.module, (RankingLoss,), {"spec": spec, "__doc__": doc, "__module__": __name__})
+
+
+for _spec in registry.LOSSES:
+    if registry.public(_spec):
+        globals()[_spec.module] = _module_class(_spec)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LossKind
-
 
 def step(x: torch.Tensor, delta: float) -> torch.Tensor:
     """The smoothed step function H of the spec."""
@@ -38,11 +36,12 @@ def _buckets(pos_logits, neg_logits, delta):
     return member_of, counts, prototypes
 
 
-def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings=None):
+def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regression=None):
     """Losses and, per output, the gradient d(output)/d(logits) of the identity update.
 
     Args:
         s: flat logits, any float dtype. y: flat targets (>0 positive, 0 negative, <0 ignored).
+        kind: the ``registry.LossSpec`` (its ``bucketed``, ``sorting``, ``interpolated`` flags).
     Returns:
         ``(losses, grads)``: tuples with one float64 0-d tensor / one float64 (M,) tensor per
         output (ranking and sorting for Rank & Sort, one for AP), or ``None`` when there is no
@@ -119,3 +118,72 @@ def reference_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: Loss
     grad_sort = torch.zeros_like(s)
     grad_sort[pos_index] = pos_sort_grad / p
     return (ranking_error.mean(), sorting_error.mean()), (grad_rank, grad_sort)
+
+
+def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regression: torch.Tensor):
+    """aLRP's classification part, straight from its definition.
+
+    Args:
+        s, y: as :func:`ranking_reference`; ``regression``: l_k, one per positive in flat order.
+    Returns:
+        ``((classification, rank), (grad,))``: the loss (0-d), rank(i) = rank+(i) + FP(i) of the
+        positives in flat order, and d classification / d logits (float64), or ``None`` without
+        positives.
+    """
+    s = s.detach().reshape(-1).double().cpu()
+    y = y.detach().reshape(-1).double().cpu()
+    pos_index = (y > 0).nonzero().squeeze(1)
+    p = pos_index.numel()
+    if p == 0:
+        return None
+    l = regression.detach().reshape(-1).double().cpu()
+    s_pos = s[pos_index]
+    neg_index = ((y == 0) & (s >= s_pos.min() - delta)).nonzero().squeeze(1)
+    s_neg = s[neg_index]
+    if kind.bucketed:
+        member_of, counts, means = _buckets(s_pos, s_neg, delta)
+    grad = torch.zeros_like(s)
+    neg_grad = torch.zeros_like(s_neg)
+    rank = torch.zeros(p, dtype=torch.float64)
+    error = torch.zeros(p, dtype=torch.float64)
+    for i in range(p):
+        others = torch.arange(p) != i
+        h_pos = step(s_pos[others] - s_pos[i], delta)
+        if kind.bucketed:
+            h_bucket = step(means - s_pos[i], delta)
+            fp, h_neg = (counts * h_bucket).sum(), h_bucket[member_of]
+        else:
+            h_neg = step(s_neg - s_pos[i], delta)
+            fp = h_neg.sum()
+        rank[i] = 1 + h_pos.sum() + fp
+        error[i] = fp / rank[i]
+        if fp > 1e-5:
+            g = -((h_pos * l[others]).sum() + fp) / rank[i]
+            grad[pos_index[i]] = g / p
+            neg_grad += -g * h_neg / fp / p
+    grad[neg_index] = neg_grad
+    return (error.mean(), rank), (grad,)
+
+
+def alrp_localisation_reference(s: torch.Tensor, y: torch.Tensor, regression: torch.Tensor, rank: torch.Tensor):
+    """aLRP's localisation part and its gradient in the regression losses, one positive at a time:
+    ``mean_i (sum of l_k over positives k ranked at or above i) / rank(i)``, in descending logit
+    order with ties in flat order. ``rank``: of the positives in flat order. Returns
+    ``(localisation, d localisation / d regression)`` in float64."""
+    s = s.detach().reshape(-1).double().cpu()
+    pos_logits = s[(y.detach().reshape(-1) > 0).cpu()]
+    l = regression.detach().reshape(-1).double().cpu()
+    rank = rank.detach().double().cpu()
+    p = l.numel()
+    loss = torch.zeros((), dtype=torch.float64)
+    grad = torch.zeros(p, dtype=torch.float64)
+
+    def at_or_above(k, i):  # descending logit order, ties broken by flat order
+        return bool(pos_logits[k] > pos_logits[i]) or (bool(pos_logits[k] == pos_logits[i]) and k <= i)
+
+    for i in range(p):
+        for k in range(p):
+            if at_or_above(k, i):
+                loss += l[k] / rank[i] / p
+                grad[k] += 1 / rank[i] / p
+    return loss, grad

@@ -29,15 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind, Settings, fixed_point_scale
+from ._common import Settings, fixed_point_scale
 from ._distributed import all_reduce_bins, gather_positives
-from ._positive_terms import (
-    PositiveSums,
-    own_positive_gradients,
-    positive_gradient,
-    positive_terms,
-    sorting_gradient,
-)
+from ._positive_terms import PositiveSums, own_positive_gradients, positive_gradient, sorting_gradient
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
@@ -87,7 +81,7 @@ def breakpoints(s_pos: torch.Tensor, delta: float):
     return rounded_up_sum(s_pos, -delta), rounded_up_sum(s_pos, delta)
 
 
-def bin_edges(s_pos: torch.Tensor, delta: float, kind: LossKind) -> torch.Tensor:
+def bin_edges(s_pos: torch.Tensor, delta: float, kind) -> torch.Tensor:
     """Sorted bin edges for ascending positives ``s_pos``; bins lie between consecutive edges."""
     if delta == 0:
         return s_pos
@@ -225,10 +219,13 @@ def _bin_slopes(s_pos: torch.Tensor, lower: torch.Tensor, weight: torch.Tensor, 
     return (cumulative[end] - cumulative[first]) * (0.5 / delta)
 
 
-def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, fp, sorting: bool) -> PositiveSums:
-    """rank+ and, for Rank & Sort, the sorting sums of every positive (positives x positives)."""
+def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, fp, sorting: bool, regression=None) -> PositiveSums:
+    """rank+ and, for Rank & Sort, the sorting sums of every positive (positives x positives);
+    with ``regression`` (l, sorted like the positives) also the weighted rank sum_k H l_k."""
     p = s_rows.numel()
     sums = PositiveSums(fp, torch.empty_like(s_rows))
+    if regression is not None:
+        sums.regression, sums.weighted_rank = regression, torch.empty_like(s_rows)
     if sorting:
         sums.sort_current, sums.sort_target = torch.empty_like(s_rows), torch.empty_like(s_rows)
         sums.sort_target_count, sums.lower_quality = torch.empty_like(s_rows), torch.empty_like(s_rows)
@@ -236,6 +233,8 @@ def _positive_pairs(steps: _StepTiles, s_cols, s_rows, y_pos, fp, sorting: bool)
     for rows in _row_blocks(p, p):
         h = steps.tile(s_cols, s_rows[rows])  # H(s_k - s_i), i in rows
         sums.rank_plus[rows] = h.sum(1)
+        if regression is not None:
+            sums.weighted_rank[rows] = h @ regression
         if not sorting:
             continue
         h_not_worse = h * (y_pos[None, :] >= y_pos[rows, None])
@@ -256,19 +255,27 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
     return received
 
 
-def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind, settings: Settings = Settings()):
+def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind, settings: Settings = Settings(),
+                  regression: torch.Tensor | None = None):
     """Losses (float64 0-d tensors) and the backward tables, or ``None`` without positives.
 
-    ``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype.
+    ``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype; ``kind``: the
+    ``registry.LossSpec``; ``regression``: its regression losses (one per positive, flat order).
+    For regression losses the outputs are the classification loss and the rank of this
+    process's positives in flat order.
     """
     pos_index = (y > 0).nonzero().squeeze(1)
     group = settings.process_group
+    l_pos = None
     if group is not None:
-        s_pos, y_pos, mine, pos_index = gather_positives(s[pos_index], y[pos_index], pos_index, group)
+        s_pos, y_pos, mine, pos_index, l_pos = gather_positives(s[pos_index], y[pos_index], pos_index, group,
+                                                                regression)
     else:
         s_pos, order = torch.sort(s[pos_index])
         pos_index = pos_index[order]
         y_pos, mine = y[pos_index].double(), None
+        if regression is not None:
+            l_pos = regression.detach().reshape(-1).double()[order]
     p = s_pos.numel()
     if p == 0:
         return None
@@ -293,7 +300,7 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     s_cols, s_rows = steps.columns(s64), steps.rows(s64)
     bin_cols = steps.columns(_bin_values(bins, delta))
     fp = _false_positives(steps, bin_cols, bins.count, s_rows)
-    terms = positive_terms(kind, _positive_pairs(steps, s_cols, s_rows, y_pos, fp, kind.sorting))
+    terms = kind.formulas(_positive_pairs(steps, s_cols, s_rows, y_pos, fp, kind.sorting, l_pos))
 
     pos_sort_grad = None
     if kind.sorting:
@@ -311,7 +318,16 @@ def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind: LossKind
     bin_const[occupied] = const
     tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index,
                      *own_positive_gradients(terms, pos_sort_grad, mine))
+    if kind.regression:
+        return terms.losses + (rank_in_flat_order(terms.rank, pos_index, mine),), tables
     return terms.losses, tables
+
+
+def rank_in_flat_order(rank: torch.Tensor, pos_index: torch.Tensor, mine: torch.Tensor | None) -> torch.Tensor:
+    """rank(i) of this process's positives in flat order, from the sorted order of (all) positives;
+    ``pos_index``: their flat positions in that order."""
+    own = rank if mine is None else rank[mine]
+    return own[torch.argsort(pos_index)]
 
 
 def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LossKind, Settings, compute_dtype
+from ._common import Settings, compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
 from .kernels._layout import layout
-from .torch_backend import bin_edges
+from .torch_backend import bin_edges, rank_in_flat_order
 
 NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
 NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
@@ -87,24 +87,28 @@ def _host_offset_scale(status: torch.Tensor, edges: torch.Tensor, n: int) -> flo
     return 2.0 ** min(max(62 - exponent, -1000), 1000)
 
 
-def _sorted_positives_by_torch(logits, targets, pos_index, compute, group):
+def _sorted_positives_by_torch(logits, targets, pos_index, compute, group, regression):
     """The positives in ascending (logit, position) order with torch ops, optionally gathered
-    over a process group: (s_pos, y_pos float64, sorted_index, mine or None)."""
+    over a process group: (s_pos, y_pos float64, sorted_index, mine or None, l_pos or None)."""
     s_flat, y_flat = logits.reshape(-1), targets.reshape(-1)
     pos_index = torch.sort(pos_index).values
     s_values = s_flat[pos_index].to(compute)
     if group is not None:
-        s_pos, y_pos, mine, own_index = gather_positives(s_values, y_flat[pos_index], pos_index, group)
-        return s_pos, y_pos, own_index, mine
+        s_pos, y_pos, mine, own_index, l_pos = gather_positives(s_values, y_flat[pos_index], pos_index, group,
+                                                                regression)
+        return s_pos, y_pos, own_index, mine, l_pos
     s_pos, order = torch.sort(s_values, stable=True)
     sorted_index = pos_index[order]
-    return s_pos, y_flat[sorted_index].double(), sorted_index, None
+    l_pos = None if regression is None else regression.reshape(-1).double()[order].contiguous()
+    return s_pos, y_flat[sorted_index].double(), sorted_index, None, l_pos
 
 
-def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, kind: LossKind,
-                   settings: Settings = Settings()):
+def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, kind, settings: Settings = Settings(),
+                   regression: torch.Tensor | None = None):
     """Losses (0-d tensors in the output dtype) and the backward tables, or ``None`` without
-    positives. ``logits``/``targets`` as :func:`triton_inputs` gives them."""
+    positives. ``logits``/``targets`` as :func:`triton_inputs` gives them; ``kind``: the
+    ``registry.LossSpec``; ``regression``: aLRP's regression losses (flat order of the positives),
+    whose outputs are the classification loss and the positives' ranks in flat order."""
     s, y = layout(logits), layout(targets)
     n, device = logits.numel(), logits.device
     compute = compute_dtype(logits.dtype)
@@ -134,15 +138,18 @@ def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, ki
     if p == 0 and group is None:
         return None
 
-    mine, fixed_point, fp_bound = None, deterministic, n
+    mine, fixed_point, fp_bound, l_pos = None, deterministic, n, None
     if num_edges > 0:
         s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
         edges, count, offset_sum = edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1]
+        if regression is not None:  # flat order -> sorted order: positives in flat order are sorted positions
+            l_pos = regression.reshape(-1).double()[torch.argsort(torch.argsort(sorted_index))]
     else:
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
             pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic)
-        s_pos, y_pos, sorted_index, mine = _sorted_positives_by_torch(logits, targets, pos_buffer[:p], compute, group)
+        s_pos, y_pos, sorted_index, mine, l_pos = _sorted_positives_by_torch(logits, targets, pos_buffer[:p], compute,
+                                                                             group, regression)
         if s_pos.numel() == 0:
             return None
         edges = bin_edges(s_pos, delta, kind).contiguous()
@@ -158,17 +165,20 @@ def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, ki
             fp_bound = int(count.sum())
 
     out_dtype = compute
-    losses = tuple(torch.empty((), dtype=out_dtype, device=device) for _ in range(kind.num_outputs))
+    losses = tuple(torch.empty((), dtype=out_dtype, device=device) for _ in range(kind.ranking_outputs))
     options = {"fixed_point": fixed_point, "deterministic": deterministic}
     table = tiles.positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n, fp_bound, delta_bits,
-                                 sorting=kind.sorting, interpolated=kind.interpolated, **options)
+                                 sorting=kind.sorting, interpolated=kind.interpolated, l_pos=l_pos, **options)
     if kind.interpolated:
         tiles.interpolated_terms(table, losses[0])
     affine = delta > 0 and not kind.bucketed
     const, slope = tiles.finish(s_pos, y_pos, edges, count, offset_sum, status, n, delta_bits, table, losses,
-                                sorting=kind.sorting, affine=affine, interpolated=kind.interpolated, **options)
+                                sorting=kind.sorting, affine=affine, interpolated=kind.interpolated,
+                                regression=kind.regression, **options)
     pos_rank_grad = table[tiles.T_RANK_GRAD.value]
     pos_sort_grad = table[tiles.T_SORT_GRAD.value] if kind.sorting else None
+    if kind.regression:
+        losses += (rank_in_flat_order(table[tiles.T_RANK.value], sorted_index, mine),)
     if mine is not None:
         pos_rank_grad = pos_rank_grad[mine]
         pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[mine]

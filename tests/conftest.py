@@ -14,19 +14,43 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import brl_triton
-from brl_triton import _common as kinds
-from brl_triton.reference import reference_forward
+from brl_triton import registry
+from brl_triton.reference import alrp_localisation_reference
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "official_cases.pt"  # provenance: tests/data/README.md
 
-# name -> (public function, extra keyword arguments, LossKind of the reference)
-LOSSES = {
-    "bucketed_rank_sort": (brl_triton.bucketed_rank_sort_loss, {}, kinds.BUCKETED_RANK_SORT),
-    "rank_sort": (brl_triton.rank_sort_loss, {}, kinds.RANK_SORT),
-    "bucketed_ap": (brl_triton.bucketed_ap_loss, {}, kinds.BUCKETED_AP),
-    "ap": (brl_triton.ap_loss, {}, kinds.AP),
-    "interpolated_ap": (brl_triton.ap_loss, {"interpolated": True}, kinds.INTERPOLATED_AP),
-}
+
+
+def regression_losses_for(targets: torch.Tensor) -> torch.Tensor:
+    """Stand-in regression losses for aLRP: one value in [0, 1] per positive (flat order), a fixed
+    function of its target, so that a batch split over ranks gets the same values."""
+    if not isinstance(targets, torch.Tensor) or targets.is_complex() or targets.is_meta:  # bad input to refuse
+        return torch.zeros(0)
+    flat = targets.reshape(-1)
+    return (flat[flat > 0].double() * 12.9898).sin().abs().float().to(targets.device)
+
+
+def _with_regression_losses(fn):
+    def loss(logits, targets, *args, **kwargs):
+        return fn(logits, targets, regression_losses_for(targets).requires_grad_(), *args, **kwargs)
+
+    return loss
+
+
+def _table_entry(spec):
+    if spec.variant_of is not None:
+        return getattr(brl_triton, registry.BY_NAME[spec.variant_of].function_name), {spec.option: True}, spec
+    fn = getattr(brl_triton, spec.function_name)
+    return (_with_regression_losses(fn) if spec.regression else fn), {}, spec
+
+
+# name -> (function of (logits, targets, delta, **options), extra keyword arguments, registry.LossSpec),
+# every loss of the registry; aLRP gets regression_losses_for(targets)
+LOSSES = {spec.name: _table_entry(spec) for spec in registry.LOSSES}
+
+
+def needs_smoothing(name: str) -> bool:
+    return LOSSES[name][2].needs_smoothing
 
 # upstream gradients other than 1, and different for the two Rank & Sort outputs
 UPSTREAM = (0.7, -1.3)
@@ -78,11 +102,14 @@ def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
 def expected(name, logits, targets, delta, upstream=UPSTREAM):
     """The oracle: reference losses and the upstream-weighted reference gradient (float64)."""
     kind = LOSSES[name][2]
-    result = reference_forward(logits, targets, delta, kind)
+    regression = regression_losses_for(targets) if kind.regression else None
+    result = kind.reference(logits, targets, delta, kind, regression)
     if result is None:
         zeros = torch.zeros(logits.numel(), dtype=torch.float64)
-        return (torch.zeros((), dtype=torch.float64),) * kind.num_outputs, zeros.view(logits.shape)
+        return (torch.zeros((), dtype=torch.float64),) * len(kind.outputs), zeros.view(logits.shape)
     losses, grads = result
+    if kind.regression:  # (classification, rank) -> (classification, localisation)
+        losses = (losses[0], alrp_localisation_reference(logits, targets, regression, losses[1])[0])
     grad = sum(g * grad_o for g, grad_o in zip(upstream, grads))
     return losses, grad.view(logits.shape)
 

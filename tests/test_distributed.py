@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import LOSSES, assert_close, make_case, run_loss
+from conftest import LOSSES, assert_close, make_case, needs_smoothing, run_loss
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -45,7 +45,7 @@ def _worker(rank, init_file, out_dir, backend):
             logits, targets = _case(case)
             for name, (fn, extra, _) in LOSSES.items():
                 for delta, deterministic in [(0.0, False), (0.5, False), (0.5, True)]:
-                    if name == "interpolated_ap" and delta == 0:
+                    if needs_smoothing(name) and delta == 0:
                         continue
                     x = _shard(logits, rank).clone().requires_grad_(True)
                     out = fn(x, _shard(targets, rank), delta, backend=backend, process_group=dist.group.WORLD,

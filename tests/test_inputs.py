@@ -94,7 +94,7 @@ def test_zero_losses_attached_to_graph(name, backend, kind_of_input):
     logits.requires_grad_(True)
     out = _call(name, logits, targets, backend=backend)
     out = out if isinstance(out, tuple) else (out,)
-    assert len(out) == LOSSES[name][2].num_outputs
+    assert len(out) == len(LOSSES[name][2].outputs)
     for loss in out:
         assert loss.shape == () and loss.item() == 0.0
         assert loss.requires_grad and loss.grad_fn is not None

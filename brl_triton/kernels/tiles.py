@@ -11,7 +11,8 @@ fixed point instead, which is exact in any order, so the sums do not depend on t
 - ``positive_terms``: one program per block of positive rows; FP over the bins, rank+ and the
   sorting sums over the positives, then per positive the ranking error, its gradient and the
   weight ``w_i`` of the negatives' gradient, the sorting error and its share ``eS / D``; the
-  interpolated AP keeps its precision for ``interpolated``.
+  interpolated AP keeps its precision for ``interpolated``; aLRP (``REGRESSION``) also sums the
+  regression losses of the positives above, ``sum_k H(s_k - s_i) l_k``.
 - ``interpolated``: one program, the running maximum of precision in ascending logit order.
 - ``finish``: one launch, three kinds of program: rows of the sorting gradient
   (``sum_k share_k H(s_i - s_k) [y_i < y_k]`` minus what i gives), blocks of bins (gradient
@@ -34,10 +35,11 @@ T_ERROR = tl.constexpr(2)  # ranking error lR(i); precision for the interpolated
 T_SORT_ERROR = tl.constexpr(3)  # eS(i)
 T_SHARE = tl.constexpr(4)  # eS(i) / D(i), 0 where D(i) == 0
 T_SORT_GRAD = tl.constexpr(5)  # gradient of the sorting output on the positive
-T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP)
+T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP, aLRP)
 TABLE_ROWS = 7
 TABLE_ALIGN = 16  # elements: 128-byte rows
 LOSS_BLOCK = tl.constexpr(1024)  # the loss sums' order, whatever the tile config
+ALRP_EPS = tl.constexpr(1e-5)  # aLRP: a positive with FP(i) <= this has no error (``_positive_terms``)
 
 
 @triton.jit
@@ -58,13 +60,23 @@ def _bins(edges_ptr, count_ptr, offset_sum_ptr, b, ok, offset_scale, FIXED_POINT
     return lower, count, mean
 
 
+@triton.jit
+def _sum_bound(ptr, p, BLOCK: tl.constexpr):
+    """1 + sum of the p values >= 0 at ptr (float64): a bound for fixed-point sums of them."""
+    total = p.to(tl.float64) * 0.0 + 1.0
+    for start in range(0, p, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        total += tl.sum(tl.abs(tl.load(ptr + k, mask=k < p, other=0.0).to(tl.float64)), axis=0)
+    return total
+
+
 @triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "stride", "delta_bits", "p_class",
                                "bins_class"])
 def _positive_terms_kernel(
-    s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound, table_ptr,
-    stride, delta_bits, p_class, bins_class,
-    SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, FIXED_POINT: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    s_pos_ptr, y_pos_ptr, l_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound,
+    table_ptr, stride, delta_bits, p_class, bins_class,
+    SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, REGRESSION: tl.constexpr,
+    FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < p
@@ -91,12 +103,19 @@ def _positive_terms_kernel(
     target = tl.zeros_like(rank_plus)
     target_count = tl.zeros_like(rank_plus)
     lower_quality = tl.zeros_like(rank_plus)
+    weighted = tl.zeros_like(rank_plus)
+    l_scale = p_scale
+    if REGRESSION and EXACT:
+        l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
     for start in range(0, p, BLOCK_COLS):
         k = start + tl.arange(0, BLOCK_COLS)
         k_ok = k < p
         s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
         h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
         rank_plus = m.fixed_sum(rank_plus, h, p_scale, EXACT)
+        if REGRESSION:
+            l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
+            weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, EXACT)
         if SORTING:
             y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
             not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
@@ -107,7 +126,18 @@ def _positive_terms_kernel(
             lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, EXACT)
     rank_plus = m.fixed_value(rank_plus, p_scale, EXACT)
     count_p = p.to(tl.float64)
-    if INTERPOLATED:
+    if REGRESSION:
+        rank = rank_plus + 0.5 + fp  # rank+(i) = 1 + sum over k != i, and H(0) = 1/2
+        l_i = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+        others = m.fixed_value(weighted, l_scale, EXACT) - 0.5 * l_i  # k = i was counted with H(0) = 1/2
+        wrong = fp > ALRP_EPS
+        g = tl.where(wrong, -(others + fp) / rank, 0.0)
+        tl.store(table_ptr + T_ERROR * stride + rows, fp / rank, mask=row_ok)
+        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, g / count_p, mask=row_ok)
+        tl.store(table_ptr + T_WEIGHT * stride + rows, tl.where(wrong, -g / tl.maximum(fp, 1e-300), 0.0) / count_p,
+                 mask=row_ok)
+    elif INTERPOLATED:
         rank_plus += 0.5  # 1 + sum over k != i, and H(0) = 1/2
         tl.store(table_ptr + T_ERROR * stride + rows, rank_plus / (rank_plus + fp), mask=row_ok)
         tl.store(table_ptr + T_RANK * stride + rows, rank_plus + fp, mask=row_ok)
@@ -157,7 +187,8 @@ def _finish_kernel(
     s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
     stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, AFFINE: tl.constexpr, INTERPOLATED: tl.constexpr,
-    FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    REGRESSION: tl.constexpr, FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     count_p = p.to(tl.float64)
@@ -199,8 +230,10 @@ def _finish_kernel(
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
         inv = inv64.to(lower.dtype)
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
-        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2
+        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
         w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
+        if REGRESSION and EXACT:
+            w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
         const = m.zero_sums(BLOCK_ROWS, EXACT)
         slope = tl.zeros_like(const)
         for start in range(0, p, BLOCK_COLS):
@@ -257,20 +290,22 @@ INTERPOLATED_BLOCK = 1024
 
 
 def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
-                   sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool) -> torch.Tensor:
+                   sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
+                   l_pos: torch.Tensor | None = None) -> torch.Tensor:
     """The (TABLE_ROWS, p) float64 table of per-positive terms (a view: rows are padded to a
     multiple of TABLE_ALIGN, so that every row starts aligned whatever p; an unaligned row would
     be a differently specialized kernel variant on a GPU). ``n_total``: the elements the
-    reduction saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives."""
+    reduction saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives;
+    ``l_pos``: aLRP's regression losses, sorted like the positives (float64), or None."""
     p, num_edges = s_pos.numel(), edges.numel()
     stride = -(-p // TABLE_ALIGN) * TABLE_ALIGN
     table = torch.empty(TABLE_ROWS, stride, dtype=torch.float64, device=s_pos.device)[:, :p]
     POSITIVE_TERMS.launch(
-        lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, p, edges, num_edges, count, offset_sum,
-        status, n_total, fp_bound, table, table.stride(0), delta_bits, size_class(p), size_class(num_edges),
-        fixed=deterministic, config=_float64_config(s_pos),
-        SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, FIXED_POINT=fixed_point,
-        EXACT=deterministic,
+        lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, y_pos if l_pos is None else l_pos, p,
+        edges, num_edges, count, offset_sum, status, n_total, fp_bound, table, table.stride(0), delta_bits,
+        size_class(p), size_class(num_edges), fixed=deterministic, config=_float64_config(s_pos),
+        SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, REGRESSION=l_pos is not None,
+        FIXED_POINT=fixed_point, EXACT=deterministic,
     )
     return table
 
@@ -281,7 +316,8 @@ def interpolated_terms(table, loss) -> None:
 
 
 def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_bits: int, table, losses, *,
-           sorting: bool, affine: bool, interpolated: bool, fixed_point: bool, deterministic: bool):
+           sorting: bool, affine: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
+           regression: bool = False):
     """Sorting gradient (table row T_SORT_GRAD), per-key gradient constant and slope (float64,
     E + 1 each, key 0 = no bin) and the loss outputs, in one launch."""
     p, num_edges = s_pos.numel(), edges.numel()
@@ -296,7 +332,8 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
         grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, table.stride(0), const,
         const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges),
         fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
-        AFFINE=affine, INTERPOLATED=interpolated, FIXED_POINT=fixed_point, EXACT=deterministic,
+        AFFINE=affine, INTERPOLATED=interpolated, REGRESSION=regression, FIXED_POINT=fixed_point,
+        EXACT=deterministic,
     )
     return const, slope
 
