@@ -6,7 +6,10 @@
 Backends: ``triton`` (CUDA only; the first call, which compiles and with BRL_AUTOTUNE=1 autotunes,
 is not timed, and the configs used are printed), ``torch``, ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
 runs, dense bucket x positive matrices; bucketed losses only, see ``sort_based.py``) and
-``reference`` (the O(P*N) loops, only where they finish in about a second).
+``official_loop`` (aLRP the way the official code computes it: a Python loop over positives,
+vectorised over negatives; ``sort_based.official_alrp_loop``) and ``reference`` (the O(P*N)
+loops, only where they finish in about a second). ``--preset alrp`` times aLRP against BAP and
+the official loop at N = 1M, P = 1k.
 
 Every row is forward+backward of the loss on the same logits (median and the 20/80 % quantiles;
 ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU), next to two floors
@@ -35,7 +38,7 @@ from tqdm import tqdm
 import brl_triton
 from brl_triton import registry
 
-from .sort_based import sort_based_bucketed_loss
+from .sort_based import official_alrp_loop, sort_based_bucketed_loss
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,17 @@ PRESETS = {
                  losses=["brs", "rs"], min_time=0.01),
     "quick": dict(n_sweep=[10_000, 100_000, 1_000_000], n_sweep_p=1_000, p_sweep=[10, 100, 1_000, 4_000],
                   p_sweep_n=100_000, detectors=["faster_rcnn_rpn"], losses=["brs", "rs"], min_time=0.1),
+    # aLRP against BAP and against the official aLRP loop (issue 11's acceptance), N = 1M, P = 1k
+    "alrp": dict(n_sweep=[1_000_000], n_sweep_p=1_000, p_sweep=[], p_sweep_n=0, detectors=[],
+                 losses=["bap", "alrp", "balrp"], min_time=0.5),
     "full": dict(n_sweep=[10_000, 100_000, 1_000_000, 10_000_000], n_sweep_p=1_000,
                  p_sweep=[10, 100, 1_000, 5_000, 20_000], p_sweep_n=1_000_000,
                  detectors=[d[0] for d in DETECTORS], losses=list(LOSSES), min_time=0.5),
 }
 
 REFERENCE_MAX_WORK = 3_000_000  # N * P above which the O(P*N) loops are not timed
+BACKEND_ORDER = ("triton", "torch", "sort_based", "official_loop", "reference")
+OFFICIAL_LOOP_MAX_WORK = 2_000_000_000  # the official aLRP loop: vectorised over N, so it gets further
 SORT_BASED_MAX_P = 10_000  # its dense P x P and B x P matrices
 
 
@@ -161,6 +169,9 @@ def time_ms(step, device: str, min_time: float):
 
 
 def loss_step(loss: Loss, backend: str, logits, targets):
+    if backend == "official_loop":
+        regression = stand_in_regression_losses(targets)
+        return lambda: official_alrp_loop(logits, targets, regression, loss.delta)
     if backend == "sort_based":
         return lambda: sort_based_bucketed_loss(logits, targets, loss.delta, loss.sort_based)
     x = logits.clone().requires_grad_(True)
@@ -177,6 +188,8 @@ def backends_for(loss: Loss, n: int, p: int, device: str) -> list[str]:
     names = (["triton"] if device == "cuda" else []) + ["torch"]
     if loss.sort_based is not None and p <= SORT_BASED_MAX_P:
         names.append("sort_based")
+    if loss.spec is registry.ALRP and n * p <= OFFICIAL_LOOP_MAX_WORK:
+        names.append("official_loop")
     if n * p <= REFERENCE_MAX_WORK:
         names.append("reference")
     return names
@@ -258,7 +271,7 @@ def write_csv(rows, path: Path) -> None:
 
 def markdown_table(rows, machine: str) -> str:
     """One line per problem and loss: the floors, then each backend as ms (x torch.sort)."""
-    backends = [b for b in ("triton", "torch", "sort_based", "reference") if any(r["backend"] == b for r in rows)]
+    backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in rows)]
     lines = [f"Forward+backward, median ms (and × `torch.sort` of the same logits). {machine}.", ""]
     header = ["problem", "N", "P", "loss", "sort ms", "read ms"] + backends + ["torch peak MiB"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -285,7 +298,7 @@ def plot(rows, out: Path, machine: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"triton": "C0", "torch": "C1", "sort_based": "C2", "reference": "C3"}
+    styles = {"triton": "C0", "torch": "C1", "sort_based": "C2", "reference": "C3", "official_loop": "C4"}
     for group, axis, filename in (("N sweep", "N", "time_vs_n.png"), ("P sweep", "P", "time_vs_p.png")):
         selected = [r for r in rows if r["group"] == group]
         if not selected:

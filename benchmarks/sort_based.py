@@ -76,3 +76,44 @@ def sort_based_bucketed_loss(logits: torch.Tensor, targets: torch.Tensor, delta:
     grad_kept[order] = grad_sorted
     grad[kept] = grad_kept
     return losses, grad.view(logits.shape)
+
+
+def official_alrp_loop(logits: torch.Tensor, targets: torch.Tensor, regression_losses: torch.Tensor,
+                       delta: float = 1.0, eps: float = 1e-5):
+    """aLRP the way the official code organises it: a Python loop over the positives, each step
+    relating one positive to every positive and every relevant negative (O(P * N) work, O(N)
+    memory). Returns ``((classification, localisation), logits_grad, regression_grad)`` for unit
+    upstream gradients."""
+    s, y = logits.detach().reshape(-1).float(), targets.reshape(-1).float()
+    l = regression_losses.detach().reshape(-1).float()
+    grad = torch.zeros_like(s)
+    positive = y > 0
+    fg = s[positive]
+    p = fg.numel()
+    if p == 0:
+        zero = s.new_zeros(())
+        return (zero, zero), grad, torch.zeros_like(l)
+    relevant = (y == 0) & (s >= fg.min() - delta)
+    bg = s[relevant]
+    fg_grad = torch.zeros_like(fg)
+    bg_grad = torch.zeros_like(bg)
+    rank = torch.zeros_like(fg)
+    precision = torch.zeros_like(fg)
+    for i in range(p):
+        fg_h = _step(fg - fg[i], delta)
+        fg_h[i] = 0
+        bg_h = _step(bg - fg[i], delta)
+        rank_plus = 1 + fg_h.sum()
+        fp = bg_h.sum()
+        rank[i] = rank_plus + fp
+        precision[i] = rank_plus / rank[i]
+        if fp > eps:
+            fg_grad[i] = -((fg_h * l).sum() + fp) / rank[i]
+            bg_grad += bg_h * (-fg_grad[i] / fp)
+    grad[positive] = fg_grad / p
+    grad[relevant] = bg_grad / p
+    order = torch.sort(fg, descending=True, stable=True).indices
+    localisation = (torch.cumsum(l[order], 0) / rank[order]).mean()
+    regression_grad = torch.zeros_like(l)
+    regression_grad[order] = torch.flip(torch.cumsum(torch.flip(1 / rank[order], [0]), 0), [0]) / p
+    return (1 - precision.mean(), localisation), grad.view(logits.shape), regression_grad

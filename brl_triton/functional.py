@@ -80,36 +80,47 @@ def check_regression_losses(regression_losses, logits, targets) -> None:
     if regression_losses.device != logits.device:
         raise ValueError(f"regression_losses must be on the logits' device {logits.device}, "
                          f"got {regression_losses.device}")
-    p = int((targets > 0).sum())
+    values = regression_losses.detach().reshape(-1)
+    positives = (targets > 0).sum()
+    if values.numel():  # NaN fails `low >= 0`
+        low, high = torch.aminmax(values)
+        valid = (low >= 0) & (high < float("inf"))
+    else:
+        valid = torch.ones((), dtype=torch.bool, device=positives.device)
+    p, ok = torch.stack([positives, valid.to(positives.dtype)]).tolist()  # one host read for both checks
     if regression_losses.numel() != p:
         raise ValueError(f"regression_losses must hold one value per positive target ({p}, in flat order), "
                          f"got {regression_losses.numel()}")
-    if p and not bool(torch.isfinite(regression_losses).all() & (regression_losses >= 0).all()):
+    if not ok:
         raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
 
 def localisation(logits, targets, regression_losses, rank, process_group=None) -> torch.Tensor:
     """aLRP's localisation part: ``mean_i (sum of l_k over positives k ranked at or above i) /
-    rank(i)``, the positives in descending logit order (ties in flat order), rank detached. An
-    O(p log p) sort and prefix sum, differentiable in ``regression_losses``; with a process
-    group, over the positives of all ranks (one more all-gather of O(p) numbers), and the
-    gradient reaches this rank's regression losses."""
+    rank(i)``, the positives in descending logit order (ties in flat order), rank detached.
+
+    Written as ``sum_k l_k c_k`` with ``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)``, a
+    suffix sum after an O(p log p) sort: ``c`` is the gradient in ``regression_losses``, so that
+    autograd's backward is one multiply. With a process group it runs over the positives of all
+    ranks (one more all-gather of O(p) numbers), and the gradient reaches this rank's values.
+    """
     l = regression_losses.reshape(-1)
-    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0].double()
-    rank = rank.detach().double()
+    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0]
+    rank = rank.detach()
     if process_group is not None:
-        rows = gather_rows(torch.stack([s_pos, l.detach().double(), rank,
-                                        torch.full_like(rank, torch.distributed.get_rank(process_group))], 1),
-                           process_group)
-        own = (rows[:, 3] == torch.distributed.get_rank(process_group)).nonzero().squeeze(1)
+        me = torch.distributed.get_rank(process_group)
+        rows = gather_rows(torch.stack([s_pos.double(), l.detach().double(), rank.double(),
+                                        torch.full_like(rank, me, dtype=torch.float64)], 1), process_group)
+        own = (rows[:, 3] == me).nonzero().squeeze(1)
         s_pos, rank = rows[:, 0], rows[:, 2]
         l = rows[:, 1].to(l.dtype).index_put((own,), l)  # this rank's values stay in the graph
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if rank.numel() == 0:
-        return (l.sum() * 0).to(torch.float64 if l.dtype == torch.float64 else torch.float32)
+        return (l.sum() * 0).to(out_dtype)
     order = torch.sort(s_pos, descending=True, stable=True).indices
-    at_or_above = torch.cumsum(l[order].double(), 0)
-    loss = (at_or_above / rank[order]).mean()
-    return loss.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    share = rank.index_select(0, order).double().reciprocal_().flip(0).cumsum(0).flip(0).div_(rank.numel())
+    weight = torch.empty_like(share).index_put_((order,), share)
+    return torch.dot(l.double(), weight).to(out_dtype)
 
 
 _OUTPUTS = {

@@ -142,8 +142,9 @@ def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, ki
     if num_edges > 0:
         s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
         edges, count, offset_sum = edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1]
-        if regression is not None:  # flat order -> sorted order: positives in flat order are sorted positions
-            l_pos = regression.reshape(-1).double()[torch.argsort(torch.argsort(sorted_index))]
+        if regression is not None:  # positives in flat order are their positions sorted
+            l_pos = torch.empty(p, dtype=torch.float64, device=device)
+            l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
     else:
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
