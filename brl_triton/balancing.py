@@ -47,7 +47,7 @@ class SelfBalancingWeight:
         self._classification = c if self._classification is None else self._classification + c
         self._localisation = l if self._localisation is None else self._localisation + l
         self._steps += 1
-        if self._steps == self.period:
+        if self._steps >= self.period:
             localisation_sum = float(self._localisation)
             if localisation_sum > 0:  # a period without positives keeps the weight
                 self.weight = (float(self._classification) + localisation_sum) / localisation_sum

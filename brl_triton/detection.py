@@ -21,13 +21,17 @@ coder, proposal counts, inference thresholds) to those of the official RS config
   (IoU targets, ignored anchors ignored), GIoU box loss as above.
 - FCOS: as RetinaNet over FCOS's locations (its centre sampling and scale ranges pick the
   positives); the centerness branch is dropped, see :func:`convert_to_rank_based`.
+- ``loss="alrp"`` / ``"balrp"`` (aLRP, exact or bucketed): every head's classification and box
+  losses become aLRP's two parts, with ``(1 - GIoU) / 2`` of each positive as its regression loss
+  and aLRP's self-balancing weight on the localisation part (one ``SelfBalancingWeight`` per head,
+  updated every ``ALRP_BALANCE_PERIOD`` training steps).
 
 Needs torchvision (``pip install brl_triton[examples]``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -48,6 +52,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from . import functional, registry
+from .balancing import SelfBalancingWeight
 
 __all__ = [
     "RankingLoss",
@@ -61,8 +66,9 @@ __all__ = [
     "paired_box_iou",
 ]
 
-# the registry's classification losses by short name (aLRP also needs the heads' regression losses)
-_LOSSES = {spec.short: spec for spec in registry.LOSSES if registry.public(spec) and not spec.regression}
+# the registry's losses by short name; aLRP's regression losses are the heads' per-positive GIoU losses
+_LOSSES = {spec.short: spec for spec in registry.LOSSES if registry.public(spec)}
+ALRP_BALANCE_PERIOD = 500  # training steps per update of aLRP's self-balancing weight (the paper: an epoch)
 _MIN_QUALITY = 1e-6  # a positive whose box misses its ground truth still counts as positive
 
 # The model settings of the official configs (RS-R-CNN and RS-Mask R-CNN, RS-ATSS for the
@@ -87,17 +93,35 @@ class RankingLoss:
     loss: str = "brs"
     delta: float | None = None
     backend: str = "auto"
+    # aLRP: the weight of the localisation part, per head (``dataclasses.replace`` makes a fresh one)
+    balance: SelfBalancingWeight = field(init=False, repr=False, compare=False,
+                                         default_factory=lambda: SelfBalancingWeight(ALRP_BALANCE_PERIOD))
 
     def __post_init__(self):
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The classification loss: ranking + sorting for (B)RS, the AP loss for (B)AP."""
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, pred_boxes: torch.Tensor,
+                 target_boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's (classification, box) losses. ``targets``: IoU targets (> 0 positive, 0
+        negative, < 0 ignored); ``pred_boxes``, ``target_boxes`` (P, 4) and ``scores`` (P,): the
+        positives, in the flat order of ``targets > 0``.
+
+        Ranking + sorting for (B)RS, the AP loss for (B)AP, each with the balanced GIoU box loss;
+        for aLRP its classification part, and its localisation part with ``(1 - GIoU) / 2`` as the
+        regression losses, times the self-balancing weight."""
         spec = _LOSSES[self.loss]
         fn = getattr(functional, spec.function_name)
-        out = fn(logits, targets, spec.delta if self.delta is None else self.delta, backend=self.backend)
-        return out[0] + out[1] if isinstance(out, tuple) else out
+        delta = spec.delta if self.delta is None else self.delta
+        if spec.regression:
+            regression = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none") / 2
+            classification, localisation = fn(logits, targets, regression.float(), delta, backend=self.backend)
+            weight = self.balance.weight
+            self.balance.record(classification, localisation)
+            return classification, weight * localisation
+        out = fn(logits, targets, delta, backend=self.backend)
+        classification = out[0] + out[1] if isinstance(out, tuple) else out
+        return classification, balanced_giou_loss(pred_boxes, target_boxes, scores, classification)
 
 
 def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -157,8 +181,7 @@ class RankBasedRPN(RegionProposalNetwork):
             self.box_coder, pred_bbox_deltas[positive], regression_targets[positive]
         )
         targets = labels.to(objectness.dtype).index_put((positive,), quality.to(objectness.dtype))
-        classification = self.ranking(objectness, targets)
-        box = balanced_giou_loss(pred_boxes, target_boxes, objectness[positive].sigmoid(), classification)
+        classification, box = self.ranking(objectness, targets, pred_boxes, target_boxes, objectness[positive].sigmoid())
         return self.loss_weight * classification, self.loss_weight * box
 
 
@@ -193,9 +216,8 @@ class RankBasedRoIHeads(RoIHeads):
         pred_boxes, target_boxes, quality = _positive_terms(self.box_coder, pred_deltas, regression_targets[positive])
         targets = torch.zeros_like(logits)
         targets[positive, classes - 1] = quality.to(logits.dtype)
-        classification = self.ranking(logits, targets)
         scores = logits[positive, classes - 1].sigmoid()
-        box = balanced_giou_loss(pred_boxes, target_boxes, scores, classification)
+        classification, box = self.ranking(logits, targets, pred_boxes, target_boxes, scores)
         return {"loss_classifier": classification, "loss_box_reg": box}
 
     def mask_loss(self, features, proposals, matched_idxs, labels, image_shapes, targets):
@@ -259,11 +281,11 @@ def _dense_losses(ranking, cls_logits, bbox_regression, anchors, targets, matche
         pred_boxes.append(boxes)
         target_boxes.append(gt_boxes)
         scores.append(cls_logits[image, foreground, gt_labels].sigmoid())
-    classification = ranking(cls_logits, quality_targets)
-    if pred_boxes:
-        box = balanced_giou_loss(torch.cat(pred_boxes), torch.cat(target_boxes), torch.cat(scores), classification)
-    else:
-        box = bbox_regression.sum() * 0.0
+    if not pred_boxes:  # no positive in the batch: empty boxes that keep the regression branch in the graph
+        pred_boxes = [bbox_regression.new_zeros((0, 4)) + bbox_regression.sum() * 0]
+        target_boxes, scores = [bbox_regression.new_zeros((0, 4))], [bbox_regression.new_zeros(0)]
+    classification, box = ranking(cls_logits, quality_targets, torch.cat(pred_boxes), torch.cat(target_boxes),
+                                  torch.cat(scores))
     return {"classification": classification, "bbox_regression": box}
 
 
@@ -361,7 +383,9 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
     Args:
         model: ``torchvision.models.detection.FasterRCNN`` or ``MaskRCNN`` (any backbone),
             ``RetinaNet`` or ``FCOS``, pretrained or not. Keypoint R-CNN and SSD are not supported.
-        loss: ``"brs"`` (bucketed Rank & Sort, default), ``"rs"``, ``"bap"`` or ``"ap"``.
+        loss: ``"brs"`` (bucketed Rank & Sort, default), ``"rs"``, ``"bap"``, ``"ap"``, or aLRP:
+            ``"alrp"`` / ``"balrp"`` (exact / bucketed; box losses become aLRP's localisation
+            part with its self-balancing weight, see the module docstring).
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
         rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
@@ -428,7 +452,8 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         _set_rpn_box_coder(model.rpn, RPN_BOX_CODER_WEIGHTS)
         model.rpn._pre_nms_top_n = dict(RPN_PRE_NMS_TOP_N)
         model.rpn._post_nms_top_n = dict(RPN_POST_NMS_TOP_N)
-        model.roi_heads = _retype(model.roi_heads, RankBasedRoIHeads, ranking=ranking, score_thresh=ROI_SCORE_THRESH,
+        model.roi_heads = _retype(model.roi_heads, RankBasedRoIHeads, ranking=replace(ranking),  # a balance of its own
+                                  score_thresh=ROI_SCORE_THRESH,
                                   nms_thresh=ROI_NMS_THRESH, detections_per_img=DETECTIONS_PER_IMAGE)
         cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
         if isinstance(cls_score, nn.Linear):

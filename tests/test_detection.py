@@ -269,9 +269,9 @@ def test_dense_heads_rank_with_iou_targets_and_ignore_between_threshold_anchors(
     seen = {}
     ranking = model.head.ranking
 
-    def spy(logits, targets):
+    def spy(logits, targets, *boxes_and_scores):
         seen["targets"] = targets.detach().clone()
-        return ranking(logits, targets)
+        return ranking(logits, targets, *boxes_and_scores)
 
     monkeypatch.setattr(model.head, "ranking", spy)
     model.train()
@@ -320,3 +320,45 @@ def test_conversion_keeps_parameters_and_checks_arguments():
                                                                      num_classes=3)
     with pytest.raises(TypeError, match="SSD"):
         convert_to_rank_based(ssd)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet"])
+@pytest.mark.parametrize("loss", ["alrp", "balrp"])
+def test_alrp_conversion_trains_box_regression_through_the_localisation_part(name, loss):
+    """aLRP heads: the box loss is the localisation part with (1 - GIoU) / 2 per positive, times
+    the head's self-balancing weight; it reaches the regression branch, the classification part
+    the classifier, and each head balances on its own."""
+    import brl_triton
+
+    model = _converted(name, loss)
+    heads = [model.rpn, model.roi_heads] if name == "fasterrcnn" else [model.head]
+    balances = {id(head.ranking.balance) for head in heads}
+    assert len(balances) == len(heads)  # the RPN and the RoI head do not share one weight
+    calls = []
+    original = brl_triton.functional.localisation
+
+    def spy(logits, targets, regression_losses, rank, process_group=None):
+        calls.append(regression_losses.detach().clone())
+        return original(logits, targets, regression_losses, rank, process_group)
+
+    brl_triton.functional.localisation = spy
+    try:
+        model.train()
+        losses = model(_images(), _targets())
+    finally:
+        brl_triton.functional.localisation = original
+    assert calls and all(bool(((c >= 0) & (c <= 1)).all()) for c in calls)
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    box_key = "loss_box_reg" if name == "fasterrcnn" else "bbox_regression"
+    assert losses[box_key] > 0
+    sum(losses.values()).backward()
+    regression = (model.roi_heads.box_predictor.bbox_pred.weight if name == "fasterrcnn"
+                  else model.head.regression_head.bbox_reg.weight)
+    assert bool(regression.grad.abs().sum() > 0) and bool(_classifier(model).grad.abs().sum() > 0)
+    # the weight is the period's (C + L) / L: with a period of one step, that step's
+    balance = heads[-1].ranking.balance
+    balance.__init__(period=1)  # a fresh period of one step, initial weight 50
+    losses = model(_images(), _targets())
+    classification = losses["loss_classifier" if name == "fasterrcnn" else "classification"]
+    localisation = losses[box_key] / 50.0  # the initial weight
+    assert balance.weight == pytest.approx(float((classification + localisation) / localisation), rel=1e-5)
