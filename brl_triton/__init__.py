@@ -5,7 +5,7 @@ the list of losses.
 """
 
 from . import functional, modules
-from .balancing import SelfBalancingWeight
+from .balancing import SelfBalancingWeight as SelfBalancingWeight
 from .functional import *  # noqa: F403  (one function per loss of the registry)
 from .modules import *  # noqa: F403  (one module per loss of the registry)
 

@@ -1,5 +1,8 @@
 """Backend names and dispatch: which implementation computes a loss for given inputs.
 
+The torch and Triton backends run the steps of ``pipeline``; the reference computes every loss
+on its own, as the oracle it is.
+
 ``"auto"`` picks Triton for CUDA tensors when triton imports and the GPU can run it, else torch.
 The environment variable ``BRL_BACKEND`` (``torch``, ``triton`` or ``reference``) replaces what
 ``"auto"`` would pick; an explicit ``backend=`` argument always wins.
@@ -14,20 +17,10 @@ import sys
 import torch
 
 from ._common import flat_inputs
-from .torch_backend import torch_backward, torch_forward
+from .torch_backend import TORCH
 
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
 BACKEND_ENV_VAR = "BRL_BACKEND"
-
-
-class TorchBackend:
-    """Sort-free bucketed/breakpoint computation in plain torch ops; runs on any device."""
-
-    name = "torch"
-    checks_finite = False
-    inputs = staticmethod(flat_inputs)
-    forward = staticmethod(torch_forward)
-    backward = staticmethod(torch_backward)
 
 
 class ReferenceBackend:
@@ -77,9 +70,9 @@ def _triton_backend(logits: torch.Tensor):
             )
     elif logits.device.type != "cuda":
         raise ValueError(f"backend='triton' runs on CUDA tensors, got logits on {logits.device}")
-    from .triton_backend import TritonBackend
+    from .triton_backend import TRITON
 
-    return TritonBackend
+    return TRITON
 
 
 def resolve_backend(backend: str, logits: torch.Tensor):
@@ -100,4 +93,4 @@ def resolve_backend(backend: str, logits: torch.Tensor):
             backend = "torch"
     if backend == "triton":
         return _triton_backend(logits)
-    return TorchBackend if backend == "torch" else ReferenceBackend
+    return TORCH if backend == "torch" else ReferenceBackend

@@ -86,19 +86,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def fixed_point_scale(s: torch.Tensor, edges: torch.Tensor) -> float:
-    """Power of two that turns offsets from a bin's lower edge into int64 such that the sum of all
-    ``s.numel()`` of them cannot overflow: integer sums are exact whatever their order, which is
-    how deterministic mode sums offsets without order-dependent float atomics."""
-    widths = edges[1:] - edges[:-1] if edges.numel() > 1 else edges.new_zeros(1)
-    top = (s.max() - edges[-1]).clamp(min=0)  # the bin above every edge is open-ended
-    largest = max(float(widths.max()), float(top), 1e-30)
-    if not math.isfinite(largest):
-        return 1.0  # non-finite logits: the reduction pass reports them
-    exponent = 62 - math.ceil(math.log2(max(s.numel(), 1) * largest))
-    return 2.0 ** max(min(exponent, 1000), -1000)
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 are upcast; float32 and float64 are kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -95,22 +95,6 @@ def alrp_terms(sums: PositiveSums) -> PositiveTerms:
     return terms
 
 
-def own_positive_gradients(terms: PositiveTerms, pos_sort_grad, mine):
-    """The positive gradient tables (ranking, sorting or None) restricted to ``mine``, this rank's
-    positives in a global ranking (None: all positives are this process's)."""
-    if mine is None:
-        return terms.pos_rank_grad, pos_sort_grad
-    return terms.pos_rank_grad[mine], None if pos_sort_grad is None else pos_sort_grad[mine]
-
-
-def positive_gradient(pos_rank_grad, pos_sort_grad, grad_outputs) -> torch.Tensor:
-    """The positives' gradient for the upstream gradients of the (ranking[, sorting]) outputs."""
-    grad = pos_rank_grad * grad_outputs[0].double()
-    if pos_sort_grad is not None:
-        grad = grad + pos_sort_grad * grad_outputs[1].double()
-    return grad
-
-
 def sorting_gradient(terms: PositiveTerms, received: torch.Tensor) -> torch.Tensor:
     """Gradient of the sorting output on the positives, given
     ``received[i] = sum_k share_k H(s_i - s_k) [y_i < y_k]``."""

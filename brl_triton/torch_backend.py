@@ -2,24 +2,21 @@
 
 It runs on every device torch runs on and is the fallback wherever Triton is not used.
 
-Data flow (M logits, p positives, E bin edges, E <= 2p):
+It supplies the steps of ``pipeline`` (M logits, p positives, E bin edges, E <= 2p):
 
 forward
-    1. positives: compact (``nonzero``) and sort only their p logits.
-    2. edges: the sorted positive logits (bucketed, with ``min - delta`` in front), or the 2p
-       breakpoints ``s_i -/+ delta`` (exact), or the positives alone when ``delta == 0``, where
-       bucketed and exact are the same computation (Theorem 4.1).
-    3. one pass over M: each logit's bin ``key = #{edges <= s}`` (``BinLookup``: a uniform grid
+    1. ``find_positives``: compact (``nonzero``) and sort only their p logits.
+    2. ``reduce_bins``: the edges of ``_bins.bin_edges``, then one pass over M: each logit's bin ``key = #{edges <= s}`` (``BinLookup``: a uniform grid
        over the edges, exact by construction; ``torch.searchsorted`` when edges cluster), 0 for
        anything but a relevant negative; ``bincount`` of count and of the offset from the bin's
        lower edge (offsets, not raw logits, so that large logits do not cancel).
-    4. positives x occupied bins, and positives x positives, in row tiles of at most
+    3. ``positive_terms``: positives x occupied bins, and positives x positives, in row tiles of at most
        ``PAIR_BLOCK`` float64 elements: FP, rank+, errors, and per bin the gradient
        ``grad[j] = const[bin] + slope[bin] * (s_j - lower_edge[bin])`` (slope only for the exact
        losses, from prefix sums over the positives). Only O(p + E) tables are kept.
 
 backward
-    5. one pass over M: the bins again (recomputed, not saved) and one gather, scaled by the
+    4. ``distribute``: one pass over M: the bins again (recomputed, not saved) and one gather, scaled by the
        upstream gradients; positives are written from their table.
 """
 
@@ -29,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import Settings, fixed_point_scale
+from . import pipeline
+from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
+from ._common import flat_inputs
 from ._distributed import all_reduce_bins, gather_positives
-from ._positive_terms import PositiveSums, own_positive_gradients, positive_gradient, sorting_gradient
+from ._positive_terms import PositiveSums, sorting_gradient
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
@@ -39,55 +38,22 @@ PAIR_BLOCK = 1 << 20
 
 @dataclass
 class _Bins:
-    """Occupied bins: count, sum of offsets from the lower edge, lower edge (all float64)."""
+    """The bins of one call: the lookup of the distinct edges, the lower edge of every key
+    (E + 1, key 0 = no bin), and the occupied keys with their count, offset sum and lower edge
+    (float64)."""
 
+    lookup: BinLookup
+    lower_of_key: torch.Tensor
+    occupied: torch.Tensor
     count: torch.Tensor
     offset_sum: torch.Tensor
     lower: torch.Tensor
-
-
-@dataclass
-class _Tables:
-    """What forward keeps for backward: O(p + E) tensors."""
-
-    lookup: BinLookup  # the distinct edges (E,) and their grid
-    lower_of_key: torch.Tensor  # (E + 1,), lower edge of bin key (key 0 is the "no bin" key)
-    bin_const: torch.Tensor  # (E + 1,), gradient of the ranking output, constant part
-    bin_slope: torch.Tensor | None  # (E + 1,), slope part (exact RS/AP with delta > 0)
-    pos_index: torch.Tensor  # (p,), flat positions of the positives
-    pos_rank_grad: torch.Tensor  # (p,)
-    pos_sort_grad: torch.Tensor | None  # (p,)
 
 
 def _row_blocks(rows: int, cols: int):
     size = max(1, PAIR_BLOCK // max(cols, 1))
     for start in range(0, rows, size):
         yield slice(start, min(start + size, rows))
-
-
-def rounded_up_sum(a: torch.Tensor, b: float) -> torch.Tensor:
-    """The smallest value of a's dtype that is >= the exact sum a + b (TwoSum gives the exact
-    rounding error of ``a + b``)."""
-    total = a + b
-    b_part = total - a
-    error = (a - (total - b_part)) + (b - b_part)
-    return torch.where(error > 0, torch.nextafter(total, torch.full_like(total, float("inf"))), total)
-
-
-def breakpoints(s_pos: torch.Tensor, delta: float):
-    """The kinks ``s_i - delta`` and ``s_i + delta`` of H(. - s_i), each rounded up to a
-    representable value, so that no bin holds values on both sides of a kink. When delta is
-    below the spacing of the logits, ``[s_i, next float)`` is the bin of the ties, where H = 1/2."""
-    return rounded_up_sum(s_pos, -delta), rounded_up_sum(s_pos, delta)
-
-
-def bin_edges(s_pos: torch.Tensor, delta: float, kind) -> torch.Tensor:
-    """Sorted bin edges for ascending positives ``s_pos``; bins lie between consecutive edges."""
-    if delta == 0:
-        return s_pos
-    if kind.bucketed:
-        return torch.cat([rounded_up_sum(s_pos[:1], -delta), s_pos])
-    return torch.sort(torch.cat(breakpoints(s_pos, delta))).values
 
 
 class BinLookup:
@@ -159,7 +125,7 @@ def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch
 
     Key 0 also holds negatives below ``edges[0] = min positive - delta``: the irrelevant ones.
     """
-    return lookup.keys(s).masked_fill_(y != 0, 0)
+    return lookup.keys(s).masked_fill_(y != 0, NO_BIN)
 
 
 class _StepTiles:
@@ -182,16 +148,6 @@ class _StepTiles:
         if self.delta > 0:
             return (cols[None, :] - rows[:, None]).add_(0.5).clamp_(0, 1)
         return (cols[None, :] >= rows[:, None]).double()
-
-
-def _bin_values(bins: _Bins, delta: float) -> torch.Tensor:
-    """Where H is evaluated for a bin, so that ``count * H(value - s_i)`` is the bin's share of FP(i).
-
-    delta > 0: the mean. For a bucket that is the paper's prototype; for a breakpoint bin H is
-    affine on the whole bin, so H at the mean times the count is the exact sum over its members.
-    delta == 0: the lower edge, so that a bin tied with a positive counts as above it, exactly.
-    """
-    return bins.lower + bins.offset_sum / bins.count if delta > 0 else bins.lower
 
 
 def _false_positives(steps: _StepTiles, bin_cols, count, pos_rows) -> torch.Tensor:
@@ -255,89 +211,87 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
     return received
 
 
-def torch_forward(s: torch.Tensor, y: torch.Tensor, delta: float, kind, settings: Settings = Settings(),
-                  regression: torch.Tensor | None = None):
-    """Losses (float64 0-d tensors) and the backward tables, or ``None`` without positives.
+class TorchBackend(pipeline.PipelineBackend):
+    """Sort-free bucketed/breakpoint computation in plain torch ops; runs on any device."""
 
-    ``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype; ``kind``: the
-    ``registry.LossSpec``; ``regression``: its regression losses (one per positive, flat order).
-    For regression losses the outputs are the classification loss and the rank of this
-    process's positives in flat order.
-    """
-    pos_index = (y > 0).nonzero().squeeze(1)
-    group = settings.process_group
-    l_pos = None
-    if group is not None:
-        s_pos, y_pos, mine, pos_index, l_pos = gather_positives(s[pos_index], y[pos_index], pos_index, group,
-                                                                regression)
-    else:
-        s_pos, order = torch.sort(s[pos_index])
-        pos_index = pos_index[order]
-        y_pos, mine = y[pos_index].double(), None
-        if regression is not None:
-            l_pos = regression.detach().reshape(-1).double()[order]
-    p = s_pos.numel()
-    if p == 0:
-        return None
+    name = "torch"
+    checks_finite = False
+    inputs = staticmethod(flat_inputs)
 
-    lookup = BinLookup(bin_edges(s_pos, delta, kind))
-    edges = lookup.edges
-    nkeys = edges.numel() + 1
-    key = _negative_keys(lookup, s, y)
-    lower_of_key = torch.cat([edges[:1], edges])
-    count = torch.bincount(key, minlength=nkeys)
-    # CPU bincount adds in a fixed order; elsewhere (CUDA float atomics) deterministic mode needs fixed point
-    fixed_point = settings.deterministic and s.device.type != "cpu"
-    offset_sum = _offset_sums(key, s - lower_of_key.index_select(0, key), nkeys, s, edges, fixed_point)
-    del key
-    if group is not None:
-        count, offset_sum = all_reduce_bins(count, offset_sum, group)
-    occupied = count[1:].nonzero().squeeze(1) + 1
-    bins = _Bins(count[occupied].double(), offset_sum[occupied].double(), lower_of_key[occupied].double())
+    @staticmethod
+    def find_positives(s, y, delta, kind, settings, regression=None):
+        """``s``: flat logits in the compute dtype; ``y``: flat targets, any real dtype."""
+        pos_index = (y > 0).nonzero().squeeze(1)
+        group = settings.process_group
+        if group is not None:
+            s_pos, y_pos, mine, pos_index, l_pos = gather_positives(s[pos_index], y[pos_index], pos_index, group,
+                                                                    regression)
+        else:
+            s_pos, order = torch.sort(s[pos_index])
+            pos_index = pos_index[order]
+            y_pos, mine = y[pos_index].double(), None
+            l_pos = None if regression is None else regression.detach().reshape(-1).double()[order]
+        if s_pos.numel() == 0:
+            return None
+        return pipeline.Positives(s_pos, y_pos, pos_index, mine, l_pos)
 
-    steps = _StepTiles(delta)
-    s64 = s_pos.double()
-    s_cols, s_rows = steps.columns(s64), steps.rows(s64)
-    bin_cols = steps.columns(_bin_values(bins, delta))
-    fp = _false_positives(steps, bin_cols, bins.count, s_rows)
-    terms = kind.formulas(_positive_pairs(steps, s_cols, s_rows, y_pos, fp, kind.sorting, l_pos))
+    @staticmethod
+    def reduce_bins(s, y, positives, delta, kind, settings) -> _Bins:
+        lookup = BinLookup(bin_edges(positives.s, delta, kind))
+        edges = lookup.edges
+        nkeys = edges.numel() + 1
+        key = _negative_keys(lookup, s, y)
+        lower_of_key = torch.cat([edges[:1], edges])
+        count = torch.bincount(key, minlength=nkeys)
+        # CPU bincount adds in a fixed order; elsewhere (CUDA float atomics) deterministic mode needs fixed point
+        fixed_point = settings.deterministic and s.device.type != "cpu"
+        offset_sum = _offset_sums(key, s - lower_of_key.index_select(0, key), nkeys, s, edges, fixed_point)
+        del key
+        if settings.process_group is not None:
+            count, offset_sum = all_reduce_bins(count, offset_sum, settings.process_group)
+        occupied = count[1:].nonzero().squeeze(1) + 1
+        return _Bins(lookup, lower_of_key, occupied, count[occupied].double(), offset_sum[occupied].double(),
+                     lower_of_key[occupied].double())
 
-    pos_sort_grad = None
-    if kind.sorting:
-        received = _sorting_received(steps, s_cols, s_rows, y_pos, terms.sorting_share)
-        pos_sort_grad = sorting_gradient(terms, received)
+    @staticmethod
+    def positive_terms(positives, bins: _Bins, delta, kind, settings) -> pipeline.Terms:
+        steps = _StepTiles(delta)
+        s64 = positives.s.double()
+        s_cols, s_rows = steps.columns(s64), steps.rows(s64)
+        bin_cols = steps.columns(bin_values(bins.lower, bins.offset_sum, bins.count, delta))
+        fp = _false_positives(steps, bin_cols, bins.count, s_rows)
+        terms = kind.formulas(_positive_pairs(steps, s_cols, s_rows, positives.y, fp, kind.sorting,
+                                              positives.regression))
+        pos_sort_grad = None
+        if kind.sorting:
+            received = _sorting_received(steps, s_cols, s_rows, positives.y, terms.sorting_share)
+            pos_sort_grad = sorting_gradient(terms, received)
 
-    const = _bin_gradient(steps, bin_cols, s_rows, terms.weight)
-    bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s.device)
-    bin_slope = None
-    if delta > 0 and not kind.bucketed:
-        slope = _bin_slopes(s_pos, bins.lower, terms.weight, delta)
-        const -= slope * (bins.offset_sum / bins.count)  # from the bin's mean to its lower edge
-        bin_slope = torch.zeros_like(bin_const)
-        bin_slope[occupied] = slope
-    bin_const[occupied] = const
-    tables = _Tables(lookup, lower_of_key, bin_const, bin_slope, pos_index,
-                     *own_positive_gradients(terms, pos_sort_grad, mine))
-    if kind.regression:
-        return terms.losses + (rank_in_flat_order(terms.rank, pos_index, mine),), tables
-    return terms.losses, tables
+        nkeys = bins.lower_of_key.numel()
+        const = _bin_gradient(steps, bin_cols, s_rows, terms.weight)
+        bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s64.device)
+        bin_slope = None
+        if delta > 0 and not kind.bucketed:
+            slope = _bin_slopes(positives.s, bins.lower, terms.weight, delta)
+            const -= slope * (bins.offset_sum / bins.count)  # from the bin's mean to its lower edge
+            bin_slope = torch.zeros_like(bin_const)
+            bin_slope[bins.occupied] = slope
+        bin_const[bins.occupied] = const
+        return pipeline.Terms(terms.losses, terms.pos_rank_grad, pos_sort_grad, bin_const, bin_slope, terms.rank)
+
+    @staticmethod
+    def distribute(tables: pipeline.Tables, s, y, grad_outputs) -> torch.Tensor:
+        """Flat gradient (compute dtype) for upstream gradients ``grad_outputs`` (one per output)."""
+        bins = tables.bins
+        g_rank = grad_outputs[0].double()
+        key = _negative_keys(bins.lookup, s, y)
+        grad = (tables.const * g_rank).to(s.dtype).index_select(0, key)
+        if tables.slope is not None:
+            slope = (tables.slope * g_rank).to(s.dtype)
+            grad.addcmul_(slope.index_select(0, key), s - bins.lower_of_key.index_select(0, key))
+        pos_grad = pipeline.positive_gradient(tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs)
+        grad[tables.pos_index] = pos_grad.to(s.dtype)
+        return grad
 
 
-def rank_in_flat_order(rank: torch.Tensor, pos_index: torch.Tensor, mine: torch.Tensor | None) -> torch.Tensor:
-    """rank(i) of this process's positives in flat order, from the sorted order of (all) positives;
-    ``pos_index``: their flat positions in that order."""
-    own = rank if mine is None else rank[mine]
-    return own[torch.argsort(pos_index)]
-
-
-def torch_backward(tables: _Tables, s: torch.Tensor, y: torch.Tensor, grad_outputs) -> torch.Tensor:
-    """Flat gradient (compute dtype) for upstream gradients ``grad_outputs`` (one per output)."""
-    g_rank = grad_outputs[0].double()
-    key = _negative_keys(tables.lookup, s, y)
-    grad = (tables.bin_const * g_rank).to(s.dtype).index_select(0, key)
-    if tables.bin_slope is not None:
-        slope = (tables.bin_slope * g_rank).to(s.dtype)
-        grad.addcmul_(slope.index_select(0, key), s - tables.lower_of_key.index_select(0, key))
-    pos_grad = positive_gradient(tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs)
-    grad[tables.pos_index] = pos_grad.to(s.dtype)
-    return grad
+TORCH = TorchBackend()

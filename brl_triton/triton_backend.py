@@ -1,20 +1,24 @@
 """Triton backend: the losses of ``docs/losses.md`` as a handful of Triton
 launches with one host sync, reading inputs of any layout in place (``brl_triton.kernels``).
 
-Data flow (N elements, p positives, E <= 2p edges), for p <= 4096 and float32 compute:
+It supplies the steps of ``pipeline`` (N elements, p positives, E <= 2p edges); for p <= 4096
+and float32 compute:
 
 forward
+    ``find_positives`` (fused with the bin reduction, so that one host sync serves both)
     1. ``torch.zeros`` of the status words (positives found, error flags, edge count).
     2. ``positives.scan``: one pass over the targets compacts the positives' positions.
     3. ``positives.prepare`` (one program): sorts them, builds the bin edges, zeroes the bins.
     4. ``bins.reduce``: one pass over logits and targets: count and offset sum per bin, and the
        finiteness check of the logits. It reads the edge count from the device.
     5. the one host sync: p, the error flags and E, in one read of the status words.
+    ``reduce_bins``: hands on the bins of step 4.
+    ``positive_terms``
     6. ``tiles.positive_terms``: FP, rank+, sorting sums and the per-positive formulas.
        (``tiles.interpolated_terms`` for the interpolated AP: the running maximum.)
     7. ``tiles.finish``: sorting gradient, per-bin gradient tables and the loss outputs.
 backward
-    8. ``bins.distribute``: one pass writes every element's gradient, scaled by the upstream
+    8. ``distribute``, ``bins.distribute``: one pass writes every element's gradient, scaled by the upstream
        gradients read on the device; extra programs of the same launch write the positives'.
 
 That is 7 launches for forward+backward (8 for the interpolated AP) and one sync. More
@@ -34,12 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import Settings, compute_dtype
+from . import pipeline
+from ._bins import bin_edges
+from ._common import compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
 from .kernels._layout import layout
-from .torch_backend import bin_edges, rank_in_flat_order
 
 NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
 NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
@@ -55,15 +60,18 @@ def streamed_bytes_per_element(logits_dtype: torch.dtype, targets_dtype: torch.d
 
 
 @dataclass
-class _Tables:
-    """What forward keeps for backward: O(p + E) tensors."""
+class _Bins:
+    """The bins as the kernels read them: edges (E,) in the compute dtype, count and offset sum
+    (E + 1, key 0 = no bin; offsets int64 fixed point when ``fixed_point``), the status words,
+    the elements the reduction saw and a bound on the relevant negatives."""
 
-    edges: torch.Tensor  # (E,) compute dtype, ascending
-    const: torch.Tensor  # (E + 1,) float64, key 0 = no bin
-    slope: torch.Tensor | None  # (E + 1,) float64, exact losses with delta > 0
-    pos_index: torch.Tensor  # (p_own,) flat positions of this process's positives
-    pos_rank_grad: torch.Tensor  # (p_own,) float64
-    pos_sort_grad: torch.Tensor | None
+    edges: torch.Tensor
+    count: torch.Tensor
+    offset_sum: torch.Tensor
+    status: torch.Tensor
+    n: int
+    fixed_point: bool
+    fp_bound: int
 
 
 def _loadable(targets: torch.Tensor) -> torch.Tensor:
@@ -103,49 +111,53 @@ def _sorted_positives_by_torch(logits, targets, pos_index, compute, group, regre
     return s_pos, y_flat[sorted_index].double(), sorted_index, None, l_pos
 
 
-def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, kind, settings: Settings = Settings(),
-                   regression: torch.Tensor | None = None):
-    """Losses (0-d tensors in the output dtype) and the backward tables, or ``None`` without
-    positives. ``logits``/``targets`` as :func:`triton_inputs` gives them; ``kind``: the
-    ``registry.LossSpec``; ``regression``: aLRP's regression losses (flat order of the positives),
-    whose outputs are the classification loss and the positives' ranks in flat order."""
-    s, y = layout(logits), layout(targets)
-    n, device = logits.numel(), logits.device
-    compute = compute_dtype(logits.dtype)
-    group, deterministic = settings.process_group, settings.deterministic
-    delta = float(delta) + 0.0  # -0.0 is 0
-    delta_bits = _math.float_bits(delta)
-    edges_kind = positives.edges_kind(delta, kind.bucketed)
-    offset_dtype = torch.int64 if deterministic else compute
+class TritonBackend(pipeline.PipelineBackend):
+    """Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
-    status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
-    capacity = min(n, positives.SORT_BY_RANK_MAX)
-    pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic)
-    num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
-    if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
-        s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
-            s, y, pos_buffer, status, delta, edges_kind, offset_dtype)
-    else:  # the reduction only checks finiteness (edge count 0)
-        edges = torch.empty(1, dtype=compute, device=device)
-        count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
-    bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
+    name = "triton"
+    checks_finite = True  # the scan checks targets, the reduction logits
+    inputs = staticmethod(triton_inputs)
 
-    p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
-    if bad_targets:
-        raise ValueError(NON_FINITE_TARGETS)
-    if bad_logits:
-        raise ValueError(NON_FINITE_LOGITS)
-    if p == 0 and group is None:
-        return None
+    @staticmethod
+    def find_positives(logits, targets, delta, kind, settings, regression=None):
+        """``logits``/``targets`` as :func:`triton_inputs` gives them. One pass finds the
+        positives; when one program can sort them, the edges are built and the bins reduced
+        before the one host sync (``Positives.fused``)."""
+        s, y = layout(logits), layout(targets)
+        n, device = logits.numel(), logits.device
+        compute = compute_dtype(logits.dtype)
+        group, deterministic = settings.process_group, settings.deterministic
+        offset_dtype = torch.int64 if deterministic else compute
 
-    mine, fixed_point, fp_bound, l_pos = None, deterministic, n, None
-    if num_edges > 0:
-        s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
-        edges, count, offset_sum = edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1]
-        if regression is not None:  # positives in flat order are their positions sorted
-            l_pos = torch.empty(p, dtype=torch.float64, device=device)
-            l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
-    else:
+        status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
+        capacity = min(n, positives.SORT_BY_RANK_MAX)
+        pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic)
+        num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
+        if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
+            edges_kind = positives.edges_kind(float(delta) + 0.0, kind.bucketed)
+            s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
+                s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype)
+        else:  # the reduction only checks finiteness (edge count 0)
+            edges = torch.empty(1, dtype=compute, device=device)
+            count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
+        bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
+
+        p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
+        if bad_targets:
+            raise ValueError(NON_FINITE_TARGETS)
+        if bad_logits:
+            raise ValueError(NON_FINITE_LOGITS)
+        if p == 0 and group is None:
+            return None
+        if num_edges > 0:
+            s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
+            l_pos = None
+            if regression is not None:  # positives in flat order are their positions sorted
+                l_pos = torch.empty(p, dtype=torch.float64, device=device)
+                l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
+            reduced = _Bins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
+                            deterministic, n)
+            return pipeline.Positives(s_pos, y_pos, sorted_index, None, l_pos, fused=reduced)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
             pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic)
@@ -153,50 +165,56 @@ def triton_forward(logits: torch.Tensor, targets: torch.Tensor, delta: float, ki
                                                                              group, regression)
         if s_pos.numel() == 0:
             return None
-        edges = bin_edges(s_pos, delta, kind).contiguous()
+        return pipeline.Positives(s_pos, y_pos, sorted_index, mine, l_pos, fused=status)
+
+    @staticmethod
+    def reduce_bins(logits, targets, found, delta, kind, settings) -> _Bins:
+        """The bins reduced ahead by ``find_positives``, or (more positives than one program
+        sorts, float64, process group) the edges of ``_bins.bin_edges`` and one reduction."""
+        if isinstance(found.fused, _Bins):
+            return found.fused
+        status, n, device = found.fused, logits.numel(), logits.device
+        deterministic = settings.deterministic
+        edges = bin_edges(found.s, delta, kind).contiguous()
         count = torch.zeros(edges.numel() + 1, dtype=torch.int64, device=device)
+        offset_dtype = torch.int64 if deterministic else compute_dtype(logits.dtype)
         offset_sum = torch.zeros(edges.numel() + 1, dtype=offset_dtype, device=device)
         edge_count = torch.full((1,), edges.numel(), dtype=torch.int64, device=device)
-        bins.reduce(s, y, edges, edge_count, status, count, offset_sum, deterministic)
+        bins.reduce(layout(logits), layout(targets), edges, edge_count, status, count, offset_sum, deterministic)
+        fixed_point, fp_bound, group = deterministic, n, settings.process_group
         if group is not None:
             if deterministic:  # ranks scale their offsets differently: meet in float64
                 offset_sum = offset_sum.double() / _host_offset_scale(status, edges, n)
                 fixed_point = False
             count, offset_sum = all_reduce_bins(count, offset_sum, group)
             fp_bound = int(count.sum())
+        return _Bins(edges, count, offset_sum, status, n, fixed_point, fp_bound)
 
-    out_dtype = compute
-    losses = tuple(torch.empty((), dtype=out_dtype, device=device) for _ in range(kind.ranking_outputs))
-    options = {"fixed_point": fixed_point, "deterministic": deterministic}
-    table = tiles.positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n, fp_bound, delta_bits,
-                                 sorting=kind.sorting, interpolated=kind.interpolated, l_pos=l_pos, **options)
-    if kind.interpolated:
-        tiles.interpolated_terms(table, losses[0])
-    affine = delta > 0 and not kind.bucketed
-    const, slope = tiles.finish(s_pos, y_pos, edges, count, offset_sum, status, n, delta_bits, table, losses,
-                                sorting=kind.sorting, affine=affine, interpolated=kind.interpolated,
-                                regression=kind.regression, **options)
-    pos_rank_grad = table[tiles.T_RANK_GRAD.value]
-    pos_sort_grad = table[tiles.T_SORT_GRAD.value] if kind.sorting else None
-    if kind.regression:
-        losses += (rank_in_flat_order(table[tiles.T_RANK.value], sorted_index, mine),)
-    if mine is not None:
-        pos_rank_grad = pos_rank_grad[mine]
-        pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[mine]
-    return losses, _Tables(edges, const, slope, sorted_index, pos_rank_grad, pos_sort_grad)
+    @staticmethod
+    def positive_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms:
+        """Two launches (three for the interpolated AP) for every term of the pipeline's step 3."""
+        delta_bits = _math.float_bits(float(delta) + 0.0)  # -0.0 is 0
+        losses = tuple(torch.empty((), dtype=found.s.dtype, device=found.s.device)
+                       for _ in range(kind.ranking_outputs))
+        options = {"fixed_point": reduced.fixed_point, "deterministic": settings.deterministic}
+        common = (found.s, found.y, reduced.edges, reduced.count, reduced.offset_sum, reduced.status, reduced.n)
+        table = tiles.positive_terms(*common, reduced.fp_bound, delta_bits, sorting=kind.sorting,
+                                     interpolated=kind.interpolated, l_pos=found.regression, **options)
+        if kind.interpolated:
+            tiles.interpolated_terms(table, losses[0])
+        const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=kind.sorting,
+                                    affine=delta > 0 and not kind.bucketed, interpolated=kind.interpolated,
+                                    regression=kind.regression, **options)
+        return pipeline.Terms(losses, table[tiles.T_RANK_GRAD.value],
+                              table[tiles.T_SORT_GRAD.value] if kind.sorting else None, const, slope,
+                              table[tiles.T_RANK.value] if kind.regression else None)
+
+    @staticmethod
+    def distribute(tables: pipeline.Tables, logits, targets, grad_outputs) -> torch.Tensor:
+        """Flat gradient in the logits' dtype, for the upstream gradients (read on the device)."""
+        return bins.distribute(layout(logits), layout(targets), tables.bins.edges, tables.const, tables.slope,
+                               tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs,
+                               logits.dtype)
 
 
-def triton_backward(tables: _Tables, logits: torch.Tensor, targets: torch.Tensor, grad_outputs) -> torch.Tensor:
-    """Flat gradient in the logits' dtype, for the upstream gradients (read on the device)."""
-    return bins.distribute(layout(logits), layout(targets), tables.edges, tables.const, tables.slope,
-                           tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs, logits.dtype)
-
-
-class TritonBackend:
-    """Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
-
-    name = "triton"
-    checks_finite = True  # the scan checks targets, the reduction logits
-    inputs = staticmethod(triton_inputs)
-    forward = staticmethod(triton_forward)
-    backward = staticmethod(triton_backward)
+TRITON = TritonBackend()

@@ -52,6 +52,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_dataset import make_digits_coco  # noqa: E402
 
+from brl_triton import registry  # noqa: E402
 from brl_triton.detection import convert_to_rank_based  # noqa: E402
 
 # the top-level ops of each classification loss, forward and backward, for the profiler timing
@@ -84,13 +85,10 @@ class Recipe:
 # do not clip; here the rank-based heads' gradient norm starts near 60 (ce: ~25), so unclipped
 # steps at 0.003 would be as long as the clipped steps at 0.02 with which BRS learned nothing;
 # the run measured to learn (BRS, LR 0.003, mAP 0.233 at iteration 300) clipped at 10, so we do.
-RECIPES = {
-    "ce": Recipe(lr_two_stage=0.08, lr_one_stage=0.08, warmup=100, clip=10.0),
-    "brs": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
-    "rs": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
-    "bap": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
-    "ap": Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0),
-}
+CE_RECIPE = Recipe(lr_two_stage=0.08, lr_one_stage=0.08, warmup=100, clip=10.0)
+RANKING_RECIPE = Recipe(lr_two_stage=0.012, lr_one_stage=0.008, warmup=500, clip=10.0)
+# ce, then every loss of brl_triton's registry by its short name (brs, rs, bap, ap, alrp, balrp)
+RECIPES = {"ce": CE_RECIPE} | {spec.short: RANKING_RECIPE for spec in registry.LOSSES if registry.public(spec)}
 
 
 def training_recipe(args) -> dict:
@@ -111,16 +109,17 @@ class TimedRanking:
     def __init__(self, ranking):
         self.ranking, self.seconds, self._started = ranking, 0.0, 0.0
 
-    def __call__(self, logits, targets):
+    def __call__(self, logits, targets, *boxes_and_scores):
         start = time.perf_counter()
-        loss = self.ranking(logits, targets)
+        classification, box = self.ranking(logits, targets, *boxes_and_scores)
         self.seconds += time.perf_counter() - start
-        nodes = [loss.grad_fn] + [n for n, _ in loss.grad_fn.next_functions if n is not None] if loss.grad_fn else []
+        node = classification.grad_fn
+        nodes = [node] + [n for n, _ in node.next_functions if n is not None] if node else []
         for node in nodes:
             if node.name().startswith("RankingLossFunction"):
                 node.register_prehook(self._start)
                 node.register_hook(self._stop)
-        return loss
+        return classification, box
 
     def _start(self, grad_outputs):
         self._started = time.perf_counter()

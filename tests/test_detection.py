@@ -361,4 +361,4 @@ def test_alrp_conversion_trains_box_regression_through_the_localisation_part(nam
     losses = model(_images(), _targets())
     classification = losses["loss_classifier" if name == "fasterrcnn" else "classification"]
     localisation = losses[box_key] / 50.0  # the initial weight
-    assert balance.weight == pytest.approx(float((classification + localisation) / localisation), rel=1e-5)
+    assert balance.weight == pytest.approx(float((classification + localisation).detach() / localisation), rel=1e-5)

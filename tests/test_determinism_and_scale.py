@@ -44,13 +44,13 @@ def test_fixed_point_offset_sums_are_exact_and_order_free():
 
 def test_use_deterministic_algorithms_is_honoured(monkeypatch):
     seen = []
-    original = _backends.TorchBackend.forward
+    original = _backends.TORCH.forward
 
-    def spy(s, y, delta, kind, settings):
+    def spy(s, y, delta, kind, settings, regression=None):
         seen.append(settings.deterministic)
-        return original(s, y, delta, kind, settings)
+        return original(s, y, delta, kind, settings, regression)
 
-    monkeypatch.setattr(_backends.TorchBackend, "forward", staticmethod(spy))
+    monkeypatch.setattr(_backends.TORCH, "forward", spy)
     logits, targets = make_case(500, 10, seed=1)
     brl_triton.rank_sort_loss(logits, targets, backend="torch")
     previous = torch.are_deterministic_algorithms_enabled()

@@ -128,4 +128,4 @@ def test_each_loss_trains_with_its_own_recipe():
     assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.002)
     assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.012)
     assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
-    assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap"}
+    assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from brl_triton import torch_backend
+from brl_triton._common import Settings
 from brl_triton.torch_backend import BinLookup
 from conftest import LOSSES, assert_close, expected, make_case, needs_smoothing, run_loss
 
@@ -86,9 +87,10 @@ def test_clustered_positives_take_the_searchsorted_path(name):
 def test_backward_keeps_no_n_sized_tensor():
     """What forward leaves for backward is O(P + E), whatever N is."""
     logits, targets = make_case(200_000, 40, seed=1, dtype=torch.float32)
-    result = torch_backend.torch_forward(logits, targets, 0.5, LOSSES["rank_sort"][2])
+    result = torch_backend.TORCH.forward(logits, targets, 0.5, LOSSES["rank_sort"][2], Settings())
     tables = result[1]
     sizes = [v.numel() for v in vars(tables).values() if isinstance(v, torch.Tensor)]
-    sizes += [v.numel() for v in vars(tables.lookup).values() if isinstance(v, torch.Tensor)]
-    sizes += [v.numel() for v in (tables.lookup.levels or [])]
+    sizes += [v.numel() for v in vars(tables.bins).values() if isinstance(v, torch.Tensor)]
+    sizes += [v.numel() for v in vars(tables.bins.lookup).values() if isinstance(v, torch.Tensor)]
+    sizes += [v.numel() for v in (tables.bins.lookup.levels or [])]
     assert max(sizes) <= BinLookup.CELLS_PER_EDGE * 2 * 40
