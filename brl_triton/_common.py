@@ -15,10 +15,19 @@ class Settings:
 
     ``process_group``: rank the union of all ranks' elements (see ``_distributed``).
     ``deterministic``: bit-identical results across runs (no order-dependent float atomics).
+    ``allow_targets_above_one``: accept quality targets > 1 (refused by default: class indices
+    passed by mistake look like them).
     """
 
     process_group: object = None
     deterministic: bool = False
+    allow_targets_above_one: bool = False
+
+
+TARGETS_ABOVE_ONE = (
+    "targets must be <= 1 (a positive's value is its IoU quality target, or 1 for AP losses){}; class indices "
+    "passed as targets look like this. Pass allow_targets_above_one=True to use larger quality targets as given"
+)
 
 
 def check_delta(delta, kind) -> float:
@@ -64,18 +73,23 @@ def check_inputs(logits, targets) -> None:
         )
 
 
-def check_finite(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """ValueError for NaN/Inf in the logits or in float targets.
+def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_above_one: bool = False) -> None:
+    """ValueError for NaN/Inf in the logits or in float targets, and for targets > 1 unless allowed.
 
     It reads every element once, so that the loss fails here rather than return a silent NaN;
-    backends that check finiteness in a pass of their own skip it.
+    backends that check in a pass of their own skip it.
     """
     if logits.numel() == 0:
         return
     if not _all_finite(logits):
         raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
-    if targets.is_floating_point() and not _all_finite(targets):
+    if targets.dtype == torch.bool:
+        return
+    low, high = torch.aminmax(targets)
+    if targets.is_floating_point() and not bool(torch.isfinite(low) & torch.isfinite(high)):
         raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
+    if not allow_targets_above_one and float(high) > 1:
+        raise ValueError(TARGETS_ABOVE_ONE.format(f", got a target of {float(high):g}"))
 
 
 def _all_finite(x: torch.Tensor) -> bool:

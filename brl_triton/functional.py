@@ -35,7 +35,6 @@ reductions (GPU atomics), are summed as int64 fixed point instead.
 
 from __future__ import annotations
 
-import inspect
 import textwrap
 
 import torch
@@ -45,13 +44,23 @@ from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
 from ._common import Settings, check_delta, check_finite, check_inputs
 from ._distributed import gather_rows
+from ._ops import compiled_apply
 
 __all__ = [spec.function_name for spec in registry.LOSSES if registry.public(spec)]
 
 
-def _apply(kind, logits, targets, delta, backend, process_group, deterministic, regression_losses=None):
+def _apply(kind, logits, targets, delta, backend, process_group, deterministic, regression_losses=None,
+           allow_targets_above_one=False):
     delta = check_delta(delta, kind)
     check_inputs(logits, targets)
+    if torch.compiler.is_compiling():  # the torch.library ops, which the compiler sees through
+        if process_group is not None:
+            raise ValueError("process_group is not available under torch.compile; call the loss eagerly")
+        if kind.regression:
+            _check_regression_type(regression_losses, logits)
+        return compiled_apply(kind, logits, targets, delta, backend, bool(deterministic)
+                              or torch.are_deterministic_algorithms_enabled(), regression_losses,
+                              allow_targets_above_one)
     implementation = resolve_backend(backend, logits)
     if process_group is not None:
         if implementation.name == "reference":
@@ -59,10 +68,11 @@ def _apply(kind, logits, targets, delta, backend, process_group, deterministic, 
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialized")
     if not implementation.checks_finite:
-        check_finite(logits, targets)
+        check_finite(logits, targets, allow_targets_above_one)
     if kind.regression:
         check_regression_losses(regression_losses, logits, targets)
-    settings = Settings(process_group, bool(deterministic) or torch.are_deterministic_algorithms_enabled())
+    settings = Settings(process_group, bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
+                        bool(allow_targets_above_one))
     outputs = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings,
                                         None if regression_losses is None else regression_losses.detach())
     if kind.regression:
@@ -73,13 +83,7 @@ def _apply(kind, logits, targets, delta, backend, process_group, deterministic, 
 
 def check_regression_losses(regression_losses, logits, targets) -> None:
     """One finite value >= 0 per positive of ``targets``, on the logits' device."""
-    if not isinstance(regression_losses, torch.Tensor):
-        raise TypeError(f"regression_losses must be a torch.Tensor, got {type(regression_losses).__name__}")
-    if not regression_losses.is_floating_point():
-        raise TypeError(f"regression_losses must be a floating-point tensor, got {regression_losses.dtype}")
-    if regression_losses.device != logits.device:
-        raise ValueError(f"regression_losses must be on the logits' device {logits.device}, "
-                         f"got {regression_losses.device}")
+    _check_regression_type(regression_losses, logits)
     values = regression_losses.detach().reshape(-1)
     positives = (targets > 0).sum()
     if values.numel():  # NaN fails `low >= 0`
@@ -95,32 +99,53 @@ def check_regression_losses(regression_losses, logits, targets) -> None:
         raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
 
+def _check_regression_type(regression_losses, logits) -> None:
+    if not isinstance(regression_losses, torch.Tensor):
+        raise TypeError(f"regression_losses must be a torch.Tensor, got {type(regression_losses).__name__}")
+    if not regression_losses.is_floating_point():
+        raise TypeError(f"regression_losses must be a floating-point tensor, got {regression_losses.dtype}")
+    if regression_losses.device != logits.device:
+        raise ValueError(f"regression_losses must be on the logits' device {logits.device}, "
+                         f"got {regression_losses.device}")
+
+
 def localisation(logits, targets, regression_losses, rank, process_group=None) -> torch.Tensor:
     """aLRP's localisation part: ``mean_i (sum of l_k over positives k ranked at or above i) /
     rank(i)``, the positives in descending logit order (ties in flat order), rank detached.
 
-    Written as ``sum_k l_k c_k`` with ``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)``, a
-    suffix sum after an O(p log p) sort: ``c`` is the gradient in ``regression_losses``, so that
-    autograd's backward is one multiply. With a process group it runs over the positives of all
-    ranks (one more all-gather of O(p) numbers), and the gradient reaches this rank's values.
+    Written as ``sum_k l_k c_k`` with the weights ``c`` of :func:`localisation_weights`, which are
+    its gradient in ``regression_losses``: autograd's backward is one multiply. With a process
+    group it runs over the positives of all ranks (one more all-gather of O(p) numbers), and the
+    gradient reaches this rank's values.
     """
     l = regression_losses.reshape(-1)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if process_group is None:
+        return torch.dot(l.double(), localisation_weights(logits, targets, rank)).to(out_dtype)
+    me = torch.distributed.get_rank(process_group)
     s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0]
     rank = rank.detach()
-    if process_group is not None:
-        me = torch.distributed.get_rank(process_group)
-        rows = gather_rows(torch.stack([s_pos.double(), l.detach().double(), rank.double(),
-                                        torch.full_like(rank, me, dtype=torch.float64)], 1), process_group)
-        own = (rows[:, 3] == me).nonzero().squeeze(1)
-        s_pos, rank = rows[:, 0], rows[:, 2]
-        l = rows[:, 1].to(l.dtype).index_put((own,), l)  # this rank's values stay in the graph
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = gather_rows(torch.stack([s_pos.double(), l.detach().double(), rank.double(),
+                                    torch.full_like(rank, me, dtype=torch.float64)], 1), process_group)
+    own = (rows[:, 3] == me).nonzero().squeeze(1)
+    l_all = rows[:, 1].to(l.dtype).index_put((own,), l)  # this rank's values stay in the graph
+    return torch.dot(l_all.double(), _weights(rows[:, 0], rows[:, 2])).to(out_dtype)
+
+
+def localisation_weights(logits, targets, rank) -> torch.Tensor:
+    """``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)`` (float64) for the positives in
+    flat order, ranked by descending logit with ties in flat order: a suffix sum after an
+    O(p log p) sort. ``rank``: rank(i) of the positives in flat order."""
+    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0]
+    return _weights(s_pos, rank.detach())
+
+
+def _weights(s_pos, rank):
     if rank.numel() == 0:
-        return (l.sum() * 0).to(out_dtype)
+        return rank.new_zeros(0, dtype=torch.float64)
     order = torch.sort(s_pos, descending=True, stable=True).indices
     share = rank.index_select(0, order).double().reciprocal_().flip(0).cumsum(0).flip(0).div_(rank.numel())
-    weight = torch.empty_like(share).index_put_((order,), share)
-    return torch.dot(l.double(), weight).to(out_dtype)
+    return torch.empty_like(share).index_put_((order,), share)
 
 
 _OUTPUTS = {
@@ -142,7 +167,9 @@ _SETTINGS_ARGS = """
         process_group: a ``torch.distributed`` group: rank the union of all its ranks' logits
             (see "Distributed" in ``brl_triton.functional``); None: this tensor alone.
         deterministic: bit-identical results across runs (also on under
-            ``torch.use_deterministic_algorithms(True)``)."""
+            ``torch.use_deterministic_algorithms(True)``).
+        allow_targets_above_one: use quality targets > 1 as given; by default they are refused,
+            since class indices passed by mistake look like them."""
 
 
 def _example(spec) -> str:
@@ -189,8 +216,9 @@ def _docstring(spec) -> str:
 
     Raises:
         TypeError: logits not floating point, targets complex, delta not a number.
-        ValueError: shape or device mismatch, NaN/Inf in logits or targets, delta < 0 or NaN
-            (or 0 where it must be > 0), unknown backend, ``backend="triton"`` where it cannot run.
+        ValueError: shape or device mismatch, NaN/Inf in logits or targets, targets > 1 (unless
+            allowed), delta < 0 or NaN (or 0 where it must be > 0), unknown backend,
+            ``backend="triton"`` where it cannot run.
 
     Example:
 {_example(spec)}
@@ -198,35 +226,22 @@ def _docstring(spec) -> str:
 
 
 def _loss_function(spec):
+    """The function of ``spec``, with a real signature (generated source, so that ``inspect``,
+    IDEs and ``torch.compile`` see plain Python)."""
     options = registry.variants(spec)
-
-    def loss(logits, targets, *args, **kwargs):
-        bound = signature.bind(logits, targets, *args, **kwargs)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        kind = spec
-        for option, variant in options.items():
-            if values.pop(option):
-                kind = variant
-        return _apply(kind, values["logits"], values["targets"], values["delta"], values["backend"],
-                      values["process_group"], values["deterministic"], values.get("regression_losses"))
-
-    positional = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="torch.Tensor")
-                  for name in ("logits", "targets")]
-    if spec.regression:
-        positional.append(inspect.Parameter("regression_losses", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                            annotation="torch.Tensor"))
-    positional.append(inspect.Parameter("delta", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=spec.delta,
-                                        annotation="float"))
-    keywords = [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
-                for option in options]
-    keywords += [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str"),
-                 inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None),
-                 inspect.Parameter("deterministic", inspect.Parameter.KEYWORD_ONLY, default=False,
-                                   annotation="bool")]
-    signature = inspect.Signature(positional + keywords)
-    loss.__signature__ = signature
-    loss.__name__ = loss.__qualname__ = spec.function_name
+    regression = "regression_losses, " if spec.regression else ""
+    option_parameters = "".join(f"{option}=False, " for option in options)
+    # the first option that is set picks its variant
+    choose = "".join(f"variants[{option!r}] if {option} else " for option in options) + "spec"
+    source = f"""
+def {spec.function_name}(logits, targets, {regression}delta={spec.delta!r}, *, {option_parameters}backend="auto",
+                         process_group=None, deterministic=False, allow_targets_above_one=False):
+    return _apply({choose}, logits, targets, delta, backend, process_group, deterministic,
+                  {"regression_losses" if spec.regression else "None"}, allow_targets_above_one)
+"""
+    namespace = {"_apply": _apply, "spec": spec, "variants": options}
+    exec(compile(source, f"<brl_triton.functional.{spec.function_name}>", "exec"), namespace)
+    loss = namespace[spec.function_name]
     loss.__module__ = __name__
     loss.__doc__ = _docstring(spec)
     return loss

@@ -13,13 +13,14 @@ __all__ = [spec.module for spec in registry.LOSSES if registry.public(spec)]
 
 
 class RankingLoss(nn.Module):
-    """Holds ``delta``, ``backend``, ``process_group``, ``deterministic`` and the loss's options
+    """Holds ``delta``, ``backend``, ``process_group``, ``deterministic``,
+    ``allow_targets_above_one`` and the loss's options
     (``interpolated`` for ``APLoss``), and calls the loss's function with them."""
 
     spec: registry.LossSpec
 
     def __init__(self, delta: float | None = None, *, backend: str = "auto", process_group=None,
-                 deterministic: bool = False, **options):
+                 deterministic: bool = False, allow_targets_above_one: bool = False, **options):
         super().__init__()
         unknown = set(options) - set(registry.variants(self.spec))
         if unknown:
@@ -28,6 +29,7 @@ class RankingLoss(nn.Module):
         self.backend = backend
         self.process_group = process_group
         self.deterministic = deterministic
+        self.allow_targets_above_one = allow_targets_above_one
         self.options = {option: bool(options.get(option, False)) for option in registry.variants(self.spec)}
         for option, value in self.options.items():
             setattr(self, option, value)
@@ -38,7 +40,7 @@ class RankingLoss(nn.Module):
         options = {option: getattr(self, option) for option in self.options}
         return getattr(functional, self.spec.function_name)(
             logits, targets, *regression_losses, self.delta, backend=self.backend, process_group=self.process_group,
-            deterministic=self.deterministic, **options)
+            deterministic=self.deterministic, allow_targets_above_one=self.allow_targets_above_one, **options)
 
     def extra_repr(self) -> str:
         text = f"delta={self.delta}, backend={self.backend!r}, deterministic={self.deterministic}"
@@ -53,7 +55,7 @@ def _module_class(spec: registry.LossSpec) -> type:
     ``forward(logits, targets{", regression_losses" if spec.regression else ""}) -> {outputs}``; shapes, dtypes and
     target semantics as there (``> 0`` positive with IoU target, ``0`` negative, ``< 0`` ignored).
     Keyword arguments: ``delta`` (default {spec.delta}), ``backend``, ``process_group``,
-    ``deterministic``{"".join(f", ``{o}``" for o in registry.variants(spec))}.
+    ``deterministic``, ``allow_targets_above_one``{"".join(f", ``{o}``" for o in registry.variants(spec))}.
 
     Example:
         >>> criterion = {spec.module}()

@@ -40,7 +40,7 @@ import torch
 
 from . import pipeline
 from ._bins import bin_edges
-from ._common import compute_dtype
+from ._common import TARGETS_ABOVE_ONE, compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
@@ -131,7 +131,9 @@ class TritonBackend(pipeline.PipelineBackend):
 
         status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
         capacity = min(n, positives.SORT_BY_RANK_MAX)
-        pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic)
+        check_above_one = not settings.allow_targets_above_one
+        pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic,
+                                    check_above_one=check_above_one)
         num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
         if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
             edges_kind = positives.edges_kind(float(delta) + 0.0, kind.bucketed)
@@ -143,8 +145,10 @@ class TritonBackend(pipeline.PipelineBackend):
         bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
 
         p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
-        if bad_targets:
+        if bad_targets == 2:
             raise ValueError(NON_FINITE_TARGETS)
+        if bad_targets == 1:
+            raise ValueError(TARGETS_ABOVE_ONE.format(""))
         if bad_logits:
             raise ValueError(NON_FINITE_LOGITS)
         if p == 0 and group is None:
@@ -160,7 +164,7 @@ class TritonBackend(pipeline.PipelineBackend):
             return pipeline.Positives(s_pos, y_pos, sorted_index, None, l_pos, fused=reduced)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
-            pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic)
+            pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic, check_above_one=False)
         s_pos, y_pos, sorted_index, mine, l_pos = _sorted_positives_by_torch(logits, targets, pos_buffer[:p], compute,
                                                                              group, regression)
         if s_pos.numel() == 0:

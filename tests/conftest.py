@@ -92,7 +92,8 @@ def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
     """Losses (tuple) and the gradient w.r.t. logits for the given upstream gradients."""
     fn, kwargs, kind = LOSSES[name]
     x = logits.detach().clone().requires_grad_(True)
-    out = fn(x, targets, delta, backend=backend, **kwargs)
+    # quality targets above one are part of the tested input space; their refusal is tested on its own
+    out = fn(x, targets, delta, backend=backend, allow_targets_above_one=True, **kwargs)
     out = out if isinstance(out, tuple) else (out,)
     grads = [torch.tensor(g, dtype=o.dtype) for g, o in zip(upstream, out)]
     torch.autograd.backward(out, grads)

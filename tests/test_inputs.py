@@ -136,7 +136,25 @@ def test_target_dtypes(name, target_dtype):
     assert_close(grad, want_grad, atol=1e-10, rtol=1e-8, what="grad")
 
 
-def test_quality_targets_above_one_are_used_as_given():
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.int64])
+def test_targets_above_one_are_refused_unless_allowed(backend, target_dtype):
+    """Class indices passed as targets by mistake: a clear error, not a sorting loss outside [-1, 1]."""
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    class_indices = torch.zeros(300, dtype=target_dtype)
+    class_indices[:30] = torch.arange(1, 31).to(target_dtype) % 5
+    for fn in (brl_triton.rank_sort_loss, brl_triton.bucketed_ap_loss):
+        with pytest.raises(ValueError, match="targets must be <= 1.*allow_targets_above_one=True"):
+            fn(logits, class_indices, backend=backend)
+        out = fn(logits, class_indices, backend=backend, allow_targets_above_one=True)
+        assert all(bool(torch.isfinite(o)) for o in (out if isinstance(out, tuple) else (out,)))
+    criterion = brl_triton.RankSortLoss(backend=backend, allow_targets_above_one=True)
+    criterion(logits, class_indices)
+    with pytest.raises(ValueError, match="targets must be <= 1"):
+        brl_triton.RankSortLoss(backend=backend)(logits, class_indices)
+
+
+def test_quality_targets_above_one_are_used_as_given_when_allowed():
     logits, targets = make_case(800, 20, seed=9)
     targets = torch.where(targets > 0, targets * 1.5, targets)
     assert bool((targets > 1).any())

@@ -14,7 +14,7 @@ import triton.language as tl
 
 # status words of one loss call (int64); the host reads the first five in its one sync
 STATUS_POSITIVES = tl.constexpr(0)  # positives found (the compaction's slot counter)
-STATUS_BAD_TARGETS = tl.constexpr(1)  # 1 if a float target is NaN/Inf
+STATUS_BAD_TARGETS = tl.constexpr(1)  # 2 if a float target is NaN/Inf, else 1 if one is above one
 STATUS_BAD_LOGITS = tl.constexpr(2)  # 1 if a logit is NaN/Inf
 STATUS_MAX_NEGATIVE = tl.constexpr(3)  # largest negative logit, encoded by max_negative_code (deterministic mode)
 STATUS_NUM_EDGES = tl.constexpr(4)  # bin edges the reduction uses; 0: finiteness check only

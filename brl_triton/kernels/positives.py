@@ -31,19 +31,21 @@ EDGES_BUCKETS = 1  # bucketed: min - delta, then the positive logits
 EDGES_BREAKPOINTS = 2  # exact: the 2p kinks s_i -/+ delta, rounded up
 
 
-@triton.jit(do_not_specialize=["start", "stop", "capacity"])
+@triton.jit(do_not_specialize=["start", "stop", "capacity", "check_above_one"])
 def _scan_kernel(
     y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2,
-    pos_index_ptr, status_ptr, start, stop, capacity,
+    pos_index_ptr, status_ptr, start, stop, capacity, check_above_one,
     Y_NDIM: tl.constexpr, S_NDIM: tl.constexpr, TARGETS_FLOAT: tl.constexpr, MAX_NEGATIVE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < stop
     y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=0)
+    # the worst target problem of the block: non-finite (2) over above one (1, unless allowed)
+    bad = tl.max((inside & (y > 1) & (check_above_one != 0)).to(tl.int32), axis=0)
     if TARGETS_FLOAT:
-        bad = tl.max((inside & ((y != y) | (tl.abs(y) == float("inf")))).to(tl.int32), axis=0)
-        tl.atomic_max(status_ptr + m.STATUS_BAD_TARGETS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
+        bad = tl.maximum(bad, 2 * tl.max((inside & ((y != y) | (tl.abs(y) == float("inf")))).to(tl.int32), axis=0))
+    tl.atomic_max(status_ptr + m.STATUS_BAD_TARGETS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
     is_pos = inside & (y > 0)
     found = tl.sum(is_pos.to(tl.int64), axis=0)
     # slot reservation needs atomicity only; no other memory is ordered by it
@@ -142,14 +144,15 @@ def num_edges(p: int, kind: int) -> int:
     return {EDGES_POSITIVES: p, EDGES_BUCKETS: p + 1, EDGES_BREAKPOINTS: 2 * p}[kind]
 
 
-def scan(s, y, status, capacity: int, max_negative: bool) -> torch.Tensor:
+def scan(s, y, status, capacity: int, max_negative: bool, check_above_one: bool = True) -> torch.Tensor:
     """Positions of the first ``capacity`` positives found (unordered); counts all of them in
-    ``status``. ``s``, ``y``: :class:`~._layout.Layout`."""
+    ``status``, and flags targets there: 2 for NaN/Inf, 1 for a value above one
+    (``check_above_one``). ``s``, ``y``: :class:`~._layout.Layout`."""
     pos_index = torch.empty(max(capacity, 1), dtype=torch.int64, device=status.device)
     n = s.tensor.numel()
     for start, stop in launch_chunks(n):
         launch(_scan_kernel, (triton.cdiv(stop - start, SCAN_BLOCK),), y.tensor, *y.args, s.tensor, *s.args,
-               pos_index, status, start, stop, capacity, num_warps=SCAN_WARPS, Y_NDIM=y.ndim, S_NDIM=s.ndim,
+               pos_index, status, start, stop, capacity, int(check_above_one), num_warps=SCAN_WARPS, Y_NDIM=y.ndim, S_NDIM=s.ndim,
                TARGETS_FLOAT=y.tensor.is_floating_point(), MAX_NEGATIVE=max_negative, BLOCK=SCAN_BLOCK)
     return pos_index
 
