@@ -129,3 +129,27 @@ def test_each_loss_trains_with_its_own_recipe():
     assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.012)
     assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
     assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
+
+
+def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
+    import compare_losses
+
+    data = ["--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
+            "--data", str(tmp_path / "data")]
+    argv = ["--detectors", "fasterrcnn", "--losses", "alrp", "--seeds", "0", "1", "--iters", "2",
+            "--tune-iters", "1", "--lr-scales", "1", "0.5", "--clips", "10", *data, "--out", str(tmp_path / "study"),
+            "--extra", "--timing-repeats", "1"]
+    summary = compare_losses.main(argv)
+    assert [(s["detector"], s["loss"], s["seeds"]) for s in summary] == [("fasterrcnn", "alrp", 2)]
+    for s in summary:
+        assert 0 <= s["mAP"] <= 1 and s["mAP_spread"] >= 0 and s["seconds_per_iteration"] > 0
+        assert s["lr"] in (compare_losses.recipe_lr("fasterrcnn", s["loss"], 2) * k for k in (1, 0.5))
+    study = tmp_path / "study"
+    runs = (study / "runs.csv").read_text().splitlines()
+    assert len(runs) == 1 + 2 + 2  # header, two tuning runs and two seeds
+    assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
+    assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # finished runs are reused: a second call trains nothing
+    stamp = (study / "fasterrcnn" / "alrp" / "seed1" / "metrics.json").stat().st_mtime_ns
+    compare_losses.main(argv)
+    assert (study / "fasterrcnn" / "alrp" / "seed1" / "metrics.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,196 @@
+"""The accuracy study: every loss trains the same detector on the offline digits set, each with
+its own recipe tuned on the same small grid and budget, over several seeds.
+
+    python examples/compare_losses.py --iters 1000 --seeds 0 1          # Faster R-CNN and RetinaNet
+    python examples/compare_losses.py --detectors fcos --losses ce,brs --iters 300 --tune-iters 150
+
+For every detector and loss (``ce`` is torchvision's own loss: cross-entropy, focal for the
+one-stage detectors):
+
+1. tuning: ``--tune-iters`` iterations on seed 0 for every learning rate (the recipe's, times
+   each ``--lr-scales``) and clipping norm (``--clips``, 0 for none); the best mAP wins;
+2. the study: ``--iters`` iterations for every seed with the chosen setting.
+
+Writes to --out: ``runs.csv`` (one row per run, tuning included), ``summary.csv`` and
+``summary.md`` (per detector and loss: mAP and mAP50 as mean ± spread (half the range) over
+the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting) and
+``map_curves.png`` (mAP over iterations, one line per run). Each run is
+``finetune_fasterrcnn.main`` in a directory of its own, reused when it has finished already,
+so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_fasterrcnn  # noqa: E402
+
+DEFAULT_LOSSES = ["ce", "rs", "brs", "bap", "alrp"]
+DEFAULT_DETECTORS = ["fasterrcnn", "retinanet"]
+
+
+def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, clip: float, out: Path) -> dict:
+    """One training run (reused if its metrics exist); its summary."""
+    metrics = out / "metrics.json"
+    if metrics.exists():
+        return json.loads(metrics.read_text())
+    argv = ["--detector", detector, "--loss", loss, "--seed", str(seed), "--iters", str(iters),
+            "--lr", repr(lr), "--clip", repr(clip), "--eval-every", str(max(1, iters // 4)),
+            "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+            "--num-train", str(args.num_train), "--num-val", str(args.num_val), "--data", str(args.data),
+            "--device", args.device, "--out", str(out), *args.extra]
+    return finetune_fasterrcnn.main(argv)
+
+
+def recipe_lr(detector: str, loss: str, batch_size: int) -> float:
+    recipe = finetune_fasterrcnn.RECIPES[loss]
+    per_16 = recipe.lr_one_stage if detector in finetune_fasterrcnn.ONE_STAGE else recipe.lr_two_stage
+    return per_16 * batch_size / 16
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2 if values else float("nan")
+
+
+def study(args) -> tuple[list[dict], list[dict]]:
+    jobs = [(d, loss) for d in args.detectors for loss in args.losses]
+    grid = [(scale, clip) for scale in args.lr_scales for clip in args.clips]
+    total = len(jobs) * ((len(grid) if len(grid) > 1 else 0) + len(args.seeds))
+    runs, summary = [], []
+    with tqdm(total=total, desc="study", unit="run") as bar:
+        for detector, loss in jobs:
+            base_lr = recipe_lr(detector, loss, args.batch_size)
+            best = (grid[0][0] * base_lr, grid[0][1])
+            if len(grid) > 1:
+                scores = []
+                for scale, clip in grid:
+                    bar.set_postfix_str(f"tune {detector} {loss} lr x{scale} clip {clip}")
+                    out = args.out / detector / loss / f"tune_lr{scale}_clip{clip}"
+                    result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
+                    runs.append(_row("tune", detector, loss, 0, result))
+                    scores.append((result["mAP"], scale * base_lr, clip))
+                    bar.update()
+                _, lr, clip = max(scores)
+                best = (lr, clip)
+            results = []
+            for seed in args.seeds:
+                bar.set_postfix_str(f"{detector} {loss} seed {seed}")
+                out = args.out / detector / loss / f"seed{seed}"
+                result = run_once(args, detector, loss, seed, args.iters, *best, out)
+                runs.append(_row("study", detector, loss, seed, result))
+                results.append(result)
+                bar.update()
+            summary.append(_summary(detector, loss, best, results))
+    return runs, summary
+
+
+def _row(phase, detector, loss, seed, result) -> dict:
+    return {"phase": phase, "detector": detector, "loss": loss, "seed": seed, "iterations": result["iterations"],
+            "lr": result["lr"], "clip": result["clip"], "mAP": result["mAP"], "mAP50": result["mAP50"],
+            "seconds_per_iteration": result["seconds_per_iteration"],
+            "loss_ms_per_iteration": result["classification_loss_ms_per_iteration"],
+            "curve": json.dumps([(e["iteration"], e["mAP"]) for e in result["evaluations"]])}
+
+
+def _summary(detector, loss, best, results) -> dict:
+    maps, map50s = [r["mAP"] for r in results], [r["mAP50"] for r in results]
+    step = statistics.mean(r["seconds_per_iteration"] for r in results)
+    loss_ms = [r["classification_loss_ms_per_iteration"] for r in results
+               if r["classification_loss_ms_per_iteration"] is not None]
+    loss_ms = statistics.mean(loss_ms) if loss_ms else float("nan")
+    return {"detector": detector, "loss": loss, "seeds": len(results), "lr": best[0], "clip": best[1],
+            "mAP": statistics.mean(maps), "mAP_spread": spread(maps), "mAP50": statistics.mean(map50s),
+            "mAP50_spread": spread(map50s), "seconds_per_iteration": step, "loss_ms_per_iteration": loss_ms,
+            "loss_share": loss_ms / 1e3 / step if step else float("nan")}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(summary: list[dict], args) -> str:
+    lines = [f"{args.iters} iterations × batch {args.batch_size}, {args.image_size} px digits, seeds "
+             f"{', '.join(map(str, args.seeds))}; mAP as mean ± half the range over seeds.", "",
+             "| detector | loss | mAP | mAP50 | s / iter | loss ms / iter (share) | LR | clip |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['detector']} | {s['loss']} | {s['mAP']:.3f} ± {s['mAP_spread']:.3f} | "
+                     f"{s['mAP50']:.3f} ± {s['mAP50_spread']:.3f} | {s['seconds_per_iteration']:.2f} | "
+                     f"{s['loss_ms_per_iteration']:.1f} ({100 * s['loss_share']:.1f} %) | {s['lr']:.4g} | "
+                     f"{s['clip'] or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    detectors = sorted({r["detector"] for r in runs})
+    fig, axes = plt.subplots(1, len(detectors), figsize=(6 * len(detectors), 4), squeeze=False)
+    for axis, detector in zip(axes[0], detectors):
+        for index, loss in enumerate(dict.fromkeys(r["loss"] for r in runs if r["detector"] == detector)):
+            for r in runs:
+                if r["phase"] == "study" and r["detector"] == detector and r["loss"] == loss:
+                    steps, maps = zip(*json.loads(r["curve"]))
+                    axis.plot(steps, maps, "o-", color=f"C{index}", alpha=0.8,
+                              label=loss if r["seed"] == min(x["seed"] for x in runs if x["loss"] == loss) else None)
+        axis.set(title=detector, xlabel="iteration", ylabel="COCO box mAP")
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detectors", type=lambda s: s.split(","), default=DEFAULT_DETECTORS)
+    parser.add_argument("--losses", type=lambda s: s.split(","), default=DEFAULT_LOSSES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--tune-iters", type=int, default=300)
+    parser.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                        help="tuning grid: multiples of the recipe's learning rate")
+    parser.add_argument("--clips", type=float, nargs="+", default=[10.0, 0.0], help="tuning grid: 0 is none")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-train", type=int, default=600)
+    parser.add_argument("--num-val", type=int, default=150)
+    parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "brl_triton" / "digits")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare_losses"))
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="passed on to finetune_fasterrcnn.py (after everything else)")
+    args = parser.parse_args(argv)
+    unknown = set(args.losses) - set(finetune_fasterrcnn.RECIPES)
+    if unknown:
+        parser.error(f"--losses: unknown {sorted(unknown)}; choose from {list(finetune_fasterrcnn.RECIPES)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs, summary = study(args)
+    write_csv(runs, args.out / "runs.csv")
+    write_csv(summary, args.out / "summary.csv")
+    (args.out / "summary.md").write_text(markdown(summary, args))
+    plot(runs, args.out / "map_curves.png")
+    print((args.out / "summary.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()
