@@ -36,6 +36,18 @@ def _buckets(pos_logits, neg_logits, delta):
     return member_of, counts, prototypes
 
 
+def _sets(s, y, delta):
+    """Flat float64 logits and targets on the CPU, the positives P and the relevant negatives N
+    (``s_j >= min_i s_i - delta``) as flat positions."""
+    s = s.detach().reshape(-1).double().cpu()
+    y = y.detach().reshape(-1).double().cpu()
+    pos_index = (y > 0).nonzero().squeeze(1)
+    if pos_index.numel() == 0:
+        return s, y, pos_index, pos_index
+    neg_index = ((y == 0) & (s >= s[pos_index].min() - delta)).nonzero().squeeze(1)
+    return s, y, pos_index, neg_index
+
+
 def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regression=None):
     """Losses and, per output, the gradient d(output)/d(logits) of the identity update.
 
@@ -47,15 +59,11 @@ def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regr
         output (ranking and sorting for Rank & Sort, one for AP), or ``None`` when there is no
         positive (all losses and gradients are zero).
     """
-    s = s.detach().reshape(-1).double().cpu()
-    y = y.detach().reshape(-1).double().cpu()
-    pos_index = (y > 0).nonzero().squeeze(1)
+    s, y, pos_index, neg_index = _sets(s, y, delta)
     p = pos_index.numel()
     if p == 0:
         return None
-    s_pos, y_pos = s[pos_index], y[pos_index]
-    neg_index = ((y == 0) & (s >= s_pos.min() - delta)).nonzero().squeeze(1)
-    s_neg = s[neg_index]
+    s_pos, y_pos, s_neg = s[pos_index], y[pos_index], s[neg_index]
     if kind.bucketed:
         member_of, counts, means = _buckets(s_pos, s_neg, delta)
 
@@ -130,16 +138,12 @@ def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regress
         positives in flat order, and d classification / d logits (float64), or ``None`` without
         positives.
     """
-    s = s.detach().reshape(-1).double().cpu()
-    y = y.detach().reshape(-1).double().cpu()
-    pos_index = (y > 0).nonzero().squeeze(1)
+    s, y, pos_index, neg_index = _sets(s, y, delta)
     p = pos_index.numel()
     if p == 0:
         return None
     l = regression.detach().reshape(-1).double().cpu()
-    s_pos = s[pos_index]
-    neg_index = ((y == 0) & (s >= s_pos.min() - delta)).nonzero().squeeze(1)
-    s_neg = s[neg_index]
+    s_pos, s_neg = s[pos_index], s[neg_index]
     if kind.bucketed:
         member_of, counts, means = _buckets(s_pos, s_neg, delta)
     grad = torch.zeros_like(s)
