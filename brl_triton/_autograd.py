@@ -8,7 +8,7 @@ A backend is an object with
 - ``forward(s, y, delta, kind, settings, regression) -> (losses, state) | None``: ``None`` when
   there is no positive (in the whole process group). ``kind`` is the ``registry.LossSpec``;
   ``regression`` its regression losses or None. For a regression loss the outputs are the
-  classification loss and the rank of this process's positives in flat order (not differentiable).
+  classification loss and ``pipeline.localisation_terms`` (not differentiable).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
 
 The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
@@ -33,12 +33,15 @@ class RankingLossFunction(torch.autograd.Function):
         out_dtype = compute_dtype(logits.dtype)
         if result is None:
             outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.ranking_outputs))
-            if kind.regression:
-                outputs += (logits.new_zeros((0,), dtype=out_dtype),)
+            if kind.regression:  # no localisation weight, nothing from other ranks
+                outputs += (logits.new_zeros(regression.numel(), dtype=torch.float64),
+                            logits.new_zeros((), dtype=torch.float64))
         else:
-            outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in result[0])
+            losses = result[0]
+            outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:kind.ranking_outputs])
+            outputs += tuple(losses[kind.ranking_outputs:])
         if kind.regression:
-            ctx.mark_non_differentiable(outputs[-1])
+            ctx.mark_non_differentiable(*outputs[kind.ranking_outputs:])
         return outputs
 
     @staticmethod

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ._common import flat_inputs
+from .reference import localisation_weights
 from .torch_backend import TORCH
 
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
@@ -32,7 +33,12 @@ class ReferenceBackend:
 
     @staticmethod
     def forward(s, y, delta, kind, settings=None, regression=None):
-        return kind.reference(s, y, delta, kind, regression)
+        result = kind.reference(s, y, delta, kind, regression)
+        if result is None or not kind.regression:
+            return result
+        (classification, rank), grads = result
+        weights = localisation_weights(s, y, rank).to(s.device)
+        return (classification, weights, weights.new_zeros(())), grads
 
     @staticmethod
     def backward(state, s, y, grad_outputs):

@@ -50,10 +50,6 @@ def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.
     return rows[:, 0].to(s_pos.dtype).contiguous(), rows[:, 1].contiguous(), mine, rows[mine, 2].long(), l_sorted
 
 
-def gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
-    """Every rank's (k_r, C) rows in rank order (k_r may differ)."""
-    return _all_gather_rows(rows, group)
-
 
 def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):
     """Sum per-bin counts and offset sums over the ranks in one all-reduce (float64 holds counts

@@ -35,14 +35,14 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
                     loss: str, backend: str, deterministic: bool, allow_targets_above_one: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses (ranking outputs, stacked) and, for aLRP, the localisation weights."""
-    from .functional import check_regression_losses, localisation_weights
+    from .functional import check_regression_losses
 
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
     if not implementation.checks_finite:
         check_finite(logits, targets, allow_targets_above_one)
     if spec.regression:
-        check_regression_losses(regression, logits, targets)
+        check_regression_losses(regression, logits)
     settings = Settings(None, deterministic, allow_targets_above_one)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())
@@ -53,7 +53,7 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
     outputs = result[0]
     losses = torch.stack([o.to(device=logits.device, dtype=out_dtype) for o in outputs[:spec.ranking_outputs]])
     if spec.regression:
-        weight = localisation_weights(logits, targets, outputs[-1])
+        weight = outputs[spec.ranking_outputs].to(logits.device)
     return losses, weight
 
 

@@ -43,7 +43,6 @@ from . import registry
 from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
 from ._common import Settings, check_delta, check_finite, check_inputs
-from ._distributed import gather_rows
 from ._ops import compiled_apply
 
 __all__ = [spec.function_name for spec in registry.LOSSES if registry.public(spec)]
@@ -70,33 +69,26 @@ def _apply(kind, logits, targets, delta, backend, process_group, deterministic, 
     if not implementation.checks_finite:
         check_finite(logits, targets, allow_targets_above_one)
     if kind.regression:
-        check_regression_losses(regression_losses, logits, targets)
+        check_regression_losses(regression_losses, logits)
     settings = Settings(process_group, bool(deterministic) or torch.are_deterministic_algorithms_enabled(),
                         bool(allow_targets_above_one))
     outputs = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings,
                                         None if regression_losses is None else regression_losses.detach())
     if kind.regression:
-        classification, rank = outputs
-        return classification, localisation(logits, targets, regression_losses, rank, process_group)
+        classification, weights, other = outputs
+        return classification, localisation(logits, regression_losses, weights, other)
     return outputs if len(outputs) > 1 else outputs[0]
 
 
-def check_regression_losses(regression_losses, logits, targets) -> None:
-    """One finite value >= 0 per positive of ``targets``, on the logits' device."""
+def check_regression_losses(regression_losses, logits) -> None:
+    """Finite values >= 0 on the logits' device (that there is one per positive, the pipeline
+    checks once it has found the positives)."""
     _check_regression_type(regression_losses, logits)
     values = regression_losses.detach().reshape(-1)
-    positives = (targets > 0).sum()
     if values.numel():  # NaN fails `low >= 0`
         low, high = torch.aminmax(values)
-        valid = (low >= 0) & (high < float("inf"))
-    else:
-        valid = torch.ones((), dtype=torch.bool, device=positives.device)
-    p, ok = torch.stack([positives, valid.to(positives.dtype)]).tolist()  # one host read for both checks
-    if regression_losses.numel() != p:
-        raise ValueError(f"regression_losses must hold one value per positive target ({p}, in flat order), "
-                         f"got {regression_losses.numel()}")
-    if not ok:
-        raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
+        if not bool((low >= 0) & (high < float("inf"))):
+            raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
 
 def _check_regression_type(regression_losses, logits) -> None:
@@ -109,43 +101,12 @@ def _check_regression_type(regression_losses, logits) -> None:
                          f"got {regression_losses.device}")
 
 
-def localisation(logits, targets, regression_losses, rank, process_group=None) -> torch.Tensor:
-    """aLRP's localisation part: ``mean_i (sum of l_k over positives k ranked at or above i) /
-    rank(i)``, the positives in descending logit order (ties in flat order), rank detached.
-
-    Written as ``sum_k l_k c_k`` with the weights ``c`` of :func:`localisation_weights`, which are
-    its gradient in ``regression_losses``: autograd's backward is one multiply. With a process
-    group it runs over the positives of all ranks (one more all-gather of O(p) numbers), and the
-    gradient reaches this rank's values.
-    """
-    l = regression_losses.reshape(-1)
+def localisation(logits, regression_losses, weights, other) -> torch.Tensor:
+    """aLRP's localisation part, ``sum_k c_k l_k`` plus what other ranks' positives add
+    (``pipeline.localisation_terms``): the weights ``c`` are its gradient, so autograd's backward
+    is one multiply, and with a process group the gradient reaches this rank's values."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if process_group is None:
-        return torch.dot(l.double(), localisation_weights(logits, targets, rank)).to(out_dtype)
-    me = torch.distributed.get_rank(process_group)
-    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0]
-    rank = rank.detach()
-    rows = gather_rows(torch.stack([s_pos.double(), l.detach().double(), rank.double(),
-                                    torch.full_like(rank, me, dtype=torch.float64)], 1), process_group)
-    own = (rows[:, 3] == me).nonzero().squeeze(1)
-    l_all = rows[:, 1].to(l.dtype).index_put((own,), l)  # this rank's values stay in the graph
-    return torch.dot(l_all.double(), _weights(rows[:, 0], rows[:, 2])).to(out_dtype)
-
-
-def localisation_weights(logits, targets, rank) -> torch.Tensor:
-    """``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)`` (float64) for the positives in
-    flat order, ranked by descending logit with ties in flat order: a suffix sum after an
-    O(p log p) sort. ``rank``: rank(i) of the positives in flat order."""
-    s_pos = logits.detach().reshape(-1)[targets.detach().reshape(-1) > 0]
-    return _weights(s_pos, rank.detach())
-
-
-def _weights(s_pos, rank):
-    if rank.numel() == 0:
-        return rank.new_zeros(0, dtype=torch.float64)
-    order = torch.sort(s_pos, descending=True, stable=True).indices
-    share = rank.index_select(0, order).double().reciprocal_().flip(0).cumsum(0).flip(0).div_(rank.numel())
-    return torch.empty_like(share).index_put_((order,), share)
+    return (torch.dot(regression_losses.reshape(-1).double(), weights) + other).to(out_dtype)
 
 
 _OUTPUTS = {

@@ -18,7 +18,7 @@ work of later ones when that saves launches or host syncs: the Triton backend's
 ``find_positives`` also reduces the bins before its one host sync and hands them on in
 ``Positives.fused``, and its ``positive_terms`` is two kernels for everything of step 3. What
 lives here, once: the order of the steps, the restriction of a global ranking to this process's
-positives, and the ranks in flat order that aLRP's localisation part needs.
+positives, and aLRP's localisation weights.
 """
 
 from __future__ import annotations
@@ -76,9 +76,14 @@ class Tables:
 def forward(backend, s, y, delta: float, kind, settings, regression=None):
     """Losses and the backward tables, or ``None`` without positives (in the whole group).
 
-    For a regression loss (aLRP) the outputs are the classification loss and the rank of this
-    process's positives in flat order."""
+    For a regression loss (aLRP) the outputs are the classification loss and the two parts of
+    :func:`localisation_terms`."""
     positives = backend.find_positives(s, y, delta, kind, settings, regression)
+    if regression is not None:
+        own = 0 if positives is None else positives.index.numel()
+        if regression.numel() != own:
+            raise ValueError(f"regression_losses must hold one value per positive target ({own}, in flat "
+                             f"order), got {regression.numel()}")
     if positives is None:
         return None
     bins = backend.reduce_bins(s, y, positives, delta, kind, settings)
@@ -89,7 +94,7 @@ def forward(backend, s, y, delta: float, kind, settings, regression=None):
         pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[positives.mine]
     losses = terms.losses
     if kind.regression:
-        losses = losses + (rank_in_flat_order(terms.rank, positives.index, positives.mine),)
+        losses = losses + localisation_terms(terms.rank, positives)
     return losses, Tables(bins, terms.const, terms.slope, positives.index, pos_rank_grad, pos_sort_grad)
 
 
@@ -98,11 +103,23 @@ def backward(backend, tables: Tables, s, y, grad_outputs) -> torch.Tensor:
     return backend.distribute(tables, s, y, grad_outputs)
 
 
-def rank_in_flat_order(rank: torch.Tensor, pos_index: torch.Tensor, mine: torch.Tensor | None) -> torch.Tensor:
-    """rank(i) of this process's positives in flat order, from the sorted order of (all) positives;
-    ``pos_index``: their flat positions in that order."""
-    own = rank if mine is None else rank[mine]
-    return own[torch.argsort(pos_index)]
+def localisation_terms(rank: torch.Tensor, positives: Positives):
+    """aLRP's localisation part ``mean_i (sum of l_k over positives k ranked at or above i) /
+    rank(i)`` (descending logits, ties in flat order) as ``sum_k c_k l_k`` with
+    ``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)``: a suffix sum after an O(p log p)
+    sort of the positives, with no pass over all elements. ``c`` is the gradient in the regression
+    losses. Returns (``c`` of this process's positives in flat order (float64), the other ranks'
+    part of the value (0-d; 0 in a single process))."""
+    # ascending with ties in flat (rank, position) order: a stable descending sort keeps that tie order
+    order = torch.sort(positives.s, descending=True, stable=True).indices
+    share = rank.index_select(0, order).double().reciprocal_().flip(0).cumsum(0).flip(0).div_(rank.numel())
+    weights = torch.empty_like(share).index_put_((order,), share)
+    other = weights.new_zeros(())
+    if positives.mine is not None:
+        own = weights[positives.mine]
+        other = torch.dot(weights, positives.regression) - torch.dot(own, positives.regression[positives.mine])
+        weights = own
+    return weights[torch.argsort(positives.index)], other
 
 
 def positive_gradient(pos_rank_grad, pos_sort_grad, grad_outputs) -> torch.Tensor:

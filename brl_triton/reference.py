@@ -143,6 +143,9 @@ def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regress
     if p == 0:
         return None
     l = regression.detach().reshape(-1).double().cpu()
+    if l.numel() != p:
+        raise ValueError(f"regression_losses must hold one value per positive target ({p}, in flat order), "
+                         f"got {l.numel()}")
     s_pos, s_neg = s[pos_index], s[neg_index]
     if kind.bucketed:
         member_of, counts, means = _buckets(s_pos, s_neg, delta)
@@ -191,3 +194,10 @@ def alrp_localisation_reference(s: torch.Tensor, y: torch.Tensor, regression: to
                 loss += l[k] / rank[i] / p
                 grad[k] += 1 / rank[i] / p
     return loss, grad
+
+
+
+def localisation_weights(s: torch.Tensor, y: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)`` for the positives in flat order:
+    the localisation part is ``sum_k c_k l_k``, so ``c`` is its gradient (of the oracle above)."""
+    return alrp_localisation_reference(s, y, torch.zeros(rank.numel()), rank)[1]

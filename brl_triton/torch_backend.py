@@ -227,7 +227,7 @@ class TorchBackend(pipeline.PipelineBackend):
             s_pos, y_pos, mine, pos_index, l_pos = gather_positives(s[pos_index], y[pos_index], pos_index, group,
                                                                     regression)
         else:
-            s_pos, order = torch.sort(s[pos_index])
+            s_pos, order = torch.sort(s[pos_index], stable=True)  # ties in flat order (aLRP's localisation)
             pos_index = pos_index[order]
             y_pos, mine = y[pos_index].double(), None
             l_pos = None if regression is None else regression.detach().reshape(-1).double()[order]

@@ -337,9 +337,9 @@ def test_alrp_conversion_trains_box_regression_through_the_localisation_part(nam
     calls = []
     original = brl_triton.functional.localisation
 
-    def spy(logits, targets, regression_losses, rank, process_group=None):
+    def spy(logits, regression_losses, weights, other):
         calls.append(regression_losses.detach().clone())
-        return original(logits, targets, regression_losses, rank, process_group)
+        return original(logits, regression_losses, weights, other)
 
     brl_triton.functional.localisation = spy
     try:
