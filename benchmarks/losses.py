@@ -58,9 +58,12 @@ class Loss:
         """None: no baseline of the paper's pipeline; else whether it has the sorting term."""
         return SORT_BASED.get(self.spec.short)
 
-    def fn(self, logits, targets, delta, **kwargs):
+    def fn(self, logits, targets, delta, regression_losses=None, **kwargs):
+        """``regression_losses``: aLRP's, computed once outside a timed step (None: made here)."""
         owner = registry.BY_NAME[self.spec.variant_of] if self.spec.variant_of else self.spec
-        extra = (stand_in_regression_losses(targets),) if self.spec.regression else ()
+        extra = ()
+        if self.spec.regression:
+            extra = (stand_in_regression_losses(targets) if regression_losses is None else regression_losses,)
         return getattr(brl_triton, owner.function_name)(logits, targets, *extra, delta, **kwargs)
 
 
@@ -175,9 +178,10 @@ def loss_step(loss: Loss, backend: str, logits, targets):
     if backend == "sort_based":
         return lambda: sort_based_bucketed_loss(logits, targets, loss.delta, loss.sort_based)
     x = logits.clone().requires_grad_(True)
+    regression = stand_in_regression_losses(targets) if loss.spec.regression else None  # the detector's work
 
     def step():
-        out = loss.fn(x, targets, loss.delta, backend=backend, **loss.kwargs)
+        out = loss.fn(x, targets, loss.delta, regression, backend=backend, **loss.kwargs)
         sum(out if isinstance(out, tuple) else (out,)).backward()
         x.grad = None
 
