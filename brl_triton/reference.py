@@ -20,9 +20,10 @@ def step(x: torch.Tensor, delta: float) -> torch.Tensor:
 def _buckets(pos_logits, neg_logits, delta):
     """Bucket id of each relevant negative, and per bucket (count, prototype), non-empty buckets only.
 
-    The prototype is the mean. With delta == 0 every member of a bucket has the same step
-    H(s_j - s_i) for every positive, which the rounded mean need not keep: a bucket tied with a
-    positive can average to just below it. Any member is exact there; the largest is taken."""
+    The prototype is the mean, from offsets to the smallest member as the backends do. With
+    delta == 0 every member of a bucket has the same step H(s_j - s_i) for every positive, which
+    the rounded mean need not keep: a bucket tied with a positive can average to just below it.
+    Any member is exact there; the largest is taken."""
     bucket = torch.zeros(neg_logits.numel(), dtype=torch.long)
     for s_i in pos_logits:
         bucket += (s_i > neg_logits).long()
@@ -32,7 +33,12 @@ def _buckets(pos_logits, neg_logits, delta):
         prototypes = torch.full((ids.numel(),), -torch.inf, dtype=torch.float64)
         prototypes.scatter_reduce_(0, member_of, neg_logits, reduce="amax")
     else:
-        prototypes = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, member_of, neg_logits) / counts
+        # the mean as the smallest member plus the mean offset from it: the mean of equal values is
+        # that value (a plain sum / count of three 1e30 lands one ulp above it, past a tied positive)
+        low = torch.full((ids.numel(),), torch.inf, dtype=torch.float64)
+        low.scatter_reduce_(0, member_of, neg_logits, reduce="amin")
+        offsets = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, member_of, neg_logits - low[member_of])
+        prototypes = low + offsets / counts
     return member_of, counts, prototypes
 
 

@@ -9,6 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import brl_triton
+
 from conftest import LOSSES, expected, needs_smoothing, run_loss
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -97,3 +99,15 @@ def test_triton_backend_agrees_with_torch_backend(problem, name):
         tolerance = 2e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4
         scale = max(want_grad.abs().max().item(), 1e-12)
         assert (grad.cpu().double() - want_grad.double()).abs().max().item() <= tolerance * scale
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_equal_huge_logits_tie_exactly(backend):
+    """Found by the property test above: one positive and three negatives, all at 1e30. Every
+    negative ties with the positive, so FP = 3 H(0) = 1.5, rank+ = H(0) = 0.5 and the ranking
+    error is 1.5 / 2 = 0.75. The oracle once averaged the bucket as 3e30 / 3, one ulp above 1e30,
+    and counted every negative whole (6/7)."""
+    logits = torch.full((5,), 1e30, dtype=torch.float64)
+    targets = torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    ranking, sorting = brl_triton.bucketed_rank_sort_loss(logits, targets, 0.25, backend=backend)
+    assert float(ranking) == 0.75 and float(sorting) == 0.0
