@@ -31,9 +31,13 @@ from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
 from ._common import flat_inputs
 from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, sorting_gradient
+from ._sweeps import DominanceSums, SortedSums
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
+# From this many positives on, their terms are summed by sweeps (O(p log p)) instead of tiles
+# (O(p^2)); measured on CPU (benchmarks/losses.py --preset positives).
+SWEEP_FROM = 1024
 
 
 @dataclass
@@ -211,6 +215,72 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
     return received
 
 
+class _TiledSums:
+    """The positive terms' sums by tiles: positives x bins and positives x positives, O(p (p + E))."""
+
+    def __init__(self, positives, bins: _Bins, delta: float):
+        self.steps = _StepTiles(delta)
+        s64 = positives.s.double()
+        self.s_cols, self.s_rows = self.steps.columns(s64), self.steps.rows(s64)
+        self.bin_cols = self.steps.columns(bin_values(bins.lower, bins.offset_sum, bins.count, delta))
+        self.y, self.regression, self.count = positives.y, positives.regression, bins.count
+
+    def positive_sums(self, sorting: bool) -> PositiveSums:
+        fp = _false_positives(self.steps, self.bin_cols, self.count, self.s_rows)
+        return _positive_pairs(self.steps, self.s_cols, self.s_rows, self.y, fp, sorting, self.regression)
+
+    def sorting_received(self, share: torch.Tensor) -> torch.Tensor:
+        return _sorting_received(self.steps, self.s_cols, self.s_rows, self.y, share)
+
+    def bin_gradient(self, weight: torch.Tensor) -> torch.Tensor:
+        return _bin_gradient(self.steps, self.bin_cols, self.s_rows, weight)
+
+
+class _SweptSums:
+    """The same sums by sweeps over the sorted positives and bins (``_sweeps``): O((p + E) log p)
+    time and O(p + E) memory. The target comparisons of Rank & Sort are dominance sums over the
+    positives' order by target (ties: ``[y_k >= y_i]`` is "not below", ``[y_k < y_i]`` "below")."""
+
+    def __init__(self, positives, bins: _Bins, delta: float):
+        self.smooth = delta > 0
+        scale = 0.5 / delta if self.smooth else 1.0
+        self.u = positives.s.double() * scale
+        values = bin_values(bins.lower, bins.offset_sum, bins.count, delta) * scale
+        # a bucket's mean may pass the next bin's by an ulp of round-off; the sweeps need them sorted
+        self.bin_u = torch.cummax(values, 0).values if values.numel() else values
+        self.y, self.regression, self.count = positives.y, positives.regression, bins.count
+
+    def positive_sums(self, sorting: bool) -> PositiveSums:
+        u, y = self.u, self.y
+        fp = SortedSums(self.bin_u, self.count[:, None], self.smooth).above(u)[:, 0]
+        ones = torch.ones_like(u)
+        columns = [ones] + ([1 - y] if sorting else []) + ([self.regression] if self.regression is not None else [])
+        own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(u)
+        sums = PositiveSums(fp, own[:, 0])
+        if self.regression is not None:
+            sums.regression, sums.weighted_rank = self.regression, own[:, -1]
+        if sorting:
+            order = torch.sort(y, stable=True).indices
+            self.by_target = torch.empty_like(order).index_put_((order,), torch.arange(u.numel(), device=u.device))
+            self.y_sorted = y.index_select(0, order)
+            below = torch.searchsorted(self.y_sorted, y)  # #{y_k < y_i}: pi_k < below  <=>  y_k < y_i
+            lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(u, below)
+            sums.sort_current = own[:, 1]
+            sums.lower_quality = lower[:, 0]  # summed over exactly those k, so it is 0 where none is near
+            sums.sort_target_count = sums.rank_plus - lower[:, 0]
+            sums.sort_target = sums.sort_current - lower[:, 1]
+        return sums
+
+    def sorting_received(self, share: torch.Tensor) -> torch.Tensor:
+        p = self.u.numel()
+        better = p - torch.searchsorted(self.y_sorted, self.y, right=True)  # #{y_k > y_i}
+        descending = p - 1 - self.by_target  # pi_k < better  <=>  y_k > y_i
+        return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.u, better)[:, 0]
+
+    def bin_gradient(self, weight: torch.Tensor) -> torch.Tensor:
+        return SortedSums(self.u, weight[:, None], self.smooth).below(self.bin_u)[:, 0]
+
+
 class TorchBackend(pipeline.PipelineBackend):
     """Sort-free bucketed/breakpoint computation in plain torch ops; runs on any device."""
 
@@ -255,21 +325,16 @@ class TorchBackend(pipeline.PipelineBackend):
 
     @staticmethod
     def positive_terms(positives, bins: _Bins, delta, kind, settings) -> pipeline.Terms:
-        steps = _StepTiles(delta)
-        s64 = positives.s.double()
-        s_cols, s_rows = steps.columns(s64), steps.rows(s64)
-        bin_cols = steps.columns(bin_values(bins.lower, bins.offset_sum, bins.count, delta))
-        fp = _false_positives(steps, bin_cols, bins.count, s_rows)
-        terms = kind.formulas(_positive_pairs(steps, s_cols, s_rows, positives.y, fp, kind.sorting,
-                                              positives.regression))
+        sums = _SweptSums if positives.s.numel() >= SWEEP_FROM else _TiledSums
+        pairs = sums(positives, bins, delta)
+        terms = kind.formulas(pairs.positive_sums(kind.sorting))
         pos_sort_grad = None
         if kind.sorting:
-            received = _sorting_received(steps, s_cols, s_rows, positives.y, terms.sorting_share)
-            pos_sort_grad = sorting_gradient(terms, received)
+            pos_sort_grad = sorting_gradient(terms, pairs.sorting_received(terms.sorting_share))
 
         nkeys = bins.lower_of_key.numel()
-        const = _bin_gradient(steps, bin_cols, s_rows, terms.weight)
-        bin_const = torch.zeros(nkeys, dtype=torch.float64, device=s64.device)
+        const = pairs.bin_gradient(terms.weight)
+        bin_const = torch.zeros(nkeys, dtype=torch.float64, device=const.device)
         bin_slope = None
         if delta > 0 and not kind.bucketed:
             slope = _bin_slopes(positives.s, bins.lower, terms.weight, delta)
