@@ -51,7 +51,7 @@ def loss_step(fn, logits, targets, delta=0.5):
 def seconds(stmt, repeats: int) -> float:
     """Median time of one call (torch.utils.benchmark), after a warm-up call."""
     stmt()
-    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=0.2 * repeats).median
 
 

@@ -80,7 +80,8 @@ def with_fractions(u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 class SortedSums:
     """``sum_k w_k H(u_k - q)`` and ``sum_k w_k H(q - u_k)`` over ascending ``u`` (n,) with
-    weights (n, c), for any queries: prefix sums and three ``searchsorted`` per query."""
+    weights (n, c), for any queries: prefix sums and three ``searchsorted`` per query. The
+    queries are a tensor, or their :class:`Windows` among the same ``u`` to reuse them."""
 
     def __init__(self, u: torch.Tensor, weights: torch.Tensor, smooth: bool):
         self.u, self.smooth, self.c = u, smooth, weights.shape[1]
@@ -91,8 +92,8 @@ class SortedSums:
         last = self.prefix[-1:] if end is None else self.prefix.index_select(0, end)
         return last - self.prefix[:1] if start is None else last - self.prefix.index_select(0, start)
 
-    def _sums(self, q: torch.Tensor, upward: bool) -> torch.Tensor:
-        windows = Windows(self.u, q, self.smooth)
+    def _sums(self, q, upward: bool) -> torch.Tensor:
+        windows = q if isinstance(q, Windows) else Windows(self.u, q, self.smooth)
         return windows.combine([self._range(*r) for r in windows.ranges(upward)], self.c, upward)
 
     def above(self, q: torch.Tensor) -> torch.Tensor:
@@ -104,39 +105,62 @@ class SortedSums:
         return self._sums(q, False)
 
 
-def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, starts: list, ends: list) -> list:
-    """Per query ``j`` and range ``r``: ``sum of table[k]`` over ``k`` in ``[starts[r][j], ends[r][j])``
-    with ``pi[k] < bound[j]``.
-
-    ``pi`` (n,): distinct int64 values in ``[0, n)``; ``table`` (n, C); ``bound``, and each
-    ``starts[r]`` / ``ends[r]`` (``None``: 0 / n), are int64 of the queries' shape (q,). A wavelet
-    matrix over ``pi``: at each bit, from the highest, the members are stably split by that bit,
-    and a query whose bound has the bit set takes the part with the bit clear (all below its
-    bound) and follows the other part. Levels are built and queried together and then dropped.
-    """
+def _wavelet_descent(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """(r, q, C): a wavelet matrix over ``pi`` (n,) (distinct int64 values in ``[0, n)``) walked by
+    queries with bounds ``bound`` (q,) and end points ``end`` (r, q). At each bit, from the
+    highest, the members are stably split by that bit; a query whose bound has the bit set adds
+    the prefix sum of ``table`` (n, C) over the members with the bit clear before its end, then
+    follows those with the bit set, and otherwise follows those with the bit clear. The result,
+    minus that of the same bound with ``end = 0`` (which tracks where the bound's members start),
+    is the sum over ``k < end`` with ``pi[k] < bound``. Levels are built, walked and dropped one at
+    a time; positions are int32 (n < 2^31), which halves the traffic of the walk, and the walk
+    selects by arithmetic, several times faster than ``torch.where`` on CPU."""
     n, width = table.shape
-    q = bound.numel()
+    rows, q = end.shape
     device = table.device
-    ranges = len(starts)
-    lo = torch.cat([torch.zeros(q, dtype=torch.int64, device=device) if s is None else s for s in starts])
-    hi = torch.cat([torch.full((q,), n, dtype=torch.int64, device=device) if e is None else e for e in ends])
-    bound = bound.repeat(ranges)
-    total = table.new_zeros(ranges * q, width)
-    values, position = pi, torch.arange(n, device=device)
+    # the walk's buffers are reused across levels: fresh ones would be page-faulted in at every level
+    end = end.to(torch.int32).reshape(-1)
+    end_clear, taken = torch.empty_like(end), torch.empty_like(end)
+    gathered = table.new_empty(rows * q, width)
+    total = table.new_zeros(rows * q, width)
+    prefix = table.new_zeros(n + 1, width)
+    values, position = pi, torch.arange(n, device=device, dtype=torch.int32)
+    bound = bound.to(torch.int32)
     for level in reversed(range(max(n.bit_length(), 1))):
-        bit = (values >> level) & 1
-        clear_before = torch.cat([bit.new_zeros(1), torch.cumsum(1 - bit, 0)])
+        bit = ((values >> level) & 1).to(torch.int32)
+        clear_before = torch.cat([bit.new_zeros(1), torch.cumsum(1 - bit, 0, dtype=torch.int32)])
         clear = clear_before[-1]
-        destination = torch.where(bit == 0, clear_before[:-1], clear + position - clear_before[:-1])
+        destination = torch.where(bit == 0, clear_before[:-1], clear + position - clear_before[:-1]).long()
         values = torch.empty_like(values).index_copy_(0, destination, values)
         table = torch.empty_like(table).index_copy_(0, destination, table)
-        prefix = torch.cat([table.new_zeros(1, width), torch.cumsum(table, 0)])
-        lo_clear, hi_clear = clear_before.index_select(0, lo), clear_before.index_select(0, hi)
-        take = ((bound >> level) & 1).bool()
-        total += (prefix.index_select(0, hi_clear) - prefix.index_select(0, lo_clear)).mul_(take[:, None])
-        lo = torch.where(take, clear + lo - lo_clear, lo_clear)
-        hi = torch.where(take, clear + hi - hi_clear, hi_clear)
-    return list(total.split(q))
+        torch.cumsum(table, 0, out=prefix[1:])
+        take = ((bound >> level) & 1).repeat(rows)
+        torch.index_select(clear_before, 0, end, out=end_clear)
+        torch.mul(end_clear, take, out=taken)  # row 0 of prefix is zero
+        total += torch.index_select(prefix, 0, taken, out=gathered)
+        # follow the set part (clear + ones before the end) where taken, else the clear part
+        end.sub_(end_clear).add_(clear).sub_(end_clear).mul_(take).add_(end_clear)
+    return total.view(rows, q, width)
+
+
+def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, starts: list, ends: list) -> list:
+    """Per range ``r``, (q, C): the sums of ``table[k]`` over ``k`` in ``[starts[r][j], ends[r][j])``
+    with ``pi[k] < bound[j]``; a ``None`` start or end is 0 or n. Each distinct end point is one
+    walk of :func:`_wavelet_descent`; n is a cumulative sum in ``pi`` order.
+
+    ``pi`` (n,): distinct int64 values in ``[0, n)``; ``table`` (n, C); ``bound`` and the
+    starts and ends: int64 (q,). O((n + q) log n) time, O((n + q) C) memory.
+    """
+    points = [torch.zeros_like(bound)]  # where each bound's members start
+    for point in list(starts) + list(ends):
+        if point is not None and all(point is not known for known in points):
+            points.append(point)
+    found = _wavelet_descent(pi, table, bound, torch.stack(points))
+    sums = {id(point): value - found[0] for point, value in zip(points[1:], found[1:])}
+    by_value = torch.empty_like(table).index_copy_(0, pi, table)
+    below_bound = torch.cat([table.new_zeros(1, table.shape[1]), torch.cumsum(by_value, 0)]).index_select(0, bound)
+
+    return [(below_bound if e is None else sums[id(e)]) - (0 if s is None else sums[id(s)]) for s, e in zip(starts, ends)]
 
 
 class DominanceSums:
@@ -147,8 +171,8 @@ class DominanceSums:
         self.u, self.pi, self.smooth, self.c = u, pi, smooth, weights.shape[1]
         self.table = with_fractions(u, weights) if smooth else weights
 
-    def _sums(self, q: torch.Tensor, bound: torch.Tensor, upward: bool) -> torch.Tensor:
-        windows = Windows(self.u, q, self.smooth)
+    def _sums(self, q, bound: torch.Tensor, upward: bool) -> torch.Tensor:
+        windows = q if isinstance(q, Windows) else Windows(self.u, q, self.smooth)
         ranges = windows.ranges(upward)
         sums = dominance_sums(self.pi, self.table, bound, [r[0] for r in ranges], [r[1] for r in ranges])
         return windows.combine(sums, self.c, upward)

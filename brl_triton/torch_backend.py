@@ -31,13 +31,13 @@ from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
 from ._common import flat_inputs
 from ._distributed import all_reduce_bins, gather_positives
 from ._positive_terms import PositiveSums, sorting_gradient
-from ._sweeps import DominanceSums, SortedSums
+from ._sweeps import DominanceSums, SortedSums, Windows
 
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
 # From this many positives on, their terms are summed by sweeps (O(p log p)) instead of tiles
 # (O(p^2)); measured on CPU (benchmarks/losses.py --preset positives).
-SWEEP_FROM = 1024
+SWEEP_FROM = 512
 
 
 @dataclass
@@ -255,7 +255,8 @@ class _SweptSums:
         fp = SortedSums(self.bin_u, self.count[:, None], self.smooth).above(u)[:, 0]
         ones = torch.ones_like(u)
         columns = [ones] + ([1 - y] if sorting else []) + ([self.regression] if self.regression is not None else [])
-        own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(u)
+        self.own_windows = Windows(u, u, self.smooth)  # every sum over the positives for the positives
+        own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(self.own_windows)
         sums = PositiveSums(fp, own[:, 0])
         if self.regression is not None:
             sums.regression, sums.weighted_rank = self.regression, own[:, -1]
@@ -264,7 +265,7 @@ class _SweptSums:
             self.by_target = torch.empty_like(order).index_put_((order,), torch.arange(u.numel(), device=u.device))
             self.y_sorted = y.index_select(0, order)
             below = torch.searchsorted(self.y_sorted, y)  # #{y_k < y_i}: pi_k < below  <=>  y_k < y_i
-            lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(u, below)
+            lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(self.own_windows, below)
             sums.sort_current = own[:, 1]
             sums.lower_quality = lower[:, 0]  # summed over exactly those k, so it is 0 where none is near
             sums.sort_target_count = sums.rank_plus - lower[:, 0]
@@ -275,7 +276,7 @@ class _SweptSums:
         p = self.u.numel()
         better = p - torch.searchsorted(self.y_sorted, self.y, right=True)  # #{y_k > y_i}
         descending = p - 1 - self.by_target  # pi_k < better  <=>  y_k > y_i
-        return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.u, better)[:, 0]
+        return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.own_windows, better)[:, 0]
 
     def bin_gradient(self, weight: torch.Tensor) -> torch.Tensor:
         return SortedSums(self.u, weight[:, None], self.smooth).below(self.bin_u)[:, 0]
