@@ -5,6 +5,10 @@ index, rank; variable P per rank) and one all-reduce of the per-bin count and of
 rank then sorts the same positives, computes the same losses and per-bin gradient tables, and
 writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so results
 equal the single-process ones on the concatenated batch up to float round-off.
+
+From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
+too: each rank sums the positive terms of its own positives only, and one more all-gather
+(``share_rows``, a few float64 per positive) gives every rank all of them.
 """
 
 from __future__ import annotations
@@ -57,3 +61,11 @@ def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):
     both = torch.stack([count.double(), offset_sum.double()])
     dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
     return both[0].round().long(), both[1]
+
+
+def share_rows(index: torch.Tensor, rows: torch.Tensor, total: int, group) -> torch.Tensor:
+    """(total, C): every rank's ``rows`` (k_r, C) placed at its positions ``index`` (k_r,)."""
+    gathered = _all_gather_rows(torch.cat([index.double()[:, None], rows.double()], 1), group)
+    out = rows.new_zeros((total, rows.shape[1]), dtype=torch.float64)
+    out[gathered[:, 0].long()] = gathered[:, 1:]
+    return out

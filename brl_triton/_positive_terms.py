@@ -95,8 +95,10 @@ def alrp_terms(sums: PositiveSums) -> PositiveTerms:
     return terms
 
 
-def sorting_gradient(terms: PositiveTerms, received: torch.Tensor) -> torch.Tensor:
-    """Gradient of the sorting output on the positives, given
+def sorting_gradient(terms: PositiveTerms, received: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the sorting output on the positives ``index`` (None: all), given their
     ``received[i] = sum_k share_k H(s_i - s_k) [y_i < y_k]``."""
     gives = torch.where(terms.sorting_share != 0, terms.sorting_error, 0.0)
-    return (received - gives) / received.numel()
+    if index is not None:
+        gives = gives.index_select(0, index)
+    return (received - gives) / terms.sorting_error.numel()

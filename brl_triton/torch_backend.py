@@ -29,7 +29,7 @@ import torch
 from . import pipeline
 from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
 from ._common import flat_inputs
-from ._distributed import all_reduce_bins, gather_positives
+from ._distributed import all_reduce_bins, gather_positives, share_rows
 from ._positive_terms import PositiveSums, sorting_gradient
 from ._sweeps import DominanceSums, SortedSums, Windows
 
@@ -239,9 +239,13 @@ class _TiledSums:
 class _SweptSums:
     """The same sums by sweeps over the sorted positives and bins (``_sweeps``): O((p + E) log p)
     time and O(p + E) memory. The target comparisons of Rank & Sort are dominance sums over the
-    positives' order by target (ties: ``[y_k >= y_i]`` is "not below", ``[y_k < y_i]`` "below")."""
+    positives' order by target (ties: ``[y_k >= y_i]`` is "not below", ``[y_k < y_i]`` "below").
 
-    def __init__(self, positives, bins: _Bins, delta: float):
+    With a process group each rank sums the terms of its own positives (``queries``) against all
+    of them, and ``share_rows`` gathers everyone's: the positive-term work is split over the ranks.
+    """
+
+    def __init__(self, positives, bins: _Bins, delta: float, group=None):
         self.smooth = delta > 0
         scale = 0.5 / delta if self.smooth else 1.0
         self.u = positives.s.double() * scale
@@ -249,34 +253,49 @@ class _SweptSums:
         # a bucket's mean may pass the next bin's by an ulp of round-off; the sweeps need them sorted
         self.bin_u = torch.cummax(values, 0).values if values.numel() else values
         self.y, self.regression, self.count = positives.y, positives.regression, bins.count
+        self.group = group if positives.mine is not None else None
+        self.queries = positives.mine if self.group is not None else None
+        self.query_u = self.u if self.queries is None else self.u.index_select(0, self.queries)
+        # every sum over the positives for the queried positives
+        self.windows = Windows(self.u, self.query_u, self.smooth)
+
+    def _queried(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.queries is None else values.index_select(0, self.queries)
 
     def positive_sums(self, sorting: bool) -> PositiveSums:
         u, y = self.u, self.y
-        fp = SortedSums(self.bin_u, self.count[:, None], self.smooth).above(u)[:, 0]
+        fp = SortedSums(self.bin_u, self.count[:, None], self.smooth).above(self.query_u)[:, 0]
         ones = torch.ones_like(u)
         columns = [ones] + ([1 - y] if sorting else []) + ([self.regression] if self.regression is not None else [])
-        self.own_windows = Windows(u, u, self.smooth)  # every sum over the positives for the positives
-        own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(self.own_windows)
-        sums = PositiveSums(fp, own[:, 0])
-        if self.regression is not None:
-            sums.regression, sums.weighted_rank = self.regression, own[:, -1]
+        own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(self.windows)
+        found = [fp, own[:, 0]]
         if sorting:
             order = torch.sort(y, stable=True).indices
             self.by_target = torch.empty_like(order).index_put_((order,), torch.arange(u.numel(), device=u.device))
             self.y_sorted = y.index_select(0, order)
-            below = torch.searchsorted(self.y_sorted, y)  # #{y_k < y_i}: pi_k < below  <=>  y_k < y_i
-            lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(self.own_windows, below)
-            sums.sort_current = own[:, 1]
-            sums.lower_quality = lower[:, 0]  # summed over exactly those k, so it is 0 where none is near
-            sums.sort_target_count = sums.rank_plus - lower[:, 0]
-            sums.sort_target = sums.sort_current - lower[:, 1]
+            below = self._queried(torch.searchsorted(self.y_sorted, y))  # #{y_k < y_i}: pi_k < below <=> y_k < y_i
+            lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(self.windows, below)
+            # sort_current; lower_quality, summed over exactly those k, so it is 0 where none is near;
+            # sort_target_count; sort_target
+            found += [own[:, 1], lower[:, 0], own[:, 0] - lower[:, 0], own[:, 1] - lower[:, 1]]
+        if self.regression is not None:
+            found.append(own[:, -1])
+        found = torch.stack(found, 1)
+        if self.group is not None:
+            found = share_rows(self.queries, found, u.numel(), self.group)
+        sums = PositiveSums(*found[:, :2].unbind(1))
+        if sorting:
+            sums.sort_current, sums.lower_quality, sums.sort_target_count, sums.sort_target = found[:, 2:6].unbind(1)
+        if self.regression is not None:
+            sums.regression, sums.weighted_rank = self.regression, found[:, -1]
         return sums
 
     def sorting_received(self, share: torch.Tensor) -> torch.Tensor:
+        """For the queried positives."""
         p = self.u.numel()
-        better = p - torch.searchsorted(self.y_sorted, self.y, right=True)  # #{y_k > y_i}
+        better = self._queried(p - torch.searchsorted(self.y_sorted, self.y, right=True))  # #{y_k > y_i}
         descending = p - 1 - self.by_target  # pi_k < better  <=>  y_k > y_i
-        return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.own_windows, better)[:, 0]
+        return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.windows, better)[:, 0]
 
     def bin_gradient(self, weight: torch.Tensor) -> torch.Tensor:
         return SortedSums(self.u, weight[:, None], self.smooth).below(self.bin_u)[:, 0]
@@ -326,12 +345,19 @@ class TorchBackend(pipeline.PipelineBackend):
 
     @staticmethod
     def positive_terms(positives, bins: _Bins, delta, kind, settings) -> pipeline.Terms:
-        sums = _SweptSums if positives.s.numel() >= SWEEP_FROM else _TiledSums
-        pairs = sums(positives, bins, delta)
+        p = positives.s.numel()
+        if p >= SWEEP_FROM:
+            pairs = _SweptSums(positives, bins, delta, settings.process_group)
+        else:
+            pairs = _TiledSums(positives, bins, delta)
         terms = kind.formulas(pairs.positive_sums(kind.sorting))
         pos_sort_grad = None
         if kind.sorting:
-            pos_sort_grad = sorting_gradient(terms, pairs.sorting_received(terms.sorting_share))
+            queries = getattr(pairs, "queries", None)
+            pos_sort_grad = sorting_gradient(terms, pairs.sorting_received(terms.sorting_share), queries)
+            if queries is not None:  # the pipeline picks this rank's positives from all of them
+                pos_sort_grad = torch.zeros(p, dtype=pos_sort_grad.dtype, device=pos_sort_grad.device).index_put_(
+                    (queries,), pos_sort_grad)
 
         nkeys = bins.lower_of_key.numel()
         const = pairs.bin_gradient(terms.weight)

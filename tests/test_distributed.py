@@ -36,8 +36,8 @@ def _shard(tensor, rank):
     return tensor[:SPLIT] if rank == 0 else tensor[SPLIT:]
 
 
-def _worker(rank, init_file, out_dir, backend):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+def _worker(rank, world, init_file, out_dir, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         results = {}
@@ -58,11 +58,11 @@ def _worker(rank, init_file, out_dir, backend):
         dist.destroy_process_group()
 
 
-def _run_two_ranks(backend):
+def _run_ranks(worker, world, *args):
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
         context = mp.get_context("spawn")
-        procs = [context.Process(target=_worker, args=(rank, init_file, out_dir, backend)) for rank in range(WORLD)]
+        procs = [context.Process(target=worker, args=(rank, world, init_file, out_dir, *args)) for rank in range(world)]
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -72,14 +72,14 @@ def _run_two_ranks(backend):
                 proc.kill()
                 pytest.fail(f"a rank did not finish within {TIMEOUT_S} s")
             assert proc.exitcode == 0, f"a rank failed with exit code {proc.exitcode}"
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_two_gloo_ranks_equal_the_concatenated_batch(backend):
     if backend == "triton":
         pytest.importorskip("triton")
-    ranks = _run_two_ranks(backend)
+    ranks = _run_ranks(_worker, WORLD, backend)
     for key, (losses0, grad0) in ranks[0].items():
         case, name, delta, _ = key
         losses1, grad1 = ranks[1][key]
@@ -99,3 +99,56 @@ def test_process_group_needs_an_initialised_group_and_a_fast_backend():
         brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), process_group=object())
     with pytest.raises(ValueError, match="not 'reference'"):
         brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), backend="reference", process_group=object())
+
+
+# Eight ranks with 2,400 positives in all: above torch_backend.SWEEP_FROM, so each rank sums the
+# terms of its own positives and shares them; uneven shares, one rank without positives.
+EIGHT = 8
+EIGHT_N = 12_000
+EIGHT_SPLITS = [0, 900, 2400, 3000, 4700, 6500, 8000, 10_100, EIGHT_N]
+
+
+def _eight_case():
+    logits, targets = make_case(EIGHT_N, 2400, seed=8, dtype=torch.float32, grid=1 / 32)
+    targets[900:2400] = torch.where(targets[900:2400] > 0, 0.0, targets[900:2400].double())  # rank 1: none
+    return logits, targets
+
+
+def _eight_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        logits, targets = _eight_case()
+        share = slice(EIGHT_SPLITS[rank], EIGHT_SPLITS[rank + 1])
+        results = {}
+        for name, (fn, extra, _) in LOSSES.items():
+            for delta in (0.0, 0.5):
+                if needs_smoothing(name) and delta == 0:
+                    continue
+                x = logits[share].clone().requires_grad_(True)
+                out = fn(x, targets[share], delta, process_group=dist.group.WORLD, **extra)
+                out = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)[: len(out)]])
+                results[(name, delta)] = ([o.detach() for o in out], x.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eight_gloo_ranks_share_the_positive_terms_and_equal_the_concatenated_batch():
+    from brl_triton import torch_backend
+
+    assert (_eight_case()[1] > 0).sum() >= torch_backend.SWEEP_FROM  # the split path, not the tiles
+    ranks = _run_ranks(_eight_worker, EIGHT)
+    logits, targets = _eight_case()
+    for key in ranks[0]:
+        name, delta = key
+        want_losses, want_grad = run_loss(name, logits, targets, delta, "torch")
+        for r in range(EIGHT):
+            for got, first, want in zip(ranks[r][key][0], ranks[0][key][0], want_losses):
+                assert got.item() == first.item(), f"{key}: rank {r} disagrees with rank 0 on the loss"
+                assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"{key} loss on rank {r}")
+        grad = torch.cat([ranks[r][key][1] for r in range(EIGHT)])
+        scale = want_grad.abs().max().item()
+        assert_close(grad, want_grad, atol=1e-5 * scale, rtol=1e-4, what=f"{key} grad")
