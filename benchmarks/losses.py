@@ -4,12 +4,15 @@
     python -m benchmarks.losses --preset full --out DIR  # the whole sweep (long on a CPU)
 
 Backends: ``triton`` (CUDA only; the first call, which compiles and with BRL_AUTOTUNE=1 autotunes,
-is not timed, and the configs used are printed), ``torch``, ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
+is not timed, and the configs used are printed), ``torch``, ``torch_tiles`` (the torch backend
+with its O(P^2) pairwise tiles instead of the O(P log P) sweeps, from ``SWEEP_FROM`` to 20k
+positives), ``sort_based`` (the paper's pipeline: full sort, buckets from contiguous
 runs, dense bucket x positive matrices; bucketed losses only, see ``sort_based.py``) and
 ``official_loop`` (aLRP the way the official code computes it: a Python loop over positives,
 vectorised over negatives; ``sort_based.official_alrp_loop``) and ``reference`` (the O(P*N)
 loops, only where they finish in about a second). ``--preset alrp`` times aLRP against BAP and
-the official loop at N = 1M, P = 1k.
+the official loop at N = 1M, P = 1k; ``--preset positives`` times BRS from 1k to 200k positives
+at N = 1M (and N = 10M with 1M positives) against the tiles and the paper's pipeline.
 
 Every row is forward+backward of the loss on the same logits (median and the 20/80 % quantiles;
 ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU), next to two floors
@@ -27,6 +30,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,7 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import brl_triton
-from brl_triton import registry
+from brl_triton import registry, torch_backend
 
 from .sort_based import official_alrp_loop, sort_based_bucketed_loss
 
@@ -94,13 +98,19 @@ PRESETS = {
     # aLRP against BAP and against the official aLRP loop (issue 11's acceptance), N = 1M, P = 1k
     "alrp": dict(n_sweep=[1_000_000], n_sweep_p=1_000, p_sweep=[], p_sweep_n=0, detectors=[],
                  losses=["bap", "alrp", "balrp"], min_time=0.5),
+    # issue 13: the positive terms in O(P log P) against the O(P^2) tiles and the paper's pipeline, N = 1M;
+    # and N = 10M, P = 1M for memory
+    "positives": dict(n_sweep=[10_000_000], n_sweep_p=1_000_000, p_sweep=[1_000, 2_000, 5_000, 10_000, 20_000, 50_000,
+                      100_000, 200_000], p_sweep_n=1_000_000, detectors=[], losses=["brs"], min_time=0.5,
+                      sort_based_max_p=20_000),
     "full": dict(n_sweep=[10_000, 100_000, 1_000_000, 10_000_000], n_sweep_p=1_000,
                  p_sweep=[10, 100, 1_000, 5_000, 20_000], p_sweep_n=1_000_000,
                  detectors=[d[0] for d in DETECTORS], losses=list(LOSSES), min_time=0.5),
 }
 
 REFERENCE_MAX_WORK = 3_000_000  # N * P above which the O(P*N) loops are not timed
-BACKEND_ORDER = ("triton", "torch", "sort_based", "official_loop", "reference")
+BACKEND_ORDER = ("triton", "torch", "torch_tiles", "sort_based", "official_loop", "reference")
+TILES_MAX_P = 20_000  # the torch backend's pairwise tiles (O(P^2)), timed where they take a second or two
 OFFICIAL_LOOP_MAX_WORK = 2_000_000_000  # the official aLRP loop: vectorised over N, so it gets further
 SORT_BASED_MAX_P = 10_000  # its dense P x P and B x P matrices
 
@@ -181,18 +191,26 @@ def loss_step(loss: Loss, backend: str, logits, targets):
         return lambda: sort_based_bucketed_loss(logits, targets, loss.delta, loss.sort_based)
     x = logits.clone().requires_grad_(True)
     regression = stand_in_regression_losses(targets) if loss.spec.regression else None  # the detector's work
+    tiles = backend == "torch_tiles"
 
     def step():
-        out = loss.fn(x, targets, loss.delta, regression, backend=backend, **loss.kwargs)
-        sum(out if isinstance(out, tuple) else (out,)).backward()
+        saved = torch_backend.SWEEP_FROM
+        torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
+        try:
+            out = loss.fn(x, targets, loss.delta, regression, backend="torch" if tiles else backend, **loss.kwargs)
+            sum(out if isinstance(out, tuple) else (out,)).backward()
+        finally:
+            torch_backend.SWEEP_FROM = saved
         x.grad = None
 
     return step
 
 
-def backends_for(loss: Loss, n: int, p: int, device: str) -> list[str]:
+def backends_for(loss: Loss, n: int, p: int, device: str, preset: dict | None = None) -> list[str]:
     names = (["triton"] if device == "cuda" else []) + ["torch"]
-    if loss.sort_based is not None and p <= SORT_BASED_MAX_P:
+    if torch_backend.SWEEP_FROM <= p <= TILES_MAX_P:
+        names.append("torch_tiles")
+    if loss.sort_based is not None and p <= (preset or {}).get("sort_based_max_p", SORT_BASED_MAX_P):
         names.append("sort_based")
     if loss.spec is registry.ALRP and n * p <= OFFICIAL_LOOP_MAX_WORK:
         names.append("official_loop")
@@ -240,7 +258,7 @@ def run(preset_name: str, out: Path, device: str, losses: list[str] | None = Non
     rows = []
     problems = plan(preset)
     jobs = [(prob, name) for prob in problems for name in losses]
-    bar = tqdm(total=sum(len(backends_for(LOSSES[n], prob[2], prob[3], device)) for prob, n in jobs),
+    bar = tqdm(total=sum(len(backends_for(LOSSES[n], prob[2], prob[3], device, preset)) for prob, n in jobs),
                desc=f"benchmarks ({preset_name}, {device})", unit="run")
     for group, label, n, p in problems:
         logits, targets = detector_like_case(n, p, seed=n + p, device=device)
@@ -248,7 +266,7 @@ def run(preset_name: str, out: Path, device: str, losses: list[str] | None = Non
         read_ms = time_ms(lambda: (logits.sum(), targets.sum()), device, preset["min_time"])[0]
         for loss_name in losses:
             loss = LOSSES[loss_name]
-            for backend in backends_for(loss, n, p, device):
+            for backend in backends_for(loss, n, p, device, preset):
                 bar.set_postfix_str(f"{label} {loss_name} {backend}")
                 step = loss_step(loss, backend, logits, targets)
                 median, low, high = time_ms(step, device, preset["min_time"])
@@ -304,7 +322,8 @@ def plot(rows, out: Path, machine: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"triton": "C0", "torch": "C1", "sort_based": "C2", "reference": "C3", "official_loop": "C4"}
+    styles = {"triton": "C0", "torch": "C1", "torch_tiles": "C5", "sort_based": "C2", "reference": "C3",
+              "official_loop": "C4"}
     for group, axis, filename in (("N sweep", "N", "time_vs_n.png"), ("P sweep", "P", "time_vs_p.png")):
         selected = [r for r in rows if r["group"] == group]
         if not selected:

@@ -7,8 +7,9 @@ writes the gradient of its own elements. The ranks' sums meet in the all-reduce,
 equal the single-process ones on the concatenated batch up to float round-off.
 
 From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
-too: each rank sums the positive terms of its own positives only, and one more all-gather
-(``share_rows``, a few float64 per positive) gives every rank all of them.
+too: each rank sums the positive terms of one slice of the sorted positives, and one more
+all-gather (``share_rows``, a few float64 per positive) gives every rank all of them; for Rank &
+Sort a second one shares the slices' sorting gradients.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from . import pipeline
 from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
@@ -41,7 +42,7 @@ SWEEP_FROM = 512
 
 
 @dataclass
-class _Bins:
+class BinSums:
     """The bins of one call: the lookup of the distinct edges, the lower edge of every key
     (E + 1, key 0 = no bin), and the occupied keys with their count, offset sum and lower edge
     (float64)."""
@@ -64,7 +65,8 @@ class BinLookup:
     """``key(s) = #{edges <= s}`` for many logits against a few sorted edges.
 
     ``torch.searchsorted`` costs about as much per element on CPU whatever the number of edges
-    (it dominated the whole loss). This uses a uniform grid over the edges instead: the cell of a
+    (it dominated the whole loss). This uses a uniform grid over the edges instead (at most twice
+    as many cells as ``lookups``, the values it will look up, when given): the cell of a
     value, the number of edges in earlier cells, then one compare for each edge that shares the
     cell (at most ``MAX_LEVELS``). All of it is elementwise ops and ``index_select``. ``_cell`` is
     monotone and computed by the same float ops for edges and logits, so an edge in an earlier
@@ -74,15 +76,17 @@ class BinLookup:
 
     CELLS_PER_EDGE = 32
     MAX_CELLS = 1 << 21
-    MAX_LEVELS = 4
+    MAX_LEVELS = 8
 
-    def __init__(self, edges: torch.Tensor):
+    def __init__(self, edges: torch.Tensor, lookups: int | None = None):
         self.edges = torch.unique_consecutive(edges)  # bins between equal edges would be empty
         self.levels = None
         d = self.edges.numel()
         if d < 2:
             return
         cells = min(self.CELLS_PER_EDGE * d, self.MAX_CELLS)
+        if lookups is not None:  # building the grid costs O(cells): no more of them than values to look up
+            cells = min(cells, max(2 * lookups, 4096))
         # the span in Python floats: edges[-1] - edges[0] may overflow the dtype
         scale = torch.tensor(cells / (float(self.edges[-1]) - float(self.edges[0])), dtype=edges.dtype)
         if not bool(torch.isfinite(scale) & (scale > 0)):
@@ -218,7 +222,7 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
 class _TiledSums:
     """The positive terms' sums by tiles: positives x bins and positives x positives, O(p (p + E))."""
 
-    def __init__(self, positives, bins: _Bins, delta: float):
+    def __init__(self, positives, bins: BinSums, delta: float):
         self.steps = _StepTiles(delta)
         s64 = positives.s.double()
         self.s_cols, self.s_rows = self.steps.columns(s64), self.steps.rows(s64)
@@ -241,11 +245,13 @@ class _SweptSums:
     time and O(p + E) memory. The target comparisons of Rank & Sort are dominance sums over the
     positives' order by target (ties: ``[y_k >= y_i]`` is "not below", ``[y_k < y_i]`` "below").
 
-    With a process group each rank sums the terms of its own positives (``queries``) against all
-    of them, and ``share_rows`` gathers everyone's: the positive-term work is split over the ranks.
+    With a process group each rank sums the terms of a slice of the sorted positives
+    (``queries``: rank r of R takes the r-th R-th) against all of them, and ``share_rows`` gathers
+    everyone's: the positive-term work is split over the ranks. A contiguous slice, rather than
+    the rank's own positives, because the dominance sums then walk only the members near it.
     """
 
-    def __init__(self, positives, bins: _Bins, delta: float, group=None):
+    def __init__(self, positives, bins: BinSums, delta: float, group=None):
         self.smooth = delta > 0
         scale = 0.5 / delta if self.smooth else 1.0
         self.u = positives.s.double() * scale
@@ -254,7 +260,12 @@ class _SweptSums:
         self.bin_u = torch.cummax(values, 0).values if values.numel() else values
         self.y, self.regression, self.count = positives.y, positives.regression, bins.count
         self.group = group if positives.mine is not None else None
-        self.queries = positives.mine if self.group is not None else None
+        self.queries = self.bin_queries = None
+        if self.group is not None:  # this rank's slices of all positives and bins: O(1 / world) of the work
+            world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+            p, e, device = self.u.numel(), self.bin_u.numel(), self.u.device
+            self.queries = torch.arange(rank * p // world, (rank + 1) * p // world, device=device)
+            self.bin_queries = torch.arange(rank * e // world, (rank + 1) * e // world, device=device)
         self.query_u = self.u if self.queries is None else self.u.index_select(0, self.queries)
         # every sum over the positives for the queried positives
         self.windows = Windows(self.u, self.query_u, self.smooth)
@@ -273,7 +284,7 @@ class _SweptSums:
             order = torch.sort(y, stable=True).indices
             self.by_target = torch.empty_like(order).index_put_((order,), torch.arange(u.numel(), device=u.device))
             self.y_sorted = y.index_select(0, order)
-            below = self._queried(torch.searchsorted(self.y_sorted, y))  # #{y_k < y_i}: pi_k < below <=> y_k < y_i
+            below = torch.searchsorted(self.y_sorted, self._queried(y))  # #{y_k < y_i}: pi_k < below <=> y_k < y_i
             lower = DominanceSums(u, torch.stack([ones, 1 - y], 1), self.by_target, self.smooth).above(self.windows, below)
             # sort_current; lower_quality, summed over exactly those k, so it is 0 where none is near;
             # sort_target_count; sort_target
@@ -293,12 +304,25 @@ class _SweptSums:
     def sorting_received(self, share: torch.Tensor) -> torch.Tensor:
         """For the queried positives."""
         p = self.u.numel()
-        better = self._queried(p - torch.searchsorted(self.y_sorted, self.y, right=True))  # #{y_k > y_i}
+        better = p - torch.searchsorted(self.y_sorted, self._queried(self.y), right=True)  # #{y_k > y_i}
         descending = p - 1 - self.by_target  # pi_k < better  <=>  y_k > y_i
         return DominanceSums(self.u, share[:, None], descending, self.smooth).below(self.windows, better)[:, 0]
 
     def bin_gradient(self, weight: torch.Tensor) -> torch.Tensor:
-        return SortedSums(self.u, weight[:, None], self.smooth).below(self.bin_u)[:, 0]
+        """For the queried bins."""
+        bin_u = self.bin_u if self.bin_queries is None else self.bin_u.index_select(0, self.bin_queries)
+        return SortedSums(self.u, weight[:, None], self.smooth).below(bin_u)[:, 0]
+
+
+def _share_slices(queries, pos_sort_grad, bin_queries, const, slope, p: int, e: int, group):
+    """One all-gather of every rank's slices of the p positives and e bins: the positives' sorting
+    gradient (or None) and the bins' gradient constant and slope (or None); all of them back."""
+    pos_part = const.new_zeros(queries.numel()) if pos_sort_grad is None else pos_sort_grad
+    slope_part = const.new_zeros(bin_queries.numel()) if slope is None else slope
+    rows = torch.stack([torch.cat([pos_part, const]), torch.cat([torch.zeros_like(pos_part), slope_part])], 1)
+    everyone = share_rows(torch.cat([queries, bin_queries + p]), rows, p + e, group)
+    return (None if pos_sort_grad is None else everyone[:p, 0], everyone[p:, 0],
+            None if slope is None else everyone[p:, 1])
 
 
 class TorchBackend(pipeline.PipelineBackend):
@@ -326,8 +350,8 @@ class TorchBackend(pipeline.PipelineBackend):
         return pipeline.Positives(s_pos, y_pos, pos_index, mine, l_pos)
 
     @staticmethod
-    def reduce_bins(s, y, positives, delta, kind, settings) -> _Bins:
-        lookup = BinLookup(bin_edges(positives.s, delta, kind))
+    def reduce_bins(s, y, positives, delta, kind, settings) -> BinSums:
+        lookup = BinLookup(bin_edges(positives.s, delta, kind), lookups=s.numel())
         edges = lookup.edges
         nkeys = edges.numel() + 1
         key = _negative_keys(lookup, s, y)
@@ -340,35 +364,40 @@ class TorchBackend(pipeline.PipelineBackend):
         if settings.process_group is not None:
             count, offset_sum = all_reduce_bins(count, offset_sum, settings.process_group)
         occupied = count[1:].nonzero().squeeze(1) + 1
-        return _Bins(lookup, lower_of_key, occupied, count[occupied].double(), offset_sum[occupied].double(),
+        return BinSums(lookup, lower_of_key, occupied, count[occupied].double(), offset_sum[occupied].double(),
                      lower_of_key[occupied].double())
 
     @staticmethod
-    def positive_terms(positives, bins: _Bins, delta, kind, settings) -> pipeline.Terms:
+    def positive_terms(positives, bins: BinSums, delta, kind, settings) -> pipeline.Terms:
         p = positives.s.numel()
         if p >= SWEEP_FROM:
             pairs = _SweptSums(positives, bins, delta, settings.process_group)
         else:
             pairs = _TiledSums(positives, bins, delta)
         terms = kind.formulas(pairs.positive_sums(kind.sorting))
+        queries, bin_queries = getattr(pairs, "queries", None), getattr(pairs, "bin_queries", None)
         pos_sort_grad = None
         if kind.sorting:
-            queries = getattr(pairs, "queries", None)
             pos_sort_grad = sorting_gradient(terms, pairs.sorting_received(terms.sorting_share), queries)
-            if queries is not None:  # the pipeline picks this rank's positives from all of them
-                pos_sort_grad = torch.zeros(p, dtype=pos_sort_grad.dtype, device=pos_sort_grad.device).index_put_(
-                    (queries,), pos_sort_grad)
+
+        count, offset_sum, lower = bins.count, bins.offset_sum, bins.lower
+        if bin_queries is not None:
+            count, offset_sum, lower = (v.index_select(0, bin_queries) for v in (count, offset_sum, lower))
+        const, slope = pairs.bin_gradient(terms.weight), None
+        if delta > 0 and not kind.bucketed:
+            slope = _bin_slopes(positives.s, lower, terms.weight, delta)
+            const = const - slope * (offset_sum / count)  # from the bin's mean to its lower edge
+        if queries is not None:  # every rank's slices; the pipeline picks this rank's positives
+            pos_sort_grad, const, slope = _share_slices(queries, pos_sort_grad, bin_queries, const, slope, p,
+                                                        bins.count.numel(), settings.process_group)
 
         nkeys = bins.lower_of_key.numel()
-        const = pairs.bin_gradient(terms.weight)
         bin_const = torch.zeros(nkeys, dtype=torch.float64, device=const.device)
+        bin_const[bins.occupied] = const
         bin_slope = None
-        if delta > 0 and not kind.bucketed:
-            slope = _bin_slopes(positives.s, bins.lower, terms.weight, delta)
-            const -= slope * (bins.offset_sum / bins.count)  # from the bin's mean to its lower edge
+        if slope is not None:
             bin_slope = torch.zeros_like(bin_const)
             bin_slope[bins.occupied] = slope
-        bin_const[bins.occupied] = const
         return pipeline.Terms(terms.losses, terms.pos_rank_grad, pos_sort_grad, bin_const, bin_slope, terms.rank)
 
     @staticmethod

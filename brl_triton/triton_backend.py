@@ -28,7 +28,8 @@ second compaction pass runs when p > 4096.
 
 Streaming traffic per element (float32 logits and targets): scan 4 B, reduction 8 B,
 distribution 12 B, 24 B in all; deterministic mode reads the logits in the scan too (28 B).
-Everything else is O(p^2) work on O(p + E) data.
+Everything else is O(p^2) work on O(p + E) data, or from ``SWEEP_FROM`` positives on, the torch
+backend's O(p log p) sweeps on the same bins (torch ops, about 15 per level of log2 p).
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import pipeline
+from . import pipeline, torch_backend
 from ._bins import bin_edges
 from ._common import TARGETS_ABOVE_ONE, compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
 from .kernels._layout import layout
+
+# From this many positives on, step 3 runs the torch backend's sweeps (O(p log p), about 15 tensor
+# ops per level of log2 p) instead of the register tiles (O(p^2) in few launches). An estimate,
+# not a measurement: no GPU was at hand. At 32k positives the tiles do ~10^9 pair terms (a few ms
+# on a large GPU), the sweeps ~600 small launches (a few ms of launch latency).
+SWEEP_FROM = 32768
 
 NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
 NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
@@ -196,7 +203,10 @@ class TritonBackend(pipeline.PipelineBackend):
 
     @staticmethod
     def positive_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms:
-        """Two launches (three for the interpolated AP) for every term of the pipeline's step 3."""
+        """Two launches (three for the interpolated AP) for every term of the pipeline's step 3;
+        from ``SWEEP_FROM`` positives on, the torch backend's O(p log p) sweeps on these bins."""
+        if found.s.numel() >= SWEEP_FROM:
+            return _swept_terms(found, reduced, delta, kind, settings)
         delta_bits = _math.float_bits(float(delta) + 0.0)  # -0.0 is 0
         losses = tuple(torch.empty((), dtype=found.s.dtype, device=found.s.device)
                        for _ in range(kind.ranking_outputs))
@@ -219,6 +229,19 @@ class TritonBackend(pipeline.PipelineBackend):
         return bins.distribute(layout(logits), layout(targets), tables.bins.edges, tables.const, tables.slope,
                                tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs,
                                logits.dtype)
+
+
+def _swept_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms:
+    """Step 3 by ``torch_backend``'s sweeps on the kernels' bins; the tables keep the kernels'
+    keys (``#{edges <= s}`` over all E edges, equal ones included)."""
+    offset_sum = reduced.offset_sum.double()
+    if reduced.fixed_point:
+        offset_sum = offset_sum / _host_offset_scale(reduced.status, reduced.edges, reduced.n)
+    lower_of_key = torch.cat([reduced.edges[:1], reduced.edges])
+    occupied = reduced.count[1:].nonzero().squeeze(1) + 1
+    as_torch = torch_backend.BinSums(None, lower_of_key, occupied, reduced.count[occupied].double(),
+                                     offset_sum[occupied], lower_of_key[occupied].double())
+    return torch_backend.TORCH.positive_terms(found, as_torch, delta, kind, settings)
 
 
 TRITON = TritonBackend()

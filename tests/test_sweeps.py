@@ -133,3 +133,26 @@ def test_no_tensor_grows_with_positives_squared(name, monkeypatch):
         torch.autograd.backward(out, [torch.tensor(g, dtype=o.dtype) for g, o in zip(UPSTREAM, out)])
     # the widest: the bin lookup's grid (cells per edge x 2p edges); p x p would be 16M
     assert mode.largest <= max(8000, torch_backend.BinLookup.CELLS_PER_EDGE * 2 * 4000)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", ["bucketed_rank_sort", "rank_sort", "ap", "interpolated_ap", "alrp"])
+def test_triton_backend_hands_many_positives_to_the_sweeps(name, deterministic, monkeypatch):
+    """Above its crossover the Triton backend runs the sweeps on its own bins (fixed-point offsets
+    in deterministic mode, the kernels' keys): the reference's losses and gradient."""
+    pytest.importorskip("triton")
+    from brl_triton import triton_backend
+
+    monkeypatch.setattr(triton_backend, "SWEEP_FROM", 1)
+    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1)
+    logits, targets = make_case(3001, 200, seed=4, grid=0.125, dtype=torch.float32)
+    fn, extra, _ = LOSSES[name]
+    x = logits.clone().requires_grad_(True)
+    out = fn(x, targets, 0.5, backend="triton", deterministic=deterministic, allow_targets_above_one=True, **extra)
+    out = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(out, [torch.tensor(g, dtype=o.dtype) for g, o in zip(UPSTREAM, out)])
+    want_losses, want_grad = expected(name, logits.double(), targets, 0.5)
+    for got, want in zip(out, want_losses):
+        assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"{name} loss")
+    assert_close(x.grad, want_grad, atol=1e-6 * float(want_grad.abs().max()), rtol=1e-4, what=f"{name} grad")
