@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Settings, compute_dtype
+from ._common import Settings, compute_dtype, wide_dtype
 
 
 class RankingLossFunction(torch.autograd.Function):
@@ -34,8 +34,8 @@ class RankingLossFunction(torch.autograd.Function):
         if result is None:
             outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.ranking_outputs))
             if kind.regression:  # no localisation weight, nothing from other ranks
-                outputs += (logits.new_zeros(regression.numel(), dtype=torch.float64),
-                            logits.new_zeros((), dtype=torch.float64))
+                outputs += (logits.new_zeros(regression.numel(), dtype=wide_dtype(logits.device)),
+                            logits.new_zeros((), dtype=wide_dtype(logits.device)))
         else:
             losses = result[0]
             outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:kind.ranking_outputs])

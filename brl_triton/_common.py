@@ -100,6 +100,16 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+# Devices without float64 tensors (Apple MPS): the torch backend keeps its O(P + E) tables in
+# float32 there, with float32 round-off, instead of refusing to run.
+NO_FLOAT64_DEVICES = {"mps"}
+
+
+def wide_dtype(device) -> torch.dtype:
+    """The dtype of the loss's small tables (per positive, per bin): float64 where the device has it."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64_DEVICES else torch.float64
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 are upcast; float32 and float64 are kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32

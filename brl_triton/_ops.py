@@ -20,7 +20,7 @@ import torch
 
 from . import registry
 from ._backends import resolve_backend
-from ._common import Settings, check_finite, compute_dtype
+from ._common import Settings, check_finite, compute_dtype, wide_dtype
 
 
 def _implementation(backend: str, logits):
@@ -47,7 +47,7 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())
     out_dtype = compute_dtype(logits.dtype)
-    weight = logits.new_zeros(0 if regression is None else regression.shape, dtype=torch.float64)
+    weight = logits.new_zeros(0 if regression is None else regression.shape, dtype=wide_dtype(logits.device))
     if result is None:
         return logits.new_zeros(spec.ranking_outputs, dtype=out_dtype), weight
     outputs = result[0]
@@ -60,7 +60,7 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
 @ranking_forward.register_fake
 def _(logits, targets, regression, delta, loss, backend, deterministic, allow_targets_above_one):
     losses = logits.new_empty(registry.BY_NAME[loss].ranking_outputs, dtype=compute_dtype(logits.dtype))
-    return losses, logits.new_empty(regression.shape if regression is not None else (0,), dtype=torch.float64)
+    return losses, logits.new_empty(regression.shape if regression is not None else (0,), dtype=wide_dtype(logits.device))
 
 
 @torch.library.custom_op("brl_triton::ranking_backward", mutates_args=())
@@ -108,5 +108,5 @@ def compiled_apply(spec, logits, targets, delta, backend, deterministic, regress
     outputs = tuple(losses[i] for i in range(spec.ranking_outputs))
     if spec.regression:
         out_dtype = compute_dtype(logits.dtype)
-        outputs = outputs + (torch.dot(regression_losses.reshape(-1).double(), weight).to(out_dtype),)
+        outputs = outputs + (torch.dot(regression_losses.reshape(-1).to(weight.dtype), weight).to(out_dtype),)
     return outputs if len(outputs) > 1 else outputs[0]

@@ -113,9 +113,9 @@ def _wavelet_descent(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor,
     queries with bounds ``bound`` (q,) and end points ``end`` (r, q). At each bit, from the
     highest, the members are stably split by that bit; a query whose bound has the bit set adds
     the prefix sum of ``table`` (n, C) over the members with the bit clear before its end, then
-    follows those with the bit set, and otherwise follows those with the bit clear. The result,
-    minus that of the same bound with ``end = 0`` (which tracks where the bound's members start),
-    is the sum over ``k < end`` with ``pi[k] < bound``. Levels are built, walked and dropped one at
+    follows those with the bit set, and otherwise follows those with the bit clear. The difference
+    of two end points' results is the sum over the members between them with ``pi[k] < bound``
+    (what a walk adds before the bound's own members cancels). Levels are built, walked and dropped one at
     a time; positions are int32 (n < 2^31), which halves the traffic of the walk, and the walk
     selects by arithmetic, several times faster than ``torch.where`` on CPU."""
     n, width = table.shape
@@ -173,24 +173,28 @@ def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, s
     given = [point for point in list(starts) + list(ends) if point is not None]
     first = min((int(point.min()) for point in given), default=0) if bound.numel() else 0
     last = max((int(point.max()) for point in given), default=0) if bound.numel() else 0
+    # walked end points, each once: the given ones, the span's end for open ends, its start for open starts
     points = []
-    for point in given + ([torch.full_like(bound, last)] if None in ends else []):
+    span_end = torch.full_like(bound, last) if None in ends else None
+    span_start = torch.full_like(bound, first) if None in starts else None
+    for point in given + [p for p in (span_end, span_start) if p is not None]:
         if all(point is not known for known in points):
             points.append(point)
-    inside = {id(point): table.new_zeros(bound.numel(), width) for point in points}  # sums over [first, point)
-    if last > first:
+    walked = {id(point): table.new_zeros(bound.numel(), width) for point in points}
+    if last > first:  # otherwise every walk is empty
         span = slice(first, last)
         order = torch.argsort(pi[span])
         local_pi = torch.empty_like(order).index_put_((order,), torch.arange(last - first, device=pi.device))
         local_bound = torch.searchsorted(pi[span].index_select(0, order), bound)  # the span's members below it
-        found = _wavelet_descent(local_pi, table[span], local_bound,
-                                 torch.stack([torch.zeros_like(bound)] + [point - first for point in points]))
-        inside = {id(point): value - found[0] for point, value in zip(points, found[1:])}
+        found = _wavelet_descent(local_pi, table[span], local_bound, torch.stack([point - first for point in points]))
+        walked = {id(point): value for point, value in zip(points, found)}
     results = []
     for start, end in zip(starts, ends):
-        upper = inside[id(end)] if end is not None else inside[id(points[-1])] + _outside_sums(
+        # differences of walks: what a walk adds before the query's own members cancels
+        upper = walked[id(end)] if end is not None else walked[id(span_end)] + _outside_sums(
             pi, table, bound, slice(last, n))
-        lower = inside[id(start)] if start is not None else -_outside_sums(pi, table, bound, slice(0, first))
+        lower = walked[id(start)] if start is not None else walked[id(span_start)] - _outside_sums(
+            pi, table, bound, slice(0, first))
         results.append(upper - lower)
     return results
 

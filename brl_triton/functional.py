@@ -106,7 +106,7 @@ def localisation(logits, regression_losses, weights, other) -> torch.Tensor:
     (``pipeline.localisation_terms``): the weights ``c`` are its gradient, so autograd's backward
     is one multiply, and with a process group the gradient reaches this rank's values."""
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return (torch.dot(regression_losses.reshape(-1).double(), weights) + other).to(out_dtype)
+    return (torch.dot(regression_losses.reshape(-1).to(weights.dtype), weights) + other).to(out_dtype)
 
 
 _OUTPUTS = {

@@ -112,7 +112,7 @@ def localisation_terms(rank: torch.Tensor, positives: Positives):
     part of the value (0-d; 0 in a single process))."""
     # ascending with ties in flat (rank, position) order: a stable descending sort keeps that tie order
     order = torch.sort(positives.s, descending=True, stable=True).indices
-    share = rank.index_select(0, order).double().reciprocal_().flip(0).cumsum(0).flip(0).div_(rank.numel())
+    share = rank.index_select(0, order).reciprocal().flip(0).cumsum(0).flip(0).div_(rank.numel())
     weights = torch.empty_like(share).index_put_((order,), share)
     other = weights.new_zeros(())
     if positives.mine is not None:
@@ -124,9 +124,9 @@ def localisation_terms(rank: torch.Tensor, positives: Positives):
 
 def positive_gradient(pos_rank_grad, pos_sort_grad, grad_outputs) -> torch.Tensor:
     """The positives' gradient for the upstream gradients of the (ranking[, sorting]) outputs."""
-    grad = pos_rank_grad * grad_outputs[0].double()
+    grad = pos_rank_grad * grad_outputs[0].to(pos_rank_grad.dtype)
     if pos_sort_grad is not None:
-        grad = grad + pos_sort_grad * grad_outputs[1].double()
+        grad = grad + pos_sort_grad * grad_outputs[1].to(pos_rank_grad.dtype)
     return grad
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import pipeline
 from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
-from ._common import flat_inputs
+from ._common import flat_inputs, wide_dtype
 from ._distributed import all_reduce_bins, gather_positives, share_rows
 from ._positive_terms import PositiveSums, sorting_gradient
 from ._sweeps import DominanceSums, SortedSums, Windows
@@ -123,9 +123,10 @@ def _offset_sums(key, offsets, nkeys, s, edges, fixed_point: bool) -> torch.Tens
     if not fixed_point:
         return torch.bincount(key, weights=offsets, minlength=nkeys)
     scale = fixed_point_scale(s, edges)
-    fixed = torch.round(offsets.double() * scale).long()
+    wide = wide_dtype(s.device)
+    fixed = torch.round(offsets.to(wide) * scale).long()
     total = torch.zeros(nkeys, dtype=torch.int64, device=s.device).index_put_((key.long(),), fixed, accumulate=True)
-    return (total.double() / scale).to(s.dtype)
+    return (total.to(wide) / scale).to(s.dtype)
 
 
 def _negative_keys(lookup: BinLookup, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ class _StepTiles:
         """``cols``/``rows`` from :meth:`columns`/:meth:`rows`."""
         if self.delta > 0:
             return (cols[None, :] - rows[:, None]).add_(0.5).clamp_(0, 1)
-        return (cols[None, :] >= rows[:, None]).double()
+        return (cols[None, :] >= rows[:, None]).to(rows.dtype)
 
 
 def _false_positives(steps: _StepTiles, bin_cols, count, pos_rows) -> torch.Tensor:
@@ -176,7 +177,7 @@ def _bin_gradient(steps: _StepTiles, bin_cols, pos_rows, weight) -> torch.Tensor
 def _bin_slopes(s_pos: torch.Tensor, lower: torch.Tensor, weight: torch.Tensor, delta: float):
     """Per breakpoint bin, d grad / d s = sum of weight_i / 2delta over the positives whose
     window [s_i - delta, s_i + delta) holds the bin: a contiguous run of the sorted positives."""
-    lo, hi = (b.double() for b in breakpoints(s_pos, delta))  # exactly as the edges were built
+    lo, hi = (b.to(weight.dtype) for b in breakpoints(s_pos, delta))  # exactly as the edges were built
     first = torch.searchsorted(hi, lower, right=True)  # #{i : s_i + delta <= lower}
     end = torch.searchsorted(lo, lower, right=True)  # #{i : s_i - delta <= lower}
     cumulative = torch.cat([weight.new_zeros(1), torch.cumsum(weight, 0)])
@@ -224,7 +225,7 @@ class _TiledSums:
 
     def __init__(self, positives, bins: BinSums, delta: float):
         self.steps = _StepTiles(delta)
-        s64 = positives.s.double()
+        s64 = positives.s.to(positives.y.dtype)
         self.s_cols, self.s_rows = self.steps.columns(s64), self.steps.rows(s64)
         self.bin_cols = self.steps.columns(bin_values(bins.lower, bins.offset_sum, bins.count, delta))
         self.y, self.regression, self.count = positives.y, positives.regression, bins.count
@@ -254,7 +255,7 @@ class _SweptSums:
     def __init__(self, positives, bins: BinSums, delta: float, group=None):
         self.smooth = delta > 0
         scale = 0.5 / delta if self.smooth else 1.0
-        self.u = positives.s.double() * scale
+        self.u = positives.s.to(positives.y.dtype) * scale
         values = bin_values(bins.lower, bins.offset_sum, bins.count, delta) * scale
         # a bucket's mean may pass the next bin's by an ulp of round-off; the sweeps need them sorted
         self.bin_u = torch.cummax(values, 0).values if values.numel() else values
@@ -343,8 +344,9 @@ class TorchBackend(pipeline.PipelineBackend):
         else:
             s_pos, order = torch.sort(s[pos_index], stable=True)  # ties in flat order (aLRP's localisation)
             pos_index = pos_index[order]
-            y_pos, mine = y[pos_index].double(), None
-            l_pos = None if regression is None else regression.detach().reshape(-1).double()[order]
+            wide = wide_dtype(s.device)
+            y_pos, mine = y[pos_index].to(wide), None
+            l_pos = None if regression is None else regression.detach().reshape(-1).to(wide)[order]
         if s_pos.numel() == 0:
             return None
         return pipeline.Positives(s_pos, y_pos, pos_index, mine, l_pos)
@@ -364,8 +366,9 @@ class TorchBackend(pipeline.PipelineBackend):
         if settings.process_group is not None:
             count, offset_sum = all_reduce_bins(count, offset_sum, settings.process_group)
         occupied = count[1:].nonzero().squeeze(1) + 1
-        return BinSums(lookup, lower_of_key, occupied, count[occupied].double(), offset_sum[occupied].double(),
-                     lower_of_key[occupied].double())
+        wide = wide_dtype(s.device)
+        return BinSums(lookup, lower_of_key, occupied, count[occupied].to(wide), offset_sum[occupied].to(wide),
+                       lower_of_key[occupied].to(wide))
 
     @staticmethod
     def positive_terms(positives, bins: BinSums, delta, kind, settings) -> pipeline.Terms:
@@ -392,7 +395,7 @@ class TorchBackend(pipeline.PipelineBackend):
                                                         bins.count.numel(), settings.process_group)
 
         nkeys = bins.lower_of_key.numel()
-        bin_const = torch.zeros(nkeys, dtype=torch.float64, device=const.device)
+        bin_const = torch.zeros(nkeys, dtype=const.dtype, device=const.device)
         bin_const[bins.occupied] = const
         bin_slope = None
         if slope is not None:
@@ -404,7 +407,7 @@ class TorchBackend(pipeline.PipelineBackend):
     def distribute(tables: pipeline.Tables, s, y, grad_outputs) -> torch.Tensor:
         """Flat gradient (compute dtype) for upstream gradients ``grad_outputs`` (one per output)."""
         bins = tables.bins
-        g_rank = grad_outputs[0].double()
+        g_rank = grad_outputs[0].to(tables.const.dtype)
         key = _negative_keys(bins.lookup, s, y)
         grad = (tables.const * g_rank).to(s.dtype).index_select(0, key)
         if tables.slope is not None:

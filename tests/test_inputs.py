@@ -1,12 +1,14 @@
 """Input handling: errors for bad input, dtypes, empty and no-positive batches."""
 
+import functools
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import brl_triton
-from conftest import LOSSES, assert_close, expected, make_case, run_loss
+from conftest import LOSSES, assert_close, expected, make_case, regression_losses_for, run_loss
 
 BACKENDS = ["torch", "reference", "auto"]
 
@@ -224,3 +226,44 @@ def test_create_graph_is_a_clear_error():
         torch.autograd.grad(ranking + sorting, x, create_graph=True)
     (ranking + sorting).backward()  # a plain backward still works
     assert x.grad is not None
+
+
+class _Float64Watch(TorchDispatchMode):
+    """Names the ops that produce a float64 tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                self.ops.add(str(func))
+        return out
+
+
+@pytest.mark.parametrize("sweeps", [False, True], ids=["tiles", "sweeps"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, monkeypatch):
+    """MPS has no float64: with the CPU marked the same way, no op makes a float64 tensor and the
+    losses and gradient match the reference to float32 round-off."""
+    from brl_triton import _common, torch_backend
+
+    monkeypatch.setattr(_common, "NO_FLOAT64_DEVICES", {"cpu"})
+    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1 if sweeps else 10**9)
+    logits, targets = make_case(3000, 120, seed=12, dtype=torch.float32)
+    fn, extra, kind = LOSSES[name]
+    if kind.regression:  # the stand-in regression losses are made in float64, outside the watch
+        regression = regression_losses_for(targets).requires_grad_()
+        fn = functools.partial(getattr(brl_triton, kind.function_name), regression_losses=regression)
+    x = logits.clone().requires_grad_(True)
+    with _Float64Watch() as watch:
+        out = fn(x, targets.float(), delta=0.5, backend="torch", **extra)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)[: len(out)]])
+    assert not watch.ops, f"float64 made by {sorted(watch.ops)}"
+    want_losses, want_grad = expected(name, logits.double(), targets, 0.5)
+    for got, want in zip(out, want_losses):
+        assert_close(got, want, atol=1e-5, rtol=1e-4, what=f"{name} loss")
+    assert_close(x.grad, want_grad, atol=1e-5 * float(want_grad.abs().max()), rtol=1e-3, what=f"{name} grad")
