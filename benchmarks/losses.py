@@ -342,7 +342,7 @@ def plot(rows, out: Path, machine: str) -> None:
             ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="forward+backward ms",
                    title=f"{loss}, {fixed}={selected[0][fixed]:,}")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        axes[0][0].legend(fontsize=8, loc="upper left")
         fig.suptitle(machine, fontsize=8)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=110)
