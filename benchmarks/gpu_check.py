@@ -24,6 +24,10 @@ non-zero if any step failed):
    (upstream gradients 0.7 and -1.3 for the two Rank & Sort outputs, so that a swapped or
    dropped output shows): losses within rtol 1e-5, gradients within 1e-5 x max|grad|.
 4. **Determinism**: ``deterministic=True`` three times, bit-identical losses and gradients.
+5. **Crossover**: BRS at N = 10^6 for P from 4,096 to 65,536, the Triton backend with its
+   register tiles against the same backend handing step 3 to the torch sweeps
+   (``triton_backend.SWEEP_FROM``, an estimate until this runs): the P from which the sweeps
+   win, to put into ``SWEEP_FROM``. Written to ``crossover.csv`` and ``results.md``.
 
 Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table, ready for the
 README, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
@@ -77,6 +81,8 @@ class Sweep:
     detectors: list  # names from benchmarks.losses.DETECTORS, also timed
     min_time: float  # seconds per CPU measurement (dry run); do_bench chooses its own on CUDA
     copy_mib: int  # size of the bandwidth-measuring copy
+    crossover_n: int = 1_000_000  # N of the tiles-vs-sweeps timings
+    crossover_p: tuple = (4_096, 8_192, 16_384, 32_768, 65_536)  # their P
 
 
 SWEEPS = {
@@ -85,7 +91,7 @@ SWEEPS = {
                   ["faster_rcnn_rpn", "faster_rcnn_roi_head", "atss_one_stage", "detr_like"], 0.5, 2048),
     "quick": Sweep([(100_000, 100), (1_000_000, 1_000)], [100_000, 1_000_000, 10_000_000], 1_000,
                    ["faster_rcnn_rpn"], 0.1, 1024),
-    "dry": Sweep([(1_000, 10)], [1_000, 2_000, 5_000], 20, [], 0.01, 32),
+    "dry": Sweep([(1_000, 10)], [1_000, 2_000, 5_000], 20, [], 0.01, 32, 2_000, (16, 64)),
 }
 
 
@@ -464,6 +470,41 @@ def summarize(rows: list, name: str, key: str, mismatch: str) -> Step:
     return Step(name, "FAILED", f"{len(bad)} of {len(rows)} failed, first: {first['loss']} N={first['N']:,}: {why}")
 
 
+def run_crossover(device: str, sweep: Sweep) -> tuple[Step, list]:
+    """BRS with the Triton backend's tiles and with its sweeps, at growing P."""
+    from tqdm import tqdm
+
+    from brl_triton import triton_backend
+
+    from .losses import LOSSES, detector_like_case, loss_step, time_ms
+
+    rows = []
+    saved = triton_backend.SWEEP_FROM
+    try:
+        with tqdm(total=2 * len(sweep.crossover_p), desc="crossover", unit="run") as bar:
+            for p in sweep.crossover_p:
+                logits, targets = detector_like_case(sweep.crossover_n, p, seed=p, device=device)
+                row = {"N": sweep.crossover_n, "P": p}
+                for path, sweep_from in (("tiles", sys.maxsize), ("sweeps", 1)):
+                    triton_backend.SWEEP_FROM = sweep_from
+                    row[f"{path}_ms"] = time_ms(loss_step(LOSSES["brs"], "triton", logits, targets), device,
+                                                sweep.min_time)[0]
+                    bar.update()
+                rows.append(row)
+    finally:
+        triton_backend.SWEEP_FROM = saved
+    winning = [r["P"] for r in rows if r["sweeps_ms"] <= r["tiles_ms"]]
+    found = f"sweeps win from P = {winning[0]:,}" if winning else "the tiles win at every P timed"
+    return Step("crossover", "passed", f"{found}; SWEEP_FROM is {saved:,}"), rows
+
+
+def crossover_table(rows: list) -> str:
+    lines = ["| N | P | Triton tiles ms | Triton + torch sweeps ms | sweeps ÷ tiles |", "|---|---|---|---|---|"]
+    lines += [f"| {r['N']:,} | {r['P']:,} | {fmt(r['tiles_ms'])} | {fmt(r['sweeps_ms'])} | "
+              f"{fmt(r['sweeps_ms'] / r['tiles_ms'], '.2f')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs
 
@@ -552,12 +593,16 @@ def plot(rows: list, out: Path, environment: str, stand_in: bool) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, timing_rows, parity_rows, steps, environment, bandwidth, stand_in) -> None:
+def write_outputs(out: Path, timing_rows, parity_rows, steps, environment, bandwidth, stand_in,
+                  crossover_rows=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(timing_rows, out / "results.csv")
     write_csv(parity_rows, out / "parity.csv")
+    write_csv(list(crossover_rows), out / "crossover.csv")
     text = timing_table(timing_rows, environment, bandwidth, stand_in)
     text += "\nParity (Triton vs torch backend on the same device) and determinism:\n\n" + parity_table(parity_rows)
+    text += "\nBRS forward+backward, Triton tiles against the torch sweeps for step 3:\n\n" + crossover_table(
+        list(crossover_rows))
     text += "\nChecks:\n\n" + "\n".join(f"- {step.line()}" for step in steps) + "\n"
     (out / "results.md").write_text(text)
     plot(timing_rows, out, environment, stand_in)
@@ -609,14 +654,16 @@ def main(argv=None) -> int:
         timing_step, timing_rows, bandwidth = attempt(["timing"], lambda: run_timings(device, sweep, stand_in), [], None)
         print(timing_step.line() + "\n" + first_calls_text(timing_rows, stand_in), flush=True)
         *parity_steps, parity_rows = attempt(["parity", "determinism"], lambda: run_parity(device, sweep), [])
-    steps += [timing_step, *parity_steps]
+        crossover_step, crossover_rows = attempt(["crossover"], lambda: run_crossover(device, sweep), [])
+        print(crossover_step.line(), flush=True)
+    steps += [timing_step, *parity_steps, crossover_step]
 
-    write_outputs(args.out, timing_rows, parity_rows, steps, environment, bandwidth, stand_in)
+    write_outputs(args.out, timing_rows, parity_rows, steps, environment, bandwidth, stand_in, crossover_rows)
     print("\n" + (args.out / "results.md").read_text())
     print(f"{environment}\n" + "\n".join(step.line() for step in steps))
     failed = [step.name for step in steps if step.status == "FAILED"]
     print(f"{'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'}; {time.perf_counter() - start:.0f} s; "
-          f"wrote results.csv, parity.csv, results.md, gpu_time_vs_n.png to {args.out}")
+          f"wrote results.csv, parity.csv, crossover.csv, results.md, gpu_time_vs_n.png to {args.out}")
     return 1 if failed else 0
 
 

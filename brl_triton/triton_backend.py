@@ -51,6 +51,7 @@ from .kernels._layout import layout
 # ops per level of log2 p) instead of the register tiles (O(p^2) in few launches). An estimate,
 # not a measurement: no GPU was at hand. At 32k positives the tiles do ~10^9 pair terms (a few ms
 # on a large GPU), the sweeps ~600 small launches (a few ms of launch latency).
+# `python -m benchmarks.gpu_check` times both (its crossover step) on a GPU.
 SWEEP_FROM = 32768
 
 NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"

@@ -98,3 +98,12 @@ def test_a_step_that_crashes_still_leaves_the_other_steps_and_the_outputs(tmp_pa
     assert "- timing: FAILED (RuntimeError: CUDA error: an illegal memory access was encountered)" in table
     assert "- parity: FAILED" in table and "- determinism: FAILED" in table
     assert (tmp_path / "results.csv").exists() and (tmp_path / "gpu_time_vs_n.png").exists()
+
+
+def test_dry_run_times_the_triton_tiles_against_the_sweeps(dry_run):
+    status, out = dry_run
+    rows = list(csv.DictReader((out / "crossover.csv").open()))
+    assert [int(r["P"]) for r in rows] == list(gpu_check.SWEEPS["dry"].crossover_p)
+    assert all(float(r["tiles_ms"]) > 0 and float(r["sweeps_ms"]) > 0 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "- crossover: passed" in table and "| N | P | Triton tiles ms |" in table
