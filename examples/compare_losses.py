@@ -73,7 +73,9 @@ def study(args) -> tuple[list[dict], list[dict]]:
                 scores = []
                 for scale, clip in grid:
                     bar.set_postfix_str(f"tune {detector} {loss} lr x{scale} clip {clip}")
-                    out = args.out / detector / loss / f"tune_lr{scale}_clip{clip}"
+                    # the name holds everything the run depends on, so that a resumed study never
+                    # reuses a run made with other settings
+                    out = args.out / detector / loss / f"tune_{args.tune_iters}it_lr{scale}_clip{clip}"
                     result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
                     scores.append((result["mAP"], scale * base_lr, clip))
@@ -83,7 +85,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
             results = []
             for seed in args.seeds:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
-                out = args.out / detector / loss / f"seed{seed}"
+                out = args.out / detector / loss / f"seed{seed}_{args.iters}it_lr{best[0]:.4g}_clip{best[1]}"
                 result = run_once(args, detector, loss, seed, args.iters, *best, out)
                 runs.append(_row("study", detector, loss, seed, result))
                 results.append(result)

@@ -150,6 +150,13 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are reused: a second call trains nothing
-    stamp = (study / "fasterrcnn" / "alrp" / "seed1" / "metrics.json").stat().st_mtime_ns
+    (seed1,) = (study / "fasterrcnn" / "alrp").glob("seed1_*")
+    stamp = (seed1 / "metrics.json").stat().st_mtime_ns
     compare_losses.main(argv)
-    assert (study / "fasterrcnn" / "alrp" / "seed1" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (seed1 / "metrics.json").stat().st_mtime_ns == stamp
+    # but not by a study with other settings: more iterations are new runs (the tuning is reused)
+    longer = list(argv)
+    longer[longer.index("--iters") + 1] = "3"
+    compare_losses.main(longer)
+    assert len(list((study / "fasterrcnn" / "alrp").glob("seed1_*"))) == 2
+    assert len(list((study / "fasterrcnn" / "alrp").glob("tune_*"))) == 2

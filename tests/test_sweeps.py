@@ -67,6 +67,25 @@ def test_dominance_sums_at_every_bound_and_range(n):
     assert torch.equal(got, mask.double() @ table)
 
 
+@pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "step"])
+def test_dominance_sums_for_a_slice_of_queries_walk_only_their_span(smooth):
+    """Queries from the middle third (how a rank sums its slice): the walks span only the members
+    near them, and the open ranges' far parts come from cumulative sums; all equal pairwise sums."""
+    g = torch.Generator().manual_seed(11)
+    n = 300
+    u = _values(n, g, 1.0)
+    weights = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    pi = torch.randperm(n, generator=g)
+    queries = u[n // 3: 2 * n // 3]
+    bound = torch.randint(0, n + 1, (queries.numel(),), generator=g)
+    allowed = (pi[None, :] < bound[:, None]).double()
+    dominance = DominanceSums(u, weights, pi, smooth)
+    scale = 1 + weights.abs().sum()
+    for upward, got in ((True, dominance.above(queries, bound)), (False, dominance.below(queries, bound))):
+        steps = _step(u[None, :] - queries[:, None] if upward else queries[:, None] - u[None, :], smooth)
+        assert_close(got, (steps * allowed) @ weights, atol=1e-13 * scale, rtol=0, what=f"upward={upward}")
+
+
 def _skip_invalid(name, delta):
     if needs_smoothing(name) and delta == 0:
         pytest.skip("this loss needs delta > 0")
