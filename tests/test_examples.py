@@ -1,5 +1,6 @@
 """The detector example: its offline dataset, its recipes, and short runs with evaluation."""
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -160,3 +161,20 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     compare_losses.main(longer)
     assert len(list((study / "fasterrcnn" / "alrp").glob("seed1_*"))) == 2
     assert len(list((study / "fasterrcnn" / "alrp").glob("tune_*"))) == 2
+
+
+def test_compare_losses_tuned_at_the_full_budget_reuses_the_chosen_run_for_seed_0(tmp_path):
+    import compare_losses
+
+    data = ["--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
+            "--data", str(tmp_path / "data")]
+    argv = ["--detectors", "fasterrcnn", "--losses", "brs", "--seeds", "0", "1", "--iters", "2",
+            "--tune-iters", "2", "--lr-scales", "1", "0.5", "--clips", "10", *data, "--out", str(tmp_path / "study"),
+            "--extra", "--timing-repeats", "0"]
+    (summary,) = compare_losses.main(argv)
+    trained = [p.name for p in (tmp_path / "study" / "fasterrcnn" / "brs").iterdir()]
+    assert sorted(name.split("_")[0] for name in trained) == ["seed1", "tune", "tune"]  # no seed-0 training
+    rows = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
+    best_tuning = max(float(r["mAP"]) for r in rows if r["phase"] == "tune")
+    (seed0,) = [r for r in rows if r["phase"] == "study" and r["seed"] == "0"]
+    assert float(seed0["mAP"]) == best_tuning and summary["seeds"] == 2
