@@ -47,14 +47,21 @@ SWEEP_FROM = 512
 class BinSums:
     """The bins of one call: the lookup of the distinct edges, the lower edge of every key
     (E + 1, key 0 = no bin), and the occupied keys with their count, offset sum and lower edge
-    (float64)."""
+    (float64, or float32 where the device has no float64)."""
 
-    lookup: BinLookup
+    lookup: BinLookup | None
     lower_of_key: torch.Tensor
     occupied: torch.Tensor
     count: torch.Tensor
     offset_sum: torch.Tensor
     lower: torch.Tensor
+
+    @classmethod
+    def of_keys(cls, lookup, lower_of_key, count, offset_sum, dtype) -> "BinSums":
+        """From per-key counts and offset sums (E + 1, key 0 = no bin): the occupied keys' ones."""
+        occupied = count[1:].nonzero().squeeze(1) + 1
+        return cls(lookup, lower_of_key, occupied, count[occupied].to(dtype), offset_sum[occupied].to(dtype),
+                   lower_of_key[occupied].to(dtype))
 
 
 def _row_blocks(rows: int, cols: int):
@@ -225,6 +232,8 @@ def _sorting_received(steps: _StepTiles, s_cols, s_rows, y_pos, share) -> torch.
 class _TiledSums:
     """The positive terms' sums by tiles: positives x bins and positives x positives, O(p (p + E))."""
 
+    queries = bin_queries = None  # every positive and bin, on every rank
+
     def __init__(self, positives, bins: BinSums, delta: float):
         self.steps = _StepTiles(delta)
         s64 = positives.s.to(positives.y.dtype)
@@ -367,10 +376,7 @@ class TorchBackend(pipeline.PipelineBackend):
         del key
         if settings.process_group is not None:
             count, offset_sum = all_reduce_bins(count, offset_sum, settings.process_group)
-        occupied = count[1:].nonzero().squeeze(1) + 1
-        wide = wide_dtype(s.device)
-        return BinSums(lookup, lower_of_key, occupied, count[occupied].to(wide), offset_sum[occupied].to(wide),
-                       lower_of_key[occupied].to(wide))
+        return BinSums.of_keys(lookup, lower_of_key, count, offset_sum, wide_dtype(s.device))
 
     @staticmethod
     def positive_terms(positives, bins: BinSums, delta, kind, settings) -> pipeline.Terms:
@@ -380,7 +386,7 @@ class TorchBackend(pipeline.PipelineBackend):
         else:
             pairs = _TiledSums(positives, bins, delta)
         terms = kind.formulas(pairs.positive_sums(kind.sorting))
-        queries, bin_queries = getattr(pairs, "queries", None), getattr(pairs, "bin_queries", None)
+        queries, bin_queries = pairs.queries, pairs.bin_queries
         pos_sort_grad = None
         if kind.sorting:
             pos_sort_grad = sorting_gradient(terms, pairs.sorting_received(terms.sorting_share), queries)

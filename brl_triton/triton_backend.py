@@ -239,9 +239,7 @@ def _swept_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms
     if reduced.fixed_point:
         offset_sum = offset_sum / _host_offset_scale(reduced.status, reduced.edges, reduced.n)
     lower_of_key = torch.cat([reduced.edges[:1], reduced.edges])
-    occupied = reduced.count[1:].nonzero().squeeze(1) + 1
-    as_torch = torch_backend.BinSums(None, lower_of_key, occupied, reduced.count[occupied].double(),
-                                     offset_sum[occupied], lower_of_key[occupied].double())
+    as_torch = torch_backend.BinSums.of_keys(None, lower_of_key, reduced.count, offset_sum, torch.float64)
     return torch_backend.TORCH.positive_terms(found, as_torch, delta, kind, settings)
 
 

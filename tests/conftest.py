@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU the Triton kernels run through the interpreter; triton reads this when the
 # kernels are defined, i.e. on their first use, so it must be set before any test runs.
@@ -47,6 +48,21 @@ def _table_entry(spec):
 # name -> (function of (logits, targets, delta, **options), extra keyword arguments, registry.LossSpec),
 # every loss of the registry; aLRP gets regression_losses_for(targets)
 LOSSES = {spec.name: _table_entry(spec) for spec in registry.LOSSES}
+
+
+class OpOutputs(TorchDispatchMode):
+    """Records ``(op, numel, dtype)`` of every tensor each torch op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), t.numel(), t.dtype))
+        return out
 
 
 def needs_smoothing(name: str) -> bool:

@@ -132,14 +132,19 @@ def test_each_loss_trains_with_its_own_recipe():
     assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
 
 
+def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int) -> list:
+    """A tiny study: Faster R-CNN, one loss, seeds 0 and 1, 2 iterations, LR x {1, 0.5}."""
+    return ["--detectors", "fasterrcnn", "--losses", loss, "--seeds", "0", "1", "--iters", "2",
+            "--tune-iters", str(tune_iters), "--lr-scales", "1", "0.5", "--clips", "10",
+            "--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
+            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "study"),
+            "--extra", "--timing-repeats", str(timing_repeats)]
+
+
 def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     import compare_losses
 
-    data = ["--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
-            "--data", str(tmp_path / "data")]
-    argv = ["--detectors", "fasterrcnn", "--losses", "alrp", "--seeds", "0", "1", "--iters", "2",
-            "--tune-iters", "1", "--lr-scales", "1", "0.5", "--clips", "10", *data, "--out", str(tmp_path / "study"),
-            "--extra", "--timing-repeats", "1"]
+    argv = _study_argv(tmp_path, "alrp", tune_iters=1, timing_repeats=1)
     summary = compare_losses.main(argv)
     assert [(s["detector"], s["loss"], s["seeds"]) for s in summary] == [("fasterrcnn", "alrp", 2)]
     for s in summary:
@@ -166,11 +171,7 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
 def test_compare_losses_tuned_at_the_full_budget_reuses_the_chosen_run_for_seed_0(tmp_path):
     import compare_losses
 
-    data = ["--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
-            "--data", str(tmp_path / "data")]
-    argv = ["--detectors", "fasterrcnn", "--losses", "brs", "--seeds", "0", "1", "--iters", "2",
-            "--tune-iters", "2", "--lr-scales", "1", "0.5", "--clips", "10", *data, "--out", str(tmp_path / "study"),
-            "--extra", "--timing-repeats", "0"]
+    argv = _study_argv(tmp_path, "brs", tune_iters=2, timing_repeats=0)
     (summary,) = compare_losses.main(argv)
     trained = [p.name for p in (tmp_path / "study" / "fasterrcnn" / "brs").iterdir()]
     assert sorted(name.split("_")[0] for name in trained) == ["seed1", "tune", "tune"]  # no seed-0 training

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import brl_triton
-from conftest import LOSSES, assert_close, expected, make_case, regression_losses_for, run_loss
+from conftest import LOSSES, OpOutputs, assert_close, expected, make_case, regression_losses_for, run_loss
 
 BACKENDS = ["torch", "reference", "auto"]
 
@@ -228,21 +227,6 @@ def test_create_graph_is_a_clear_error():
     assert x.grad is not None
 
 
-class _Float64Watch(TorchDispatchMode):
-    """Names the ops that produce a float64 tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                self.ops.add(str(func))
-        return out
-
-
 @pytest.mark.parametrize("sweeps", [False, True], ids=["tiles", "sweeps"])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, monkeypatch):
@@ -258,11 +242,12 @@ def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, 
         regression = regression_losses_for(targets).requires_grad_()
         fn = functools.partial(getattr(brl_triton, kind.function_name), regression_losses=regression)
     x = logits.clone().requires_grad_(True)
-    with _Float64Watch() as watch:
+    with OpOutputs() as watch:
         out = fn(x, targets.float(), delta=0.5, backend="torch", **extra)
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(out, [torch.tensor(g) for g in (0.7, -1.3)[: len(out)]])
-    assert not watch.ops, f"float64 made by {sorted(watch.ops)}"
+    float64_ops = sorted({op for op, _, dtype in watch.outputs if dtype == torch.float64})
+    assert not float64_ops, f"float64 made by {float64_ops}"
     want_losses, want_grad = expected(name, logits.double(), targets, 0.5)
     for got, want in zip(out, want_losses):
         assert_close(got, want, atol=1e-5, rtol=1e-4, what=f"{name} loss")

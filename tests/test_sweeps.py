@@ -3,11 +3,10 @@ against the reference oracle and the tiles, and the absence of any p x p or p x 
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from brl_triton import torch_backend
 from brl_triton._sweeps import DominanceSums, SortedSums, dominance_sums
-from conftest import LOSSES, UPSTREAM, assert_close, expected, make_case, needs_smoothing, run_loss
+from conftest import LOSSES, UPSTREAM, OpOutputs, assert_close, expected, make_case, needs_smoothing, run_loss
 
 
 def _step(x: torch.Tensor, smooth: bool) -> torch.Tensor:
@@ -124,21 +123,6 @@ def test_sweeps_equal_tiles_at_thousands_of_positives(name, delta, monkeypatch):
     assert_close(swept_grad, tiled_grad, atol=1e-11 * scale, rtol=1e-9, what=f"{name} grad")
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("name", ["rank_sort", "bucketed_rank_sort", "ap", "interpolated_ap", "alrp"])
 def test_no_tensor_grows_with_positives_squared(name, monkeypatch):
     """With p = 4000 of N = 8000: every tensor stays O(N + p)."""
@@ -146,12 +130,12 @@ def test_no_tensor_grows_with_positives_squared(name, monkeypatch):
     logits, targets = make_case(8000, 4000, seed=2, ignored=0.0)
     fn, extra, _ = LOSSES[name]
     x = logits.clone().requires_grad_(True)
-    with _LargestTensor() as mode:
+    with OpOutputs() as mode:
         out = fn(x, targets, 0.5, backend="torch", **extra)
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(out, [torch.tensor(g, dtype=o.dtype) for g, o in zip(UPSTREAM, out)])
     # the widest: the bin lookup's grid (cells per edge x 2p edges); p x p would be 16M
-    assert mode.largest <= max(8000, torch_backend.BinLookup.CELLS_PER_EDGE * 2 * 4000)
+    assert max(numel for _, numel, _ in mode.outputs) <= max(8000, torch_backend.BinLookup.CELLS_PER_EDGE * 2 * 4000)
 
 
 @pytest.mark.triton
