@@ -41,14 +41,16 @@ DEFAULT_DETECTORS = ["fasterrcnn", "retinanet"]
 
 def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, clip: float, out: Path) -> dict:
     """One training run (reused if its metrics exist); its summary."""
-    metrics = out / "metrics.json"
+    metrics, checkpoint = out / "metrics.json", out / "checkpoint.pt"
     if metrics.exists():
         return json.loads(metrics.read_text())
+    # an interrupted run goes on from its last evaluation (the batch order restarts there)
+    resume = ["--checkpoint", str(checkpoint)] if checkpoint.exists() else []
     argv = ["--detector", detector, "--loss", loss, "--seed", str(seed), "--iters", str(iters),
             "--lr", repr(lr), "--clip", repr(clip), "--eval-every", str(max(1, iters // 4)),
             "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
             "--num-train", str(args.num_train), "--num-val", str(args.num_val), "--data", str(args.data),
-            "--device", args.device, "--out", str(out), *args.extra]
+            "--device", args.device, "--out", str(out), *resume, *args.extra]
     return finetune_fasterrcnn.main(argv)
 
 

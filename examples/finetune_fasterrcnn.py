@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_dataset import make_digits_coco  # noqa: E402
+from cpu_roi_align import OneSampleMultiScaleRoIAlign  # noqa: E402
 
 from brl_triton import registry  # noqa: E402
 from brl_triton.detection import convert_to_rank_based  # noqa: E402
@@ -180,7 +181,10 @@ def build_model(args, num_classes: int):
         else:
             backbone = EfficientNetLite0FPN()
             anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
-            pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+            # one bilinear sample per bin (torchvision's default takes 2 × 2): the study's many
+            # CPU runs spend most of a step in the RoI heads, on a CPU through the faster equivalent
+            pool = (OneSampleMultiScaleRoIAlign(["0", "1", "2"], 7) if torch.device(args.device).type == "cpu"
+                    else MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=1))
             # sized for small images on a CPU: fewer proposals, narrower box and mask heads (all
             # losses alike; the rank-based conversion sets its own proposal counts)
             two_stage = dict(
@@ -419,6 +423,13 @@ def main(argv=None):
                                          generator=torch.Generator().manual_seed(args.seed))
     stream = batches(loader)
     timers = timed_ranking_heads(model)
+
+    def save_checkpoint(iteration: int) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "iteration": iteration, "history": dict(history), "evaluations": evaluations,
+                    "grad_norms": grad_norms, "train_seconds": train_seconds, "recipe": recipe},
+                   args.out / "checkpoint.pt")
+
     model.train()
     bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
     for iteration in bar:
@@ -441,6 +452,7 @@ def main(argv=None):
         bar.set_postfix(postfix)
         if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters:
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
+            save_checkpoint(iteration + 1)  # an interrupted run resumes from here (--checkpoint)
 
     cls_ms = None
     if args.timing_repeats > 0:  # a batch of its own: the loop may not have run (a finished checkpoint)
@@ -461,10 +473,7 @@ def main(argv=None):
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, evaluations, args.out / "curves.png", f"{args.detector}/{args.model}, loss={args.loss}")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "iteration": args.iters, "history": dict(history), "evaluations": evaluations,
-                "grad_norms": grad_norms, "train_seconds": train_seconds, "recipe": recipe},
-               args.out / "checkpoint.pt")
+    save_checkpoint(args.iters)
     print(json.dumps({k: v for k, v in summary.items() if k != "evaluations"}, indent=2, default=str))
     return summary
 

@@ -92,6 +92,65 @@ def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
     assert len(torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["grad_norms"]) == 3
 
 
+def test_an_interrupted_study_run_resumes_from_its_last_evaluation(tmp_path, monkeypatch):
+    """A run checkpoints at every evaluation; the study resumes it there instead of starting over."""
+    import compare_losses
+
+    evaluate = finetune_fasterrcnn.evaluate
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # the process dies in the evaluation after iteration 3
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    argv = [*_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "4", "--eval-every", "1")]
+    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_fasterrcnn.main(argv)
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert not (run / "metrics.json").exists()
+    calls.clear()
+    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", lambda *args: calls.append(1) or evaluate(*args))
+    study = compare_losses.parse_args(["--detectors", "retinanet", "--batch-size", "2", "--image-size", "96",
+                                       "--num-train", "4", "--num-val", "2", "--data", str(tmp_path / "data"),
+                                       "--extra", "--timing-repeats", "0"])
+    result = compare_losses.run_once(study, "retinanet", "brs", 0, 4, 0.001, 10.0, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    # iterations 1-2 come from the checkpoint, 3-4 were trained after the resume: four in all, not seven
+    assert state["iteration"] == 4 and len(state["grad_norms"]) == 4
+    assert [e["iteration"] for e in result["evaluations"]] == [1, 2, 3, 4]
+    assert len(calls) == 2  # after iteration 3 and at the end: 1 and 2 were not evaluated again
+
+
+def test_one_sample_roi_align_equals_torchvisions_in_value_and_gradient():
+    """The CPU RoIAlign of the example against torchvision's MultiScaleRoIAlign(sampling_ratio=1),
+    in float64: boxes on every level, partly or wholly outside the image, thinner than a pixel."""
+    from cpu_roi_align import OneSampleMultiScaleRoIAlign
+    from torchvision.ops import MultiScaleRoIAlign
+
+    generator = torch.Generator().manual_seed(0)
+    features = {name: torch.randn(2, 5, size, size, dtype=torch.float64, generator=generator, requires_grad=True)
+                for name, size in (("0", 32), ("1", 16), ("2", 8))}
+    boxes = []
+    for _ in range(2):
+        corner = torch.rand(400, 2, dtype=torch.float64, generator=generator) * 360 - 60
+        size = torch.rand(400, 2, dtype=torch.float64, generator=generator) ** 2 * 600
+        boxes.append(torch.cat([corner, corner + size], 1))
+    shapes = [(256, 256), (240, 256)]
+    reference_pool = MultiScaleRoIAlign(["0", "1", "2"], 7, sampling_ratio=1)
+    expected = reference_pool(features, boxes, shapes)
+    assert set(reference_pool.map_levels(boxes).tolist()) == {0, 1, 2}
+    pooled = OneSampleMultiScaleRoIAlign(["0", "1", "2"], 7)(features, boxes, shapes)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    for got, want in zip(torch.autograd.grad(pooled, list(features.values()), upstream),
+                         torch.autograd.grad(expected, list(features.values()), upstream)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 class _BatchNormDetector(torch.nn.Module):
     """Stands in for a detector: train-mode forward returns a loss dict, through a BatchNorm."""
 
