@@ -60,10 +60,13 @@ def test_dominance_sums_at_every_bound_and_range(n):
     bound, start, end = bound.reshape(-1), start.reshape(-1), end.reshape(-1)
     keep = start <= end
     bound, start, end = bound[keep], start[keep], end[keep]
-    got = dominance_sums(pi, table, bound, [start], [end])[0]
     k = torch.arange(n)
-    mask = (pi[None, :] < bound[:, None]) & (k[None, :] >= start[:, None]) & (k[None, :] < end[:, None])
-    assert torch.equal(got, mask.double() @ table)
+    below = pi[None, :] < bound[:, None]
+    # both ends given (a difference of walks), and open below or above (a walk against the anchor)
+    got = dominance_sums(pi, table, bound, [start, None, start], [end, end, None])
+    for found, first, stop in zip(got, (start, torch.zeros_like(start), start), (end, end, torch.full_like(end, n))):
+        mask = below & (k[None, :] >= first[:, None]) & (k[None, :] < stop[:, None])
+        assert torch.equal(found, mask.double() @ table)
 
 
 @pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "step"])
