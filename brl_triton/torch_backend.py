@@ -74,8 +74,9 @@ class BinLookup:
     """``key(s) = #{edges <= s}`` for many logits against a few sorted edges.
 
     ``torch.searchsorted`` costs about as much per element on CPU whatever the number of edges
-    (it dominated the whole loss). This uses a uniform grid over the edges instead (at most twice
-    as many cells as ``lookups``, the values it will look up, when given): the cell of a
+    (it dominated the whole loss). This uses a uniform grid over the edges instead (8 cells per
+    edge, or 32 where 8 would put more than ``MAX_LEVELS`` edges in a cell; at most twice as many
+    cells as ``lookups``, the values it will look up, when given): the cell of a
     value, the number of edges in earlier cells, then one compare for each edge that shares the
     cell (at most ``MAX_LEVELS``). All of it is elementwise ops and ``index_select``. ``_cell`` is
     monotone and computed by the same float ops for edges and logits, so an edge in an earlier
@@ -83,6 +84,8 @@ class BinLookup:
     cluster (many in one cell) it falls back to ``torch.searchsorted``.
     """
 
+    # a coarse grid first (cheap to build, a few edges per cell), a finer one if edges cluster
+    FIRST_CELLS_PER_EDGE = 8
     CELLS_PER_EDGE = 32
     MAX_CELLS = 1 << 21
     MAX_LEVELS = 8
@@ -93,17 +96,21 @@ class BinLookup:
         d = self.edges.numel()
         if d < 2:
             return
-        cells = min(self.CELLS_PER_EDGE * d, self.MAX_CELLS)
-        if lookups is not None:  # building the grid costs O(cells): no more of them than values to look up
-            cells = min(cells, max(2 * lookups, 4096))
         # the span in Python floats: edges[-1] - edges[0] may overflow the dtype
-        scale = torch.tensor(cells / (float(self.edges[-1]) - float(self.edges[0])), dtype=edges.dtype)
-        if not bool(torch.isfinite(scale) & (scale > 0)):
-            return
-        self.cells, self.scale, self.origin = cells, scale.to(edges.device), self.edges[0]
-        per_cell = torch.bincount(self._cell(self.edges), minlength=cells)
-        levels = int(per_cell.max())
-        if levels > self.MAX_LEVELS:
+        span = float(self.edges[-1]) - float(self.edges[0])
+        for per_edge in (self.FIRST_CELLS_PER_EDGE, self.CELLS_PER_EDGE):
+            cells = min(per_edge * d, self.MAX_CELLS)
+            if lookups is not None:  # building the grid costs O(cells): no more of them than values to look up
+                cells = min(cells, max(2 * lookups, 4096))
+            scale = torch.tensor(cells / span, dtype=edges.dtype)
+            if not bool(torch.isfinite(scale) & (scale > 0)):
+                return
+            self.cells, self.scale, self.origin = cells, scale.to(edges.device), self.edges[0]
+            per_cell = torch.bincount(self._cell(self.edges), minlength=cells)
+            levels = int(per_cell.max())
+            if levels <= self.MAX_LEVELS:
+                break
+        else:
             return
         first = torch.cumsum(per_cell, 0) - per_cell
         self.base = first.to(torch.int32)

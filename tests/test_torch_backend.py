@@ -51,6 +51,21 @@ def test_bin_lookup_uses_the_grid_for_spread_edges_and_falls_back_for_clusters()
     assert clustered.levels is None
 
 
+def test_bin_lookup_refines_its_grid_where_edges_crowd_a_coarse_cell():
+    """Nine edges within one coarse cell (more than MAX_LEVELS) but spread over several fine ones:
+    the lookup takes the finer grid instead of falling back, and counts exactly."""
+    spread = torch.arange(1000, dtype=torch.float64)
+    coarse_cell = 999.0 / (BinLookup.FIRST_CELLS_PER_EDGE * 1009)
+    crowd = 500.25 + torch.arange(9, dtype=torch.float64) * coarse_cell / 10
+    edges = torch.sort(torch.cat([spread, crowd])).values
+    lookup = BinLookup(edges)
+    assert lookup.levels is not None and lookup.cells == BinLookup.CELLS_PER_EDGE * 1009
+    s = torch.cat([torch.rand(5000, dtype=torch.float64) * 1100 - 50, edges, crowd + coarse_cell / 20])
+    assert torch.equal(lookup.keys(s).long(), _searchsorted_keys(edges, s))
+    plain = BinLookup(spread)
+    assert plain.levels is not None and plain.cells == BinLookup.FIRST_CELLS_PER_EDGE * 1000
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_many_tiles(name, monkeypatch):
     """Small tiles: every positives x bins / positives x positives product takes many row blocks."""
