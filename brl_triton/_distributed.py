@@ -8,8 +8,8 @@ equal the single-process ones on the concatenated batch up to float round-off.
 
 From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
 too: each rank sums the positive terms of one slice of the sorted positives, and one more
-all-gather (``share_rows``, a few float64 per positive) gives every rank all of them; for Rank &
-Sort a second one shares the slices' sorting gradients.
+all-gather (``share_slices``, a few float64 per positive) gives every rank all of them; a second
+one shares the slices' sorting gradients (Rank & Sort) and the bins' gradient.
 """
 
 from __future__ import annotations
@@ -64,9 +64,25 @@ def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):
     return both[0].round().long(), both[1]
 
 
-def share_rows(index: torch.Tensor, rows: torch.Tensor, total: int, group) -> torch.Tensor:
-    """(total, C): every rank's ``rows`` (k_r, C) placed at its positions ``index`` (k_r,)."""
-    gathered = _all_gather_rows(torch.cat([index.double()[:, None], rows.double()], 1), group)
-    out = rows.new_zeros((total, rows.shape[1]), dtype=torch.float64)
-    out[gathered[:, 0].long()] = gathered[:, 1:]
-    return out
+def rank_slice(total: int, group) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, end)`` of ``total`` items: rank r of R takes the r-th R-th."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    return rank * total // world, (rank + 1) * total // world
+
+
+def share_slices(parts: list, group) -> list:
+    """``parts``: ``(rows, total)`` pairs, this rank's rows (k, C) for its :func:`rank_slice` of
+    ``total`` items, C the same in every part. One all-gather; per part, everyone's rows in item
+    order, (total, C). Every rank knows every slice's size, so no counts or indices travel."""
+    world = dist.get_world_size(group)
+    sizes = [[(r + 1) * total // world - r * total // world for _, total in parts] for r in range(world)]
+    mine = torch.cat([rows for rows, _ in parts])
+    padded = mine.new_zeros((max(sum(row) for row in sizes), mine.shape[1]))
+    padded[: mine.shape[0]] = mine
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    shared = []
+    for j in range(len(parts)):
+        starts = [sum(sizes[r][:j]) for r in range(world)]
+        shared.append(torch.cat([gathered[r][starts[r]: starts[r] + sizes[r][j]] for r in range(world)]))
+    return shared

@@ -27,12 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from . import pipeline
 from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
 from ._common import flat_inputs, wide_dtype
-from ._distributed import all_reduce_bins, gather_positives, share_rows
+from ._distributed import all_reduce_bins, gather_positives, rank_slice, share_slices
 from ._positive_terms import PositiveSums, sorting_gradient
 from ._sweeps import DominanceSums, SortedSums, Windows
 
@@ -75,8 +74,8 @@ class BinLookup:
 
     ``torch.searchsorted`` costs about as much per element on CPU whatever the number of edges
     (it dominated the whole loss). This uses a uniform grid over the edges instead (8 cells per
-    edge, or 32 where 8 would put more than ``MAX_LEVELS`` edges in a cell; at most twice as many
-    cells as ``lookups``, the values it will look up, when given): the cell of a
+    edge, 4 for many edges, or 32 where that would put more than ``MAX_LEVELS`` edges in a cell;
+    at most twice as many cells as ``lookups``, the values it will look up, when given): the cell of a
     value, the number of edges in earlier cells, then one compare for each edge that shares the
     cell (at most ``MAX_LEVELS``). All of it is elementwise ops and ``index_select``. ``_cell`` is
     monotone and computed by the same float ops for edges and logits, so an edge in an earlier
@@ -84,8 +83,12 @@ class BinLookup:
     cluster (many in one cell) it falls back to ``torch.searchsorted``.
     """
 
-    # a coarse grid first (cheap to build, a few edges per cell), a finer one if edges cluster
+    # a coarse grid first: cheap to build, and its tables stay in cache (8 cells per edge, or 4
+    # beyond 2^18 cells: at 10^5 edges the lookups ran faster on 4 than on 8); a finer one if
+    # edges cluster
     FIRST_CELLS_PER_EDGE = 8
+    FIRST_CELLS = 1 << 18
+    FEWEST_CELLS_PER_EDGE = 4
     CELLS_PER_EDGE = 32
     MAX_CELLS = 1 << 21
     MAX_LEVELS = 8
@@ -98,8 +101,9 @@ class BinLookup:
             return
         # the span in Python floats: edges[-1] - edges[0] may overflow the dtype
         span = float(self.edges[-1]) - float(self.edges[0])
-        for per_edge in (self.FIRST_CELLS_PER_EDGE, self.CELLS_PER_EDGE):
-            cells = min(per_edge * d, self.MAX_CELLS)
+        first_cells = min(self.FIRST_CELLS_PER_EDGE * d, max(self.FEWEST_CELLS_PER_EDGE * d, self.FIRST_CELLS))
+        for cells in (first_cells, self.CELLS_PER_EDGE * d):
+            cells = min(cells, self.MAX_CELLS)
             if lookups is not None:  # building the grid costs O(cells): no more of them than values to look up
                 cells = min(cells, max(2 * lookups, 4096))
             scale = torch.tensor(cells / span, dtype=edges.dtype)
@@ -265,7 +269,7 @@ class _SweptSums:
     positives' order by target (ties: ``[y_k >= y_i]`` is "not below", ``[y_k < y_i]`` "below").
 
     With a process group each rank sums the terms of a slice of the sorted positives
-    (``queries``: rank r of R takes the r-th R-th) against all of them, and ``share_rows`` gathers
+    (``queries``: rank r of R takes the r-th R-th) against all of them, and ``share_slices`` gathers
     everyone's: the positive-term work is split over the ranks. A contiguous slice, rather than
     the rank's own positives, because the dominance sums then walk only the members near it.
     """
@@ -281,10 +285,9 @@ class _SweptSums:
         self.group = group if positives.mine is not None else None
         self.queries = self.bin_queries = None
         if self.group is not None:  # this rank's slices of all positives and bins: O(1 / world) of the work
-            world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-            p, e, device = self.u.numel(), self.bin_u.numel(), self.u.device
-            self.queries = torch.arange(rank * p // world, (rank + 1) * p // world, device=device)
-            self.bin_queries = torch.arange(rank * e // world, (rank + 1) * e // world, device=device)
+            device = self.u.device
+            self.queries = torch.arange(*rank_slice(self.u.numel(), self.group), device=device)
+            self.bin_queries = torch.arange(*rank_slice(self.bin_u.numel(), self.group), device=device)
         self.query_u = self.u if self.queries is None else self.u.index_select(0, self.queries)
         # every sum over the positives for the queried positives
         self.windows = Windows(self.u, self.query_u, self.smooth)
@@ -312,7 +315,7 @@ class _SweptSums:
             found.append(own[:, -1])
         found = torch.stack(found, 1)
         if self.group is not None:
-            found = share_rows(self.queries, found, u.numel(), self.group)
+            (found,) = share_slices([(found, u.numel())], self.group)
         sums = PositiveSums(*found[:, :2].unbind(1))
         if sorting:
             sums.sort_current, sums.lower_quality, sums.sort_target_count, sums.sort_target = found[:, 2:6].unbind(1)
@@ -333,15 +336,16 @@ class _SweptSums:
         return SortedSums(self.u, weight[:, None], self.smooth).below(bin_u)[:, 0]
 
 
-def _share_slices(queries, pos_sort_grad, bin_queries, const, slope, p: int, e: int, group):
+def _share_slices(pos_sort_grad, const, slope, p: int, e: int, group):
     """One all-gather of every rank's slices of the p positives and e bins: the positives' sorting
     gradient (or None) and the bins' gradient constant and slope (or None); all of them back."""
-    pos_part = const.new_zeros(queries.numel()) if pos_sort_grad is None else pos_sort_grad
-    slope_part = const.new_zeros(bin_queries.numel()) if slope is None else slope
-    rows = torch.stack([torch.cat([pos_part, const]), torch.cat([torch.zeros_like(pos_part), slope_part])], 1)
-    everyone = share_rows(torch.cat([queries, bin_queries + p]), rows, p + e, group)
-    return (None if pos_sort_grad is None else everyone[:p, 0], everyone[p:, 0],
-            None if slope is None else everyone[p:, 1])
+    start, end = rank_slice(p, group)
+    pos_part = const.new_zeros(end - start) if pos_sort_grad is None else pos_sort_grad
+    slope_part = torch.zeros_like(const) if slope is None else slope
+    pos_rows, bin_rows = share_slices([(torch.stack([pos_part, torch.zeros_like(pos_part)], 1), p),
+                                       (torch.stack([const, slope_part], 1), e)], group)
+    return (None if pos_sort_grad is None else pos_rows[:, 0], bin_rows[:, 0],
+            None if slope is None else bin_rows[:, 1])
 
 
 class TorchBackend(pipeline.PipelineBackend):
@@ -406,7 +410,7 @@ class TorchBackend(pipeline.PipelineBackend):
             slope = _bin_slopes(positives.s, lower, terms.weight, delta)
             const = const - slope * (offset_sum / count)  # from the bin's mean to its lower edge
         if queries is not None:  # every rank's slices; the pipeline picks this rank's positives
-            pos_sort_grad, const, slope = _share_slices(queries, pos_sort_grad, bin_queries, const, slope, p,
+            pos_sort_grad, const, slope = _share_slices(pos_sort_grad, const, slope, p,
                                                         bins.count.numel(), settings.process_group)
 
         nkeys = bins.lower_of_key.numel()
