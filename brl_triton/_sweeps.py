@@ -163,10 +163,9 @@ def _wavelet_descent(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor,
 def _outside_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, keep: slice) -> torch.Tensor:
     """(q, C): sum of ``table[k]`` over ``k`` in ``keep`` with ``pi[k] < bound``: one cumulative
     sum in ``pi`` order."""
-    kept = torch.zeros_like(table)
-    kept[keep] = table[keep]
-    by_value = torch.empty_like(table).index_copy_(0, pi, kept)
-    return torch.cat([table.new_zeros(1, table.shape[1]), torch.cumsum(by_value, 0)]).index_select(0, bound)
+    # row v + 1 holds the member whose pi is v (if kept); the cumulative sum leaves row b = sum below b
+    by_value = table.new_zeros(table.shape[0] + 1, table.shape[1]).index_copy_(0, pi[keep] + 1, table[keep])
+    return by_value.cumsum_(0).index_select(0, bound)
 
 
 def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, starts: list, ends: list) -> list:
