@@ -64,10 +64,13 @@ def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):
     return both[0].round().long(), both[1]
 
 
+def _slice_of(rank: int, world: int, total: int) -> tuple[int, int]:
+    return rank * total // world, (rank + 1) * total // world
+
+
 def rank_slice(total: int, group) -> tuple[int, int]:
     """This rank's contiguous share ``[start, end)`` of ``total`` items: rank r of R takes the r-th R-th."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return rank * total // world, (rank + 1) * total // world
+    return _slice_of(dist.get_rank(group), dist.get_world_size(group), total)
 
 
 def share_slices(parts: list, group) -> list:
@@ -75,7 +78,7 @@ def share_slices(parts: list, group) -> list:
     ``total`` items, C the same in every part. One all-gather; per part, everyone's rows in item
     order, (total, C). Every rank knows every slice's size, so no counts or indices travel."""
     world = dist.get_world_size(group)
-    sizes = [[(r + 1) * total // world - r * total // world for _, total in parts] for r in range(world)]
+    sizes = [[end - start for start, end in (_slice_of(r, world, total) for _, total in parts)] for r in range(world)]
     mine = torch.cat([rows for rows, _ in parts])
     padded = mine.new_zeros((max(sum(row) for row in sizes), mine.shape[1]))
     padded[: mine.shape[0]] = mine

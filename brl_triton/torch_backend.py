@@ -102,10 +102,14 @@ class BinLookup:
         # the span in Python floats: edges[-1] - edges[0] may overflow the dtype
         span = float(self.edges[-1]) - float(self.edges[0])
         first_cells = min(self.FIRST_CELLS_PER_EDGE * d, max(self.FEWEST_CELLS_PER_EDGE * d, self.FIRST_CELLS))
+        candidates = []
         for cells in (first_cells, self.CELLS_PER_EDGE * d):
             cells = min(cells, self.MAX_CELLS)
             if lookups is not None:  # building the grid costs O(cells): no more of them than values to look up
                 cells = min(cells, max(2 * lookups, 4096))
+            if not candidates or cells > candidates[-1]:  # a capped finer grid would repeat the coarse one
+                candidates.append(cells)
+        for cells in candidates:
             scale = torch.tensor(cells / span, dtype=edges.dtype)
             if not bool(torch.isfinite(scale) & (scale > 0)):
                 return
