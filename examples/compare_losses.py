@@ -8,7 +8,9 @@ For every detector and loss (``ce`` is torchvision's own loss: cross-entropy, fo
 one-stage detectors):
 
 1. tuning: ``--tune-iters`` iterations on seed 0 for every learning rate (the recipe's, times
-   each ``--lr-scales``) and clipping norm (``--clips``, 0 for none); the best mAP wins;
+   each ``--lr-scales``) and clipping norm (``--clips``, 0 for none); the best mAP wins. When the
+   winner is the grid's largest (or smallest) learning rate, one more grid step beyond it is
+   tried, up to ``--extend-edges`` times, the same rule for every loss;
 2. the study: ``--iters`` iterations for every seed with the chosen setting. With
    ``--tune-iters`` equal to ``--iters`` the tuning runs have the full budget, and seed 0's run
    is the chosen one of them, not trained again: a fairer search for about the same cost.
@@ -75,19 +77,33 @@ def study(args) -> tuple[list[dict], list[dict]]:
             best = (grid[0][0] * base_lr, grid[0][1])
             tuned = {}  # (lr, clip) -> the tuning run's result
             if len(grid) > 1:
-                scores = []
-                for scale, clip in grid:
-                    bar.set_postfix_str(f"tune {detector} {loss} lr x{scale} clip {clip}")
+                scores = []  # (mAP, scale, clip)
+
+                def tune(scale, clip):
+                    bar.set_postfix_str(f"tune {detector} {loss} lr x{scale:g} clip {clip}")
                     # the name holds everything the run depends on, so that a resumed study never
                     # reuses a run made with other settings
                     out = args.out / detector / loss / f"tune_{args.tune_iters}it_lr{scale}_clip{clip}"
                     result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
-                    scores.append((result["mAP"], scale * base_lr, clip))
+                    scores.append((result["mAP"], scale, clip))
                     tuned[(scale * base_lr, clip)] = result
                     bar.update()
-                _, lr, clip = max(scores)
-                best = (lr, clip)
+
+                for scale, clip in grid:
+                    tune(scale, clip)
+                # a best learning rate on the grid's edge says the optimum may lie beyond it: every
+                # loss gets the same number of steps further out, so none is tuned further than another
+                for _ in range(args.extend_edges):
+                    _, scale, clip = max(scores)
+                    tried = sorted({s for _, s, c in scores if c == clip})
+                    if len(tried) < 2 or tried[0] < scale < tried[-1]:
+                        break
+                    step = tried[-1] / tried[-2] if scale == tried[-1] else tried[0] / tried[1]
+                    bar.total += 1
+                    tune(scale * step, clip)
+                _, scale, clip = max(scores)
+                best = (scale * base_lr, clip)
             results = []
             for seed in args.seeds:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
@@ -175,6 +191,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="tuning grid: multiples of the recipe's learning rate")
     parser.add_argument("--clips", type=float, nargs="+", default=[10.0, 0.0], help="tuning grid: 0 is none")
+    parser.add_argument("--extend-edges", type=int, default=1,
+                        help="when the best learning rate is the grid's largest (smallest), try one more "
+                             "grid step above (below) it, up to this many times")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--num-train", type=int, default=600)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_each_loss_trains_with_its_own_recipe():
 def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int) -> list:
     """A tiny study: Faster R-CNN, one loss, seeds 0 and 1, 2 iterations, LR x {1, 0.5}."""
     return ["--detectors", "fasterrcnn", "--losses", loss, "--seeds", "0", "1", "--iters", "2",
-            "--tune-iters", str(tune_iters), "--lr-scales", "1", "0.5", "--clips", "10",
+            "--tune-iters", str(tune_iters), "--lr-scales", "1", "0.5", "--clips", "10", "--extend-edges", "0",
             "--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
             "--data", str(tmp_path / "data"), "--out", str(tmp_path / "study"),
             "--extra", "--timing-repeats", str(timing_repeats)]
@@ -225,6 +226,32 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     compare_losses.main(longer)
     assert len(list((study / "fasterrcnn" / "alrp").glob("seed1_*"))) == 2
     assert len(list((study / "fasterrcnn" / "alrp").glob("tune_*"))) == 2
+
+
+@pytest.mark.parametrize("best_scale, tried", [(4.0, [0.5, 1.0, 2.0, 4.0, 8.0]), (8.0, [0.5, 1.0, 2.0, 4.0, 8.0]),
+                                               (1.0, [0.5, 1.0, 2.0]), (0.25, [0.5, 1.0, 2.0, 0.25, 0.125])])
+def test_compare_losses_extends_the_learning_rate_grid_past_an_edge_winner(tmp_path, monkeypatch, best_scale, tried):
+    import compare_losses
+
+    base = compare_losses.recipe_lr("fasterrcnn", "ce", 4)
+    calls = []
+
+    def fake_run(args, detector, loss, seed, iters, lr, clip, out):
+        calls.append((seed, lr / base))
+        score = 1 / (1 + abs(math.log2(lr / base / best_scale)))  # peaks at best_scale
+        return {"mAP": score, "mAP50": score, "lr": lr, "clip": clip, "iterations": iters, "evaluations": [],
+                "seconds_per_iteration": 1.0, "classification_loss_ms_per_iteration": 1.0}
+
+    monkeypatch.setattr(compare_losses, "run_once", fake_run)
+    args = compare_losses.parse_args(["--detectors", "fasterrcnn", "--losses", "ce", "--seeds", "0", "1",
+                                      "--iters", "10", "--tune-iters", "10", "--clips", "10",
+                                      "--lr-scales", "0.5", "1", "2", "--extend-edges", "2"])
+    runs, (summary,) = compare_losses.study(args)
+    assert [pytest.approx(scale) for seed, scale in calls if seed == 0] == tried
+    # the chosen setting is the best one tried, and seed 0 reuses its tuning run
+    expected = min(tried, key=lambda s: abs(math.log2(s / best_scale)))
+    assert summary["lr"] == pytest.approx(expected * base)
+    assert [scale for seed, scale in calls if seed == 1] == [pytest.approx(expected)]
 
 
 def test_compare_losses_tuned_at_the_full_budget_reuses_the_chosen_run_for_seed_0(tmp_path):
