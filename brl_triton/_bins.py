@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ._common import stable_sort
+
 NO_BIN = 0  # the key of everything that is not a relevant negative
 
 
@@ -40,7 +42,7 @@ def bin_edges(s_pos: torch.Tensor, delta: float, kind) -> torch.Tensor:
         return s_pos
     if kind.bucketed:
         return torch.cat([rounded_up_sum(s_pos[:1], -delta), s_pos])
-    return torch.sort(torch.cat(breakpoints(s_pos, delta))).values
+    return stable_sort(torch.cat(breakpoints(s_pos, delta)))[0]
 
 
 def bin_values(lower: torch.Tensor, offset_sum: torch.Tensor, count: torch.Tensor, delta: float) -> torch.Tensor:

@@ -115,6 +115,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# From this many values on, a CPU sort of floats is faster as a sort of their bit patterns: torch
+# sorts integers by radix and floats by merging (2x faster for float64 at 10^5 values, 6x for float32).
+RADIX_SORT_FROM = 1 << 14
+_SIGNED_BITS = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
+
+
+def stable_sort(x: torch.Tensor, descending: bool = False):
+    """``torch.sort(x, stable=True, descending=descending)`` of a 1-D tensor of finite values:
+    ``(values, indices)``, ties in their order in ``x``."""
+    if x.device.type != "cpu" or x.dtype not in _SIGNED_BITS or x.numel() < RADIX_SORT_FROM:
+        return torch.sort(x, stable=True, descending=descending)
+    int_dtype, sign = _SIGNED_BITS[x.dtype]
+    # + 0.0 turns -0.0 into +0.0, which it ties with; flipping the magnitude bits of negatives then
+    # orders the bit patterns, read as signed integers, like the floats
+    bits = ((-x if descending else x) + 0.0).view(int_dtype)
+    key = bits ^ ((bits >> sign) & torch.iinfo(int_dtype).max)
+    order = torch.sort(key, stable=True).indices
+    return x.index_select(0, order), order
+
+
 def flat_inputs(logits: torch.Tensor, targets: torch.Tensor):
     """Flatten to 1-D: logits in the compute dtype, targets as they are (any real dtype)."""
     s = logits.detach().reshape(-1).to(compute_dtype(logits.dtype))

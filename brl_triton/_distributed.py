@@ -1,9 +1,9 @@
 """Global ranking across the ranks of a ``torch.distributed`` process group.
 
-Only O(P) numbers cross the network: one all-gather of the positives (logit, target, flat
-index, rank; variable P per rank) and one all-reduce of the per-bin count and offset sum. Every
-rank then sorts the same positives, computes the same losses and per-bin gradient tables, and
-writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so results
+Only O(P) numbers cross the network: one all-gather of the positives (logit and target, and
+aLRP's regression loss; variable P per rank) and one all-reduce of the per-bin count and offset
+sum. Every rank then sorts the same positives, computes the same losses and per-bin gradient
+tables, and writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so results
 equal the single-process ones on the concatenated batch up to float round-off.
 
 From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._common import stable_sort
 
-def _all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate every rank's (k_r, C) tensor in rank order; k_r may differ."""
+
+def _all_gather_rows(rows: torch.Tensor, group) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's (k_r, C) tensor in rank order; k_r may differ. Also returns the k_r."""
     world = dist.get_world_size(group)
     count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
     counts = [torch.empty_like(count) for _ in range(world)]
@@ -29,31 +31,33 @@ def _all_gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
     padded[: rows.shape[0]] = rows
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]), counts
 
 
 def gather_positives(s_pos: torch.Tensor, y_pos: torch.Tensor, pos_index: torch.Tensor, group, regression=None):
     """All ranks' positives, sorted ascending by logit (ties by rank, then position).
 
-    ``regression``: this rank's regression losses, one per positive in flat order (aLRP), or None.
+    ``pos_index``: this rank's positives' flat positions, ascending; ``regression``: their
+    regression losses in that order (aLRP), or None.
     Returns ``(s_sorted, y_sorted, mine, local_index, l_sorted)``: logits (s_pos.dtype) and
     float64 targets of all positives; ``mine``: positions in that order of this rank's
     positives; ``local_index``: their flat positions in this rank's tensor; ``l_sorted``: the
     float64 regression losses in that order, or None.
     """
     rank = dist.get_rank(group)
-    columns = [s_pos.double(), y_pos.double(), pos_index.double(), torch.full_like(y_pos, rank, dtype=torch.float64)]
-    if regression is not None:  # pos_index is ascending: flat order
+    # only values travel: a row's rank and position follow from where it sits in the gather
+    columns = [s_pos.double(), y_pos.double()]
+    if regression is not None:
         columns.append(regression.detach().reshape(-1).double())
-    rows = torch.stack(columns, dim=1)  # float64 holds float32/float64 logits and indices < 2^53 exactly
-    rows = _all_gather_rows(rows, group)
-    order = torch.sort(rows[:, 0], stable=True).indices  # gathered rank-major, so ties are deterministic
-    rows = rows[order]
-    mine = torch.where(rows[:, 3] == rank)[0]
-    l_sorted = rows[:, 4].contiguous() if regression is not None else None
-    # columns of a row-major table are strided views: kernels expect contiguous vectors
-    return rows[:, 0].to(s_pos.dtype).contiguous(), rows[:, 1].contiguous(), mine, rows[mine, 2].long(), l_sorted
-
+    rows, counts = _all_gather_rows(torch.stack(columns, dim=1), group)  # float64 holds float32 exactly
+    s_all = rows[:, 0].to(s_pos.dtype)
+    # rank-major, each rank's rows in flat order: a stable sort breaks ties by rank, then position
+    s_sorted, order = stable_sort(s_all)
+    start = sum(counts[:rank])
+    mine = torch.where((order >= start) & (order < start + counts[rank]))[0]
+    y_sorted = rows[:, 1].index_select(0, order)
+    l_sorted = rows[:, 2].index_select(0, order) if regression is not None else None
+    return s_sorted, y_sorted, mine, pos_index.index_select(0, order.index_select(0, mine) - start), l_sorted
 
 
 def all_reduce_bins(count: torch.Tensor, offset_sum: torch.Tensor, group):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._common import stable_sort
+
 
 @dataclass
 class Positives:
@@ -111,7 +113,7 @@ def localisation_terms(rank: torch.Tensor, positives: Positives):
     losses. Returns (``c`` of this process's positives in flat order (float64), the other ranks'
     part of the value (0-d; 0 in a single process))."""
     # ascending with ties in flat (rank, position) order: a stable descending sort keeps that tie order
-    order = torch.sort(positives.s, descending=True, stable=True).indices
+    order = stable_sort(positives.s, descending=True)[1]
     share = rank.index_select(0, order).reciprocal().flip(0).cumsum(0).flip(0).div_(rank.numel())
     weights = torch.empty_like(share).index_put_((order,), share)
     other = weights.new_zeros(())

@@ -30,7 +30,7 @@ import torch
 
 from . import pipeline
 from ._bins import NO_BIN, bin_edges, bin_values, breakpoints, fixed_point_scale
-from ._common import flat_inputs, wide_dtype
+from ._common import flat_inputs, stable_sort, wide_dtype
 from ._distributed import all_reduce_bins, gather_positives, rank_slice, share_slices
 from ._positive_terms import PositiveSums, sorting_gradient
 from ._sweeps import DominanceSums, SortedSums, Windows
@@ -76,11 +76,12 @@ class BinLookup:
     (it dominated the whole loss). This uses a uniform grid over the edges instead (8 cells per
     edge, 4 for many edges, or 32 where that would put more than ``MAX_LEVELS`` edges in a cell;
     at most twice as many cells as ``lookups``, the values it will look up, when given): the cell of a
-    value, the number of edges in earlier cells, then one compare for each edge that shares the
-    cell (at most ``MAX_LEVELS``). All of it is elementwise ops and ``index_select``. ``_cell`` is
-    monotone and computed by the same float ops for edges and logits, so an edge in an earlier
-    (later) cell is below (above) the value and the count is exact, ties included. When the edges
-    cluster (many in one cell) it falls back to ``torch.searchsorted``.
+    value, the number of edges in earlier cells, then a branch-free binary search among the edges
+    that share the cell (at most ``MAX_LEVELS``, so at most 4 steps). All of it is elementwise ops
+    and ``index_select``. ``_cell`` is monotone and computed by the same float ops for edges and
+    logits, so an edge in an earlier (later) cell is below (above) the value and the count is
+    exact, ties included. When the edges cluster (many in one cell) it falls back to
+    ``torch.searchsorted``.
     """
 
     # a coarse grid first: cheap to build, and its tables stay in cache (8 cells per edge, or 4
@@ -95,7 +96,7 @@ class BinLookup:
 
     def __init__(self, edges: torch.Tensor, lookups: int | None = None):
         self.edges = torch.unique_consecutive(edges)  # bins between equal edges would be empty
-        self.levels = None
+        self.steps = None  # binary search steps within a cell; None: no grid, torch.searchsorted
         d = self.edges.numel()
         if d < 2:
             return
@@ -120,25 +121,27 @@ class BinLookup:
                 break
         else:
             return
-        first = torch.cumsum(per_cell, 0) - per_cell
-        self.base = first.to(torch.int32)
-        # the t-th edge of each cell; for cells with fewer, an edge of a later cell or +inf
-        padded = torch.cat([self.edges, self.edges.new_full((levels,), float("inf"))])
-        self.levels = [padded.index_select(0, first + t) for t in range(levels)]
+        self.base = (torch.cumsum(per_cell, 0) - per_cell).to(torch.int32)
+        # a search window of 2^steps edges from a cell's first: past the cell's own edges it reads
+        # edges of later cells (all above the value) or the +inf padding. One table of the edges,
+        # where a table per level (levels x cells) fell out of cache at 10^5 edges
+        self.steps = max(1, levels.bit_length())  # 2^steps > levels: every count 0..levels
+        self.padded = torch.cat([self.edges, self.edges.new_full((1 << self.steps,), float("inf"))])
 
     def _cell(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sub(x, self.origin).mul_(self.scale).clamp_(0, self.cells - 1).to(torch.int32)
 
     def keys(self, s: torch.Tensor) -> torch.Tensor:
         """int32 ``#{edges <= s}`` for every element of the flat tensor ``s``."""
-        if self.levels is None:
+        if self.steps is None:
             if self.edges.numel() == 1:
                 return (s >= self.edges[0]).to(torch.int32)
             return torch.searchsorted(self.edges, s, right=True, out_int32=True)
-        cell = self._cell(s)
-        key = self.base.index_select(0, cell)
-        for level in self.levels:
-            key += level.index_select(0, cell) <= s
+        key = self.base.index_select(0, self._cell(s))
+        for step in reversed(range(self.steps)):
+            half = 1 << step  # is the window's (half)-th edge from key still <= s?
+            probe = self.padded.index_select(0, key + (half - 1) if half > 1 else key)
+            key.add_((probe <= s).to(torch.int32), alpha=half)
         return key
 
 
@@ -307,7 +310,7 @@ class _SweptSums:
         own = SortedSums(u, torch.stack(columns, 1), self.smooth).above(self.windows)
         found = [fp, own[:, 0]]
         if sorting:
-            order = torch.sort(y, stable=True).indices
+            order = stable_sort(y)[1]
             self.by_target = torch.empty_like(order).index_put_((order,), torch.arange(u.numel(), device=u.device))
             self.y_sorted = y.index_select(0, order)
             below = torch.searchsorted(self.y_sorted, self._queried(y))  # #{y_k < y_i}: pi_k < below <=> y_k < y_i
@@ -368,7 +371,7 @@ class TorchBackend(pipeline.PipelineBackend):
             s_pos, y_pos, mine, pos_index, l_pos = gather_positives(s[pos_index], y[pos_index], pos_index, group,
                                                                     regression)
         else:
-            s_pos, order = torch.sort(s[pos_index], stable=True)  # ties in flat order (aLRP's localisation)
+            s_pos, order = stable_sort(s[pos_index])  # ties in flat order (aLRP's localisation)
             pos_index = pos_index[order]
             wide = wide_dtype(s.device)
             y_pos, mine = y[pos_index].to(wide), None

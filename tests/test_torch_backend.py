@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from brl_triton import torch_backend
-from brl_triton._common import Settings
+from brl_triton._common import RADIX_SORT_FROM, Settings, stable_sort
 from brl_triton.torch_backend import BinLookup
 from conftest import LOSSES, assert_close, expected, make_case, needs_smoothing, run_loss
 
@@ -46,9 +46,9 @@ def test_bin_lookup_counts_edges_exactly(edge_set, dtype):
 
 def test_bin_lookup_uses_the_grid_for_spread_edges_and_falls_back_for_clusters():
     spread = BinLookup(torch.sort(torch.randn(1000)).values)
-    assert spread.levels is not None and len(spread.levels) <= BinLookup.MAX_LEVELS
+    assert spread.steps is not None and spread.steps <= BinLookup.MAX_LEVELS.bit_length()
     clustered = BinLookup(torch.sort(torch.cat([torch.randn(100) * 1e-6, torch.tensor([1e6])])).values)
-    assert clustered.levels is None
+    assert clustered.steps is None
 
 
 def test_bin_lookup_refines_its_grid_where_edges_crowd_a_coarse_cell():
@@ -59,11 +59,11 @@ def test_bin_lookup_refines_its_grid_where_edges_crowd_a_coarse_cell():
     crowd = 500.25 + torch.arange(9, dtype=torch.float64) * coarse_cell / 10
     edges = torch.sort(torch.cat([spread, crowd])).values
     lookup = BinLookup(edges)
-    assert lookup.levels is not None and lookup.cells == BinLookup.CELLS_PER_EDGE * 1009
+    assert lookup.steps is not None and lookup.cells == BinLookup.CELLS_PER_EDGE * 1009
     s = torch.cat([torch.rand(5000, dtype=torch.float64) * 1100 - 50, edges, crowd + coarse_cell / 20])
     assert torch.equal(lookup.keys(s).long(), _searchsorted_keys(edges, s))
     plain = BinLookup(spread)
-    assert plain.levels is not None and plain.cells == BinLookup.FIRST_CELLS_PER_EDGE * 1000
+    assert plain.steps is not None and plain.cells == BinLookup.FIRST_CELLS_PER_EDGE * 1000
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -107,5 +107,20 @@ def test_backward_keeps_no_n_sized_tensor():
     sizes = [v.numel() for v in vars(tables).values() if isinstance(v, torch.Tensor)]
     sizes += [v.numel() for v in vars(tables.bins).values() if isinstance(v, torch.Tensor)]
     sizes += [v.numel() for v in vars(tables.bins.lookup).values() if isinstance(v, torch.Tensor)]
-    sizes += [v.numel() for v in (tables.bins.lookup.levels or [])]
     assert max(sizes) <= BinLookup.CELLS_PER_EDGE * 2 * 40
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [100, RADIX_SORT_FROM + 3])
+def test_stable_sort_orders_like_torch_sort_ties_and_signed_zeros_included(n, dtype, descending):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g, dtype=torch.float64).mul_(1e3).round_().div_(8).to(dtype)  # many ties
+    x[::7] = 0.0
+    x[::11] = -0.0  # ties with +0.0 in float order
+    x[:4] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny,
+                          -torch.finfo(dtype).tiny], dtype=dtype)
+    values, order = stable_sort(x, descending=descending)
+    want_values, want_order = torch.sort(x, stable=True, descending=descending)
+    assert torch.equal(order, want_order)
+    assert torch.equal(values, want_values) and torch.equal(values.signbit(), want_values.signbit())
