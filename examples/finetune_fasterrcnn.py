@@ -380,6 +380,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
+    parser.add_argument("--no-eval", action="store_true", help="evaluate never, not even at the end (timing runs)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None,
@@ -411,6 +412,7 @@ def main(argv=None):
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
     )
     start_iter, history, evaluations, grad_norms, train_seconds = 0, defaultdict(list), [], [], 0.0
+    step_seconds = []  # wall time of every step: their median ignores the odd stall of a shared machine
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location=args.device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -418,6 +420,7 @@ def main(argv=None):
         schedule.load_state_dict(state["schedule"])
         start_iter, history, evaluations = state["iteration"], defaultdict(list, state["history"]), state["evaluations"]
         grad_norms, train_seconds = state.get("grad_norms", []), state.get("train_seconds", 0.0)
+        step_seconds = state.get("step_seconds", [])
 
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -427,7 +430,8 @@ def main(argv=None):
     def save_checkpoint(iteration: int) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "iteration": iteration, "history": dict(history), "evaluations": evaluations,
-                    "grad_norms": grad_norms, "train_seconds": train_seconds, "recipe": recipe},
+                    "grad_norms": grad_norms, "train_seconds": train_seconds, "step_seconds": step_seconds,
+                    "recipe": recipe},
                    args.out / "checkpoint.pt")
 
     model.train()
@@ -443,14 +447,16 @@ def main(argv=None):
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, recipe["clip"] or math.inf)))
         optimizer.step()
         schedule.step()
-        train_seconds += time.perf_counter() - started
+        step_seconds.append(time.perf_counter() - started)
+        train_seconds += step_seconds[-1]
         for name, value in losses.items():
             history[name].append(value.item())
         postfix = {k.replace("loss_", ""): f"{v.item():.3f}" for k, v in losses.items()}
         if timers:
             postfix["ranking_ms"] = f"{sum(timer.take_ms() for timer in timers):.1f}"
         bar.set_postfix(postfix)
-        if args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters:
+        evaluate_now = args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters
+        if evaluate_now and not args.no_eval:
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
             save_checkpoint(iteration + 1)  # an interrupted run resumes from here (--checkpoint)
 
@@ -458,14 +464,18 @@ def main(argv=None):
     if args.timing_repeats > 0:  # a batch of its own: the loop may not have run (a finished checkpoint)
         images, targets = _batch(next(stream), args.device, masks)
         cls_ms = classification_loss_ms(model, images, targets, args.timing_repeats)
-    metrics = {"iteration": args.iters, **evaluate(model, val_set, args)}
-    evaluations.append(metrics)
+    scores = {"mAP": None, "mAP50": None} if args.no_eval else evaluate(model, val_set, args)
+    metrics = {"iteration": args.iters, **scores}
+    if not args.no_eval:
+        evaluations.append(metrics)
     summary = {
         "detector": args.detector, "model": args.model, "loss": args.loss, "iterations": args.iters,
         "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device, **recipe,
         **{k: v for k, v in metrics.items() if k != "iteration"},
-        # over every timed iteration (one gradient norm each), the checkpoint's included
-        "seconds_per_iteration": train_seconds / len(grad_norms) if grad_norms else None,
+        # the median step (the mean over every step, the checkpoint's included, where a run resumed
+        # from a checkpoint that kept no step times)
+        "seconds_per_iteration": (statistics.median(step_seconds) if step_seconds
+                                  else train_seconds / len(grad_norms) if grad_norms else None),
         "classification_loss_ms_per_iteration": cls_ms,
         "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
         "grad_norm_max": max(grad_norms, default=None),

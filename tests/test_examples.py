@@ -90,7 +90,8 @@ def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
     resumed = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "3",
                                              "--checkpoint", checkpoint, out="resumed"))
     assert resumed["iterations"] == 3
-    assert len(torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["grad_norms"]) == 3
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert len(state["grad_norms"]) == len(state["step_seconds"]) == 3
 
 
 def test_an_interrupted_study_run_resumes_from_its_last_evaluation(tmp_path, monkeypatch):
@@ -192,11 +193,12 @@ def test_each_loss_trains_with_its_own_recipe():
     assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
 
 
-def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int) -> list:
+def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int, timing_iters: int = 0) -> list:
     """A tiny study: Faster R-CNN, one loss, seeds 0 and 1, 2 iterations, LR x {1, 0.5}."""
     return ["--detectors", "fasterrcnn", "--losses", loss, "--seeds", "0", "1", "--iters", "2",
             "--tune-iters", str(tune_iters), "--lr-scales", "1", "0.5", "--clips", "10", "--extend-edges", "0",
-            "--num-train", "4", "--num-val", "2", "--batch-size", "2", "--image-size", "96",
+            "--timing-iters", str(timing_iters), "--num-train", "4", "--num-val", "2", "--batch-size", "2",
+            "--image-size", "96",
             "--data", str(tmp_path / "data"), "--out", str(tmp_path / "study"),
             "--extra", "--timing-repeats", str(timing_repeats)]
 
@@ -204,7 +206,7 @@ def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int) -> li
 def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     import compare_losses
 
-    argv = _study_argv(tmp_path, "alrp", tune_iters=1, timing_repeats=1)
+    argv = _study_argv(tmp_path, "alrp", tune_iters=1, timing_repeats=1, timing_iters=3)
     summary = compare_losses.main(argv)
     assert [(s["detector"], s["loss"], s["seeds"]) for s in summary] == [("fasterrcnn", "alrp", 2)]
     for s in summary:
@@ -212,7 +214,14 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
         assert s["lr"] in (compare_losses.recipe_lr("fasterrcnn", s["loss"], 2) * k for k in (1, 0.5))
     study = tmp_path / "study"
     runs = (study / "runs.csv").read_text().splitlines()
-    assert len(runs) == 1 + 2 + 2  # header, two tuning runs and two seeds
+    assert len(runs) == 1 + 2 + 2 + 1  # header, two tuning runs, two seeds and the timing run
+    # the table's times are the timing run's: 3 steps with the chosen setting, never evaluated
+    (timing,) = (study / "fasterrcnn" / "alrp").glob("timing_3it_*")
+    timed = json.loads((timing / "metrics.json").read_text())
+    assert timed["iterations"] == 3 and timed["mAP"] is None and timed["evaluations"] == []
+    assert timed["lr"] == pytest.approx(summary[0]["lr"])
+    assert summary[0]["seconds_per_iteration"] == timed["seconds_per_iteration"]
+    assert summary[0]["loss_ms_per_iteration"] == timed["classification_loss_ms_per_iteration"]
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are reused: a second call trains nothing
@@ -245,7 +254,7 @@ def test_compare_losses_extends_the_learning_rate_grid_past_an_edge_winner(tmp_p
     monkeypatch.setattr(compare_losses, "run_once", fake_run)
     args = compare_losses.parse_args(["--detectors", "fasterrcnn", "--losses", "ce", "--seeds", "0", "1",
                                       "--iters", "10", "--tune-iters", "10", "--clips", "10",
-                                      "--lr-scales", "0.5", "1", "2", "--extend-edges", "2"])
+                                      "--lr-scales", "0.5", "1", "2", "--extend-edges", "2", "--timing-iters", "0"])
     runs, (summary,) = compare_losses.study(args)
     assert [pytest.approx(scale) for seed, scale in calls if seed == 0] == tried
     # the chosen setting is the best one tried, and seed 0 reuses its tuning run
