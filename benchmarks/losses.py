@@ -206,6 +206,25 @@ def loss_step(loss: Loss, backend: str, logits, targets):
     return step
 
 
+def sweeps_against_tiles(loss: Loss, logits, targets) -> float:
+    """The largest difference between the torch backend's sweeps and its tiles on this problem,
+    over the losses and the gradient, each relative to the tiles' largest magnitude."""
+    results = []
+    for tiles in (False, True):
+        x = logits.clone().requires_grad_(True)
+        regression = stand_in_regression_losses(targets) if loss.spec.regression else None
+        saved = torch_backend.SWEEP_FROM
+        torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
+        try:
+            out = loss.fn(x, targets, loss.delta, regression, backend="torch", **loss.kwargs)
+        finally:
+            torch_backend.SWEEP_FROM = saved
+        out = out if isinstance(out, tuple) else (out,)
+        sum(out).backward()
+        results.append([o.detach().double() for o in out] + [x.grad.double()])
+    return max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-300)) for a, b in zip(*results))
+
+
 def backends_for(loss: Loss, n: int, p: int, device: str, preset: dict | None = None) -> list[str]:
     names = (["triton"] if device == "cuda" else []) + ["torch"]
     if torch_backend.SWEEP_FROM <= p <= TILES_MAX_P:
@@ -266,7 +285,10 @@ def run(preset_name: str, out: Path, device: str, losses: list[str] | None = Non
         read_ms = time_ms(lambda: (logits.sum(), targets.sum()), device, preset["min_time"])[0]
         for loss_name in losses:
             loss = LOSSES[loss_name]
-            for backend in backends_for(loss, n, p, device, preset):
+            backends = backends_for(loss, n, p, device, preset)
+            # where both run, the sweeps must equal the tiles to round-off
+            parity = sweeps_against_tiles(loss, logits, targets) if "torch_tiles" in backends else None
+            for backend in backends:
                 bar.set_postfix_str(f"{label} {loss_name} {backend}")
                 step = loss_step(loss, backend, logits, targets)
                 median, low, high = time_ms(step, device, preset["min_time"])
@@ -275,6 +297,7 @@ def run(preset_name: str, out: Path, device: str, losses: list[str] | None = Non
                     "median_ms": median, "q20_ms": low, "q80_ms": high, "sort_ms": sort_ms, "read_ms": read_ms,
                     "x_sort": median / sort_ms, "x_read": median / read_ms,
                     "peak_extra_mib": peak_extra_mib(step, device) if memory else None,
+                    "sweeps_vs_tiles": parity if backend == "torch" else None,
                 })
                 bar.update()
         del logits, targets
@@ -297,7 +320,9 @@ def markdown_table(rows, machine: str) -> str:
     """One line per problem and loss: the floors, then each backend as ms (x torch.sort)."""
     backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in rows)]
     lines = [f"Forward+backward, median ms (and × `torch.sort` of the same logits). {machine}.", ""]
-    header = ["problem", "N", "P", "loss", "sort ms", "read ms"] + backends + ["torch peak MiB"]
+    parity = any(r.get("sweeps_vs_tiles") is not None for r in rows)
+    header = (["problem", "N", "P", "loss", "sort ms", "read ms"] + backends + ["torch peak MiB"]
+              + (["torch vs tiles (max rel. diff)"] if parity else []))
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     keys = []
     for r in rows:
@@ -312,6 +337,9 @@ def markdown_table(rows, machine: str) -> str:
             cells.append(f"{same[b]['median_ms']:.3g} ({same[b]['x_sort']:.2g}×)" if b in same else "—")
         memory = same.get("torch", {}).get("peak_extra_mib")
         cells.append("—" if memory is None else f"{memory:.1f}")
+        if parity:
+            difference = same.get("torch", {}).get("sweeps_vs_tiles")
+            cells.append("—" if difference is None else f"{difference:.1e}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
