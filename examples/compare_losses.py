@@ -229,6 +229,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "brl_triton" / "digits")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_losses"))
+    parser.add_argument("--progress", action="store_true",
+                        help="print the finished runs of the study in --out as a table, and train nothing")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="passed on to finetune_fasterrcnn.py (after everything else)")
     args = parser.parse_args(argv)
@@ -238,8 +240,29 @@ def parse_args(argv=None):
     return args
 
 
+def progress(args) -> str:
+    """A markdown table of the runs that have finished so far (a study takes many CPU-hours),
+    without training anything."""
+    lines = ["| detector | loss | run | LR | clip | mAP | mAP50 | mAP at each evaluation |",
+             "|---|---|---|---|---|---|---|---|"]
+    for detector in args.detectors:
+        for loss in args.losses:
+            finished = [(path.parent.name.split("_")[0], json.loads(path.read_text()))
+                        for path in (args.out / detector / loss).glob("*/metrics.json")]
+            for run, r in sorted(finished, key=lambda item: (item[0], item[1]["lr"], item[1]["clip"] or 0)):
+                if r["mAP"] is None:  # a timing run
+                    continue
+                curve = " / ".join(f"{e['mAP']:.3f}" for e in r["evaluations"])
+                lines.append(f"| {detector} | {loss} | {run} | {r['lr']:.4g} | {r['clip'] or 'none'} | "
+                             f"{r['mAP']:.3f} | {r['mAP50']:.3f} | {curve} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.progress:
+        print(progress(args), end="")
+        return None
     args.out.mkdir(parents=True, exist_ok=True)
     runs, summary = study(args)
     write_csv(runs, args.out / "runs.csv")

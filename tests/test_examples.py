@@ -222,6 +222,9 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     assert timed["lr"] == pytest.approx(summary[0]["lr"])
     assert summary[0]["seconds_per_iteration"] == timed["seconds_per_iteration"]
     assert summary[0]["loss_ms_per_iteration"] == timed["classification_loss_ms_per_iteration"]
+    # the progress table lists the finished accuracy runs (two tuning runs, two seeds), not the timing run
+    table = compare_losses.progress(compare_losses.parse_args(argv)).splitlines()
+    assert [line.split(" | ")[2] for line in table[2:]] == ["seed0", "seed1", "tune", "tune"]
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are reused: a second call trains nothing
