@@ -3,8 +3,8 @@
 Only O(P) numbers cross the network: one all-gather of the positives (logit and target, and
 aLRP's regression loss; variable P per rank) and one all-reduce of the per-bin count and offset
 sum. Every rank then sorts the same positives, computes the same losses and per-bin gradient
-tables, and writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so results
-equal the single-process ones on the concatenated batch up to float round-off.
+tables, and writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so
+results equal the single-process ones on the concatenated batch up to float round-off.
 
 From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
 too: each rank sums the positive terms of one slice of the sorted positives, and one more
