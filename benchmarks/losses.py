@@ -183,6 +183,21 @@ def time_ms(step, device: str, min_time: float):
     return measurement.median * 1e3, q[0], q[3]
 
 
+def _forward_backward(loss: Loss, backend: str, x, targets, regression) -> tuple:
+    """One call of the loss and its backward into ``x.grad``; ``torch_tiles`` is the torch
+    backend kept on its O(P^2) tiles. Returns the outputs."""
+    tiles = backend == "torch_tiles"
+    saved = torch_backend.SWEEP_FROM
+    torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
+    try:
+        out = loss.fn(x, targets, loss.delta, regression, backend="torch" if tiles else backend, **loss.kwargs)
+        out = out if isinstance(out, tuple) else (out,)
+        sum(out).backward()
+    finally:
+        torch_backend.SWEEP_FROM = saved
+    return out
+
+
 def loss_step(loss: Loss, backend: str, logits, targets):
     if backend == "official_loop":
         regression = stand_in_regression_losses(targets)
@@ -191,16 +206,9 @@ def loss_step(loss: Loss, backend: str, logits, targets):
         return lambda: sort_based_bucketed_loss(logits, targets, loss.delta, loss.sort_based)
     x = logits.clone().requires_grad_(True)
     regression = stand_in_regression_losses(targets) if loss.spec.regression else None  # the detector's work
-    tiles = backend == "torch_tiles"
 
     def step():
-        saved = torch_backend.SWEEP_FROM
-        torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
-        try:
-            out = loss.fn(x, targets, loss.delta, regression, backend="torch" if tiles else backend, **loss.kwargs)
-            sum(out if isinstance(out, tuple) else (out,)).backward()
-        finally:
-            torch_backend.SWEEP_FROM = saved
+        _forward_backward(loss, backend, x, targets, regression)
         x.grad = None
 
     return step
@@ -209,18 +217,11 @@ def loss_step(loss: Loss, backend: str, logits, targets):
 def sweeps_against_tiles(loss: Loss, logits, targets) -> float:
     """The largest difference between the torch backend's sweeps and its tiles on this problem,
     over the losses and the gradient, each relative to the tiles' largest magnitude."""
+    regression = stand_in_regression_losses(targets) if loss.spec.regression else None
     results = []
-    for tiles in (False, True):
+    for backend in ("torch", "torch_tiles"):
         x = logits.clone().requires_grad_(True)
-        regression = stand_in_regression_losses(targets) if loss.spec.regression else None
-        saved = torch_backend.SWEEP_FROM
-        torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
-        try:
-            out = loss.fn(x, targets, loss.delta, regression, backend="torch", **loss.kwargs)
-        finally:
-            torch_backend.SWEEP_FROM = saved
-        out = out if isinstance(out, tuple) else (out,)
-        sum(out).backward()
+        out = _forward_backward(loss, backend, x, targets, regression)
         results.append([o.detach().double() for o in out] + [x.grad.double()])
     return max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-300)) for a, b in zip(*results))
 
