@@ -13,7 +13,7 @@ from the driver, when a GPU loads the cubin), the instructions from ``cuobjdump 
 occupancy from the CUDA occupancy rules. Writes kernel_resources.csv and kernel_resources.md.
 
 The full matrix (every logits x target dtype, mode, delta and size; every config) is ~380 variants,
-760 compiles: about half an hour on 2 cores. --quick (float32, one size) is ~70 variants.
+760 compiles: about half an hour on 2 cores. --quick (float32, one size) is 93 variants.
 
 Compiles run in spawned worker processes with the interpreter off: under ``TRITON_INTERPRET=1``
 ``@triton.jit`` makes interpreter objects, which Triton cannot compile.

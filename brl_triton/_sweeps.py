@@ -17,7 +17,7 @@ weights' total, whatever the logits.
 The target restriction makes it two-dimensional: ``sum over k with pi_k < A`` (``pi``: a
 position in target order). :func:`dominance_sums` answers those for all queries at once with
 a wavelet matrix over ``pi``, built and queried level by level: O((n + q) log n) time,
-O((n + q) c) memory, about ten tensor ops per level and no Python loop over elements.
+O((n + q) c) memory, about 15 tensor ops per level and no Python loop over elements.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ MASK_POSITIVES_PER_BATCH = 200
 @dataclass(frozen=True)
 class RankingLoss:
     """Which ranking loss a rank-based head uses: ``loss``, a short name of ``registry.LOSSES``
-    (brs, rs, bap, ap), its delta (None: the loss's default) and backend."""
+    (brs, rs, bap, ap, alrp, balrp), its delta (None: the loss's default) and backend."""
 
     loss: str = "brs"
     delta: float | None = None
@@ -430,7 +430,8 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
     What the training loop must do (it is not part of the model): SGD with momentum 0.9 and
     weight decay 1e-4 at a learning rate of 0.012 per 16 images for Faster/Mask R-CNN and 0.008
     per 16 images for RetinaNet/FCOS (RS-R-CNN, RS-ATSS), scaled linearly with the batch (0.003
-    and 0.002 at batch 4), after a linear warm-up over the first 500 iterations. Rates tuned for
+    and 0.002 at batch 4), after a linear warm-up over the first 500 iterations (the example
+    warms up over at most a fifth of a short run and decays the rate by a cosine). Rates tuned for
     cross-entropy are several times too high: on the example's digits set BRS at 0.02 with batch
     4 gives NaN logits within ~100 iterations unclipped and learns nothing clipped at norm 10.
     The official configs do not clip gradients; the rank-based heads' gradient norm is large
@@ -441,7 +442,8 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
 
     Example:
         >>> from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
-        >>> model = convert_to_rank_based(fasterrcnn_mobilenet_v3_large_fpn(num_classes=11), "brs")
+        >>> detector = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=11)
+        >>> model = convert_to_rank_based(detector, "brs")
     """
     ranking = RankingLoss(loss, delta, backend)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs

@@ -7,8 +7,9 @@ All of them follow ``docs/losses.md``. Common conventions:
   classification logits of a detector; it is flattened, and the whole tensor is one ranking
   (all images and classes together, as in the paper's detectors).
 - ``targets``: same shape, any float, integer or bool dtype. ``> 0``: positive, the value being
-  its quality target (the IoU of the predicted box with its ground truth; values above 1 are
-  accepted as they are); ``== 0``: negative; ``< 0``: ignored (no contribution, zero gradient).
+  its quality target (the IoU of the predicted box with its ground truth; values above 1 raise
+  unless ``allow_targets_above_one=True``, since class indices passed by mistake look like them);
+  ``== 0``: negative; ``< 0``: ignored (no contribution, zero gradient).
 - ``delta``: smoothing width of the step function H, ``>= 0``; 0 is the hard step.
 - The gradient is the paper's error-driven "identity update", not the derivative of the
   step-function loss. Rank & Sort honours the upstream gradients of its two outputs separately.
@@ -164,6 +165,9 @@ def _docstring(spec) -> str:
         returns = f"0-d tensor, {_OUTPUTS[spec.outputs[0]]}."
     summary = textwrap.fill(spec.summary, 96, initial_indent="    ", subsequent_indent="    ")
     returns = textwrap.fill(returns, 96, initial_indent="        ", subsequent_indent="        ").lstrip()
+    regression_raises = ("\n        TypeError: regression_losses not a floating-point tensor."
+                         "\n        ValueError: regression_losses on another device, not finite and >= 0, or not"
+                         "\n            one value per positive.") if spec.regression else ""
     return f"""{spec.paper}.
 
 {summary}
@@ -179,7 +183,7 @@ def _docstring(spec) -> str:
         TypeError: logits not floating point, targets complex, delta not a number.
         ValueError: shape or device mismatch, NaN/Inf in logits or targets, targets > 1 (unless
             allowed), delta < 0 or NaN (or 0 where it must be > 0), unknown backend,
-            ``backend="triton"`` where it cannot run.
+            ``backend="triton"`` where it cannot run.{regression_raises}
 
     Example:
 {_example(spec)}

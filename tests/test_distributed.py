@@ -101,7 +101,7 @@ def test_process_group_needs_an_initialised_group_and_a_fast_backend():
         brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), backend="reference", process_group=object())
 
 
-# Eight ranks with 2,400 positives in all: above torch_backend.SWEEP_FROM, so each rank sums the
+# Eight ranks with 2,115 positives in all (2,400 drawn, rank 1's removed): above torch_backend.SWEEP_FROM, so each rank sums the
 # terms of its own positives and shares them; uneven shares, one rank without positives.
 EIGHT = 8
 EIGHT_N = 12_000
