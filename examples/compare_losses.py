@@ -21,7 +21,8 @@ one-stage detectors):
 
 Writes to --out: ``runs.csv`` (one row per run, tuning included), ``summary.csv`` and
 ``summary.md`` (per detector and loss: mAP and mAP50 as mean ± spread (half the range) over
-the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting) and
+the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting; and the
+search: every tuning run's mAP by learning rate, the other seeds' at the best) and
 ``map_curves.png`` (mAP over iterations, one line per run). Each run is
 ``finetune_fasterrcnn.main`` in a directory of its own, reused when it has finished already,
 so an interrupted study resumes.
@@ -258,16 +259,58 @@ def progress(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting(run_folder: str) -> tuple[float, float]:
+    """(LR value in the folder's name, clip): ``tune_300it_lr2.0_clip10.0`` -> (2.0, 10.0)."""
+    lr, clip = run_folder.split("_lr", 1)[1].split("_clip", 1)
+    return float(lr), float(clip)
+
+
+def search_table(args) -> str:
+    """The search at a glance, from the finished runs in --out: per detector and loss, the tuning
+    runs' mAP at each multiple of the recipe's learning rate (the best in bold), the other seeds'
+    mAP at the best, and the mean ± half the range over all seeds there."""
+    rows, columns = [], set()
+    for detector in args.detectors:
+        for loss in args.losses:
+            folder = args.out / detector / loss
+            tuned = {_setting(path.parent.name): json.loads(path.read_text())["mAP"]
+                     for path in folder.glob(f"tune_{args.tune_iters}it_*/metrics.json")}
+            if not tuned:
+                continue
+            columns |= set(tuned)
+            best = max(tuned, key=tuned.get)
+            lr = best[0] * recipe_lr(detector, loss, args.batch_size)
+            seeds = {int(path.parent.name[4:].split("_")[0]): json.loads(path.read_text())["mAP"]
+                     for path in folder.glob(f"seed*_{args.iters}it_lr{lr:.4g}_clip{best[1]}/metrics.json")}
+            if args.tune_iters == args.iters:
+                seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
+            rows.append((detector, loss, tuned, best, seeds))
+    clips = {clip for _, clip in columns}
+    columns = sorted(columns, key=lambda c: (c[1], c[0]))
+    names = [f"LR × {scale:g}" + (f", clip {clip:g}" if len(clips) > 1 else "") for scale, clip in columns]
+    lines = [f"| detector | loss | {' | '.join(names)} | other seeds at the best | mean ± half range |",
+             "|---|---|" + "---|" * len(columns) + "---|---|"]
+    for detector, loss, tuned, best, seeds in rows:
+        cells = ["" if c not in tuned else f"**{tuned[c]:.3f}**" if c == best else f"{tuned[c]:.3f}"
+                 for c in columns]
+        others = ", ".join(f"{seeds[s]:.3f} (seed {s})" for s in sorted(seeds) if s != 0) or "—"
+        values = list(seeds.values())
+        mean = f"{statistics.mean(values):.3f} ± {spread(values):.3f} ({len(values)} seeds)" if len(values) > 1 else "—"
+        lines.append(f"| {detector} | {loss} | {' | '.join(cells)} | {others} | {mean} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.progress:
-        print(progress(args), end="")
+        print(progress(args) + "\n" + search_table(args), end="")
         return None
     args.out.mkdir(parents=True, exist_ok=True)
     runs, summary = study(args)
     write_csv(runs, args.out / "runs.csv")
     write_csv(summary, args.out / "summary.csv")
-    (args.out / "summary.md").write_text(markdown(summary, args))
+    (args.out / "summary.md").write_text(markdown(summary, args) + "\nThe search (tuning runs' mAP):\n\n"
+                                         + search_table(args))
     plot(runs, args.out / "map_curves.png")
     print((args.out / "summary.md").read_text())
     return summary

@@ -226,6 +226,7 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     table = compare_losses.progress(compare_losses.parse_args(argv)).splitlines()
     assert [line.split(" | ")[2] for line in table[2:]] == ["seed0", "seed1", "tune", "tune"]
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
+    assert "| detector | loss | LR × 0.5 | LR × 1 |" in (study / "summary.md").read_text()  # the search table
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are reused: a second call trains nothing
     (seed1,) = (study / "fasterrcnn" / "alrp").glob("seed1_*")
@@ -277,3 +278,24 @@ def test_compare_losses_tuned_at_the_full_budget_reuses_the_chosen_run_for_seed_
     best_tuning = max(float(r["mAP"]) for r in rows if r["phase"] == "tune")
     (seed0,) = [r for r in rows if r["phase"] == "study" and r["seed"] == "0"]
     assert float(seed0["mAP"]) == best_tuning and summary["seeds"] == 2
+
+
+def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
+    import compare_losses
+
+    args = compare_losses.parse_args(["--detectors", "fcos", "--losses", "brs,rs", "--iters", "10", "--tune-iters", "10",
+                                      "--clips", "10", "--batch-size", "4", "--out", str(tmp_path)])
+    base = compare_losses.recipe_lr("fcos", "brs", 4)
+
+    def finished(name, mAP):
+        (tmp_path / "fcos" / "brs" / name).mkdir(parents=True)
+        (tmp_path / "fcos" / "brs" / name / "metrics.json").write_text(json.dumps({"mAP": mAP}))
+
+    for scale, mAP in [(0.5, 0.1), (1.0, 0.3), (2.0, 0.2)]:
+        finished(f"tune_10it_lr{scale}_clip10.0", mAP)
+    finished("tune_5it_lr4.0_clip10.0", 0.9)  # another budget: not this study's
+    finished(f"seed1_10it_lr{base:.4g}_clip10.0", 0.4)
+    finished(f"seed1_10it_lr{2 * base:.4g}_clip10.0", 0.8)  # at a setting that is not the best
+    header, _, row = compare_losses.search_table(args).splitlines()  # rs has no finished run: no row
+    assert header.split(" | ")[2:5] == ["LR × 0.5", "LR × 1", "LR × 2"]
+    assert row.split(" | ")[1:] == ["brs", "0.100", "**0.300**", "0.200", "0.400 (seed 1)", "0.350 ± 0.050 (2 seeds) |"]
