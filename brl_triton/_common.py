@@ -73,8 +73,26 @@ def check_inputs(logits, targets) -> None:
         )
 
 
+class NonFiniteError(ValueError):
+    """NaN or Inf in the logits or the targets. A ``ValueError`` of its own, so that a training
+    loop can tell a model that diverged from a wrong call.
+
+    Example:
+        >>> try:
+        ...     bucketed_rank_sort_loss(torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 0.0]))
+        ... except NonFiniteError as error:
+        ...     print(error)
+        logits contain NaN or Inf; ranking losses need finite logits
+    """
+
+
+NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
+NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
+
+
 def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_above_one: bool = False) -> None:
-    """ValueError for NaN/Inf in the logits or in float targets, and for targets > 1 unless allowed.
+    """NonFiniteError for NaN/Inf in the logits or in float targets, ValueError for targets > 1
+    unless allowed.
 
     It reads every element once, so that the loss fails here rather than return a silent NaN;
     backends that check in a pass of their own skip it.
@@ -82,12 +100,12 @@ def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_abov
     if logits.numel() == 0:
         return
     if not _all_finite(logits):
-        raise ValueError("logits contain NaN or Inf; ranking losses need finite logits")
+        raise NonFiniteError(NON_FINITE_LOGITS)
     if targets.dtype == torch.bool:
         return
     low, high = torch.aminmax(targets)
     if targets.is_floating_point() and not bool(torch.isfinite(low) & torch.isfinite(high)):
-        raise ValueError("targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)")
+        raise NonFiniteError(NON_FINITE_TARGETS)
     if not allow_targets_above_one and float(high) > 1:
         raise ValueError(TARGETS_ABOVE_ONE.format(f", got a target of {float(high):g}"))
 

@@ -181,8 +181,8 @@ def _docstring(spec) -> str:
 
     Raises:
         TypeError: logits not floating point, targets complex, delta not a number.
-        ValueError: shape or device mismatch, NaN/Inf in logits or targets, targets > 1 (unless
-            allowed), delta < 0 or NaN (or 0 where it must be > 0), unknown backend,
+        NonFiniteError: NaN/Inf in logits or targets (a ValueError, see ``brl_triton.NonFiniteError``).
+        ValueError: shape or device mismatch, targets > 1 (unless allowed), delta < 0 or NaN (or 0 where it must be > 0), unknown backend,
             ``backend="triton"`` where it cannot run.{regression_raises}
 
     Example:

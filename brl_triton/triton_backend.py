@@ -41,7 +41,7 @@ import torch
 
 from . import pipeline, torch_backend
 from ._bins import bin_edges
-from ._common import TARGETS_ABOVE_ONE, compute_dtype
+from ._common import NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, NonFiniteError, compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
@@ -56,8 +56,6 @@ from .kernels._layout import layout
 # `python -m benchmarks.gpu_check` times both (its crossover step) on a GPU.
 SWEEP_FROM = 32768
 
-NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
-NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logits"
 
 
 def streamed_bytes_per_element(logits_dtype: torch.dtype, targets_dtype: torch.dtype,
@@ -156,11 +154,11 @@ class TritonBackend(pipeline.PipelineBackend):
 
         p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
         if bad_targets == 2:
-            raise ValueError(NON_FINITE_TARGETS)
+            raise NonFiniteError(NON_FINITE_TARGETS)
         if bad_targets == 1:
             raise ValueError(TARGETS_ABOVE_ONE.format(""))
         if bad_logits:
-            raise ValueError(NON_FINITE_LOGITS)
+            raise NonFiniteError(NON_FINITE_LOGITS)
         if p == 0 and group is None:
             return None
         if num_edges > 0:

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_dataset import make_digits_coco  # noqa: E402
 from cpu_roi_align import OneSampleMultiScaleRoIAlign  # noqa: E402
 
-from brl_triton import registry  # noqa: E402
+from brl_triton import NonFiniteError, registry  # noqa: E402
 from brl_triton.detection import convert_to_rank_based  # noqa: E402
 
 # the top-level ops of each classification loss, forward and backward, for the profiler timing
@@ -436,16 +436,24 @@ def main(argv=None):
                    args.out / "checkpoint.pt")
 
     model.train()
+    diverged_at = None  # a run whose loss, gradient or logits turn NaN/Inf stops there, and scores 0
     bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
     for iteration in bar:
         images, targets = _batch(next(stream), args.device, masks)
         started = time.perf_counter()
-        losses = model(images, targets)
+        try:
+            losses = model(images, targets)
+        except NonFiniteError:  # the ranking losses refuse NaN/Inf logits
+            diverged_at = iteration + 1
+            break
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         # the norm before clipping (clipping at infinity only measures it)
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, recipe["clip"] or math.inf)))
+        if not (math.isfinite(total.item()) and math.isfinite(grad_norms[-1])):
+            diverged_at = iteration + 1
+            break
         optimizer.step()
         schedule.step()
         step_seconds.append(time.perf_counter() - started)
@@ -461,11 +469,19 @@ def main(argv=None):
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
             save_checkpoint(iteration + 1)  # an interrupted run resumes from here (--checkpoint)
 
+    if diverged_at is not None:
+        bar.close()
+        print(f"diverged at iteration {diverged_at}: NaN/Inf loss, gradient or logits; the run scores mAP 0")
     cls_ms = None
-    if args.timing_repeats > 0:  # a batch of its own: the loop may not have run (a finished checkpoint)
+    if args.timing_repeats > 0 and diverged_at is None:  # a batch of its own: the loop may not have run (a finished checkpoint)
         images, targets = _batch(next(stream), args.device, masks)
         cls_ms = classification_loss_ms(model, images, targets, args.timing_repeats)
-    scores = {"mAP": None, "mAP50": None} if args.no_eval else evaluate(model, val_set, args)
+    if args.no_eval:
+        scores = {"mAP": None, "mAP50": None}
+    elif diverged_at is not None:
+        scores = {"mAP": 0.0, "mAP50": 0.0}
+    else:
+        scores = evaluate(model, val_set, args)
     metrics = {"iteration": args.iters, **scores}
     if not args.no_eval:
         evaluations.append(metrics)
@@ -480,6 +496,7 @@ def main(argv=None):
         "classification_loss_ms_per_iteration": cls_ms,
         "grad_norm_median": statistics.median(grad_norms) if grad_norms else None,
         "grad_norm_max": max(grad_norms, default=None),
+        "diverged_at": diverged_at,
         "evaluations": evaluations,
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -299,3 +299,15 @@ def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
     header, _, row = compare_losses.search_table(args).splitlines()  # rs has no finished run: no row
     assert header.split(" | ")[2:5] == ["LR × 0.5", "LR × 1", "LR × 2"]
     assert row.split(" | ")[1:] == ["brs", "0.100", "**0.300**", "0.200", "0.400 (seed 1)", "0.350 ± 0.050 (2 seeds) |"]
+
+
+@pytest.mark.parametrize("loss", ["brs", "ce"])
+def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss):
+    """A learning rate far too high turns the loss, the gradient or the logits NaN/Inf: the run
+    stops there and scores mAP 0, so that a study ranks it last instead of crashing."""
+    argv = _args(tmp_path, "--loss", loss, "--lr", "1e30", "--clip", "0", "--warmup", "1")
+    argv[argv.index("--iters") + 1] = "6"
+    summary = finetune_fasterrcnn.main(argv)
+    assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= 6
+    assert summary["mAP"] == summary["mAP50"] == 0.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["diverged_at"] == summary["diverged_at"]

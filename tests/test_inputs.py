@@ -39,13 +39,13 @@ class TestBadInput:
     def test_non_finite_logits(self, name, bad):
         logits = torch.randn(10)
         logits[3] = bad
-        with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+        with pytest.raises(brl_triton.NonFiniteError, match="logits contain NaN or Inf"):
             _call(name, logits, torch.ones(10))
 
     def test_nan_targets(self, name):
         targets = torch.zeros(10)
         targets[2] = math.nan
-        with pytest.raises(ValueError, match="targets contain NaN or Inf"):
+        with pytest.raises(brl_triton.NonFiniteError, match="targets contain NaN or Inf"):
             _call(name, torch.randn(10), targets)
 
     @pytest.mark.parametrize("delta", [-0.1, math.nan, math.inf])
