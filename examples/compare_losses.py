@@ -8,9 +8,10 @@ For every detector and loss (``ce`` is torchvision's own loss: cross-entropy, fo
 one-stage detectors):
 
 1. tuning: ``--tune-iters`` iterations on seed 0 for every learning rate (the recipe's, times
-   each ``--lr-scales``) and clipping norm (``--clips``, 0 for none); the best mAP wins. When the
-   winner is the grid's largest (or smallest) learning rate, one more grid step beyond it is
-   tried, up to ``--extend-edges`` times, the same rule for every loss;
+   each ``--lr-scales``) at the first clipping norm of ``--clips``. When the best mAP is at the
+   grid's largest (or smallest) learning rate, one more grid step beyond it is tried, up to
+   ``--extend-edges`` times. Then the other clipping norms (0 for none) at the best learning
+   rate. The best mAP of all these runs wins; the same rule for every loss;
 2. the study: ``--iters`` iterations for every seed with the chosen setting. With
    ``--tune-iters`` equal to ``--iters`` the tuning runs have the full budget, and seed 0's run
    is the chosen one of them, not trained again: a fairer search for about the same cost;
@@ -77,15 +78,17 @@ def spread(values: list[float]) -> float:
 
 def study(args) -> tuple[list[dict], list[dict]]:
     jobs = [(d, loss) for d in args.detectors for loss in args.losses]
-    grid = [(scale, clip) for scale in args.lr_scales for clip in args.clips]
-    total = len(jobs) * ((len(grid) if len(grid) > 1 else 0) + len(args.seeds) + (args.timing_iters > 0))
+    # the learning rates at the first clipping norm, then the other norms at the best rate
+    grid = [(scale, args.clips[0]) for scale in args.lr_scales]
+    tuning_runs = len(grid) + len(args.clips) - 1
+    total = len(jobs) * ((tuning_runs if tuning_runs > 1 else 0) + len(args.seeds) + (args.timing_iters > 0))
     runs, summary = [], []
     with tqdm(total=total, desc="study", unit="run") as bar:
         for detector, loss in jobs:
             base_lr = recipe_lr(detector, loss, args.batch_size)
             best = (grid[0][0] * base_lr, grid[0][1])
             tuned = {}  # (lr, clip) -> the tuning run's result
-            if len(grid) > 1:
+            if tuning_runs > 1:
                 scores = []  # (mAP, scale, clip)
 
                 def tune(scale, clip):
@@ -111,6 +114,9 @@ def study(args) -> tuple[list[dict], list[dict]]:
                     step = tried[-1] / tried[-2] if scale == tried[-1] else tried[0] / tried[1]
                     bar.total += 1
                     tune(scale * step, clip)
+                _, scale, _ = max(scores)
+                for clip in args.clips[1:]:
+                    tune(scale, clip)
                 _, scale, clip = max(scores)
                 best = (scale * base_lr, clip)
             results = []
@@ -216,7 +222,9 @@ def parse_args(argv=None):
     parser.add_argument("--tune-iters", type=int, default=300)
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="tuning grid: multiples of the recipe's learning rate")
-    parser.add_argument("--clips", type=float, nargs="+", default=[10.0, 0.0], help="tuning grid: 0 is none")
+    parser.add_argument("--clips", type=float, nargs="+", default=[10.0, 0.0],
+                        help="tuning grid: gradient clipping norms, 0 is none; the learning rates are searched at "
+                             "the first, the others are tried at the best learning rate")
     parser.add_argument("--extend-edges", type=int, default=1,
                         help="when the best learning rate is the grid's largest (smallest), try one more "
                              "grid step above (below) it, up to this many times")
@@ -286,8 +294,10 @@ def search_table(args) -> str:
                 seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
             rows.append((detector, loss, tuned, best, seeds))
     clips = {clip for _, clip in columns}
-    columns = sorted(columns, key=lambda c: (c[1], c[0]))
-    names = [f"LR × {scale:g}" + (f", clip {clip:g}" if len(clips) > 1 else "") for scale, clip in columns]
+    order = {clip: index for index, clip in enumerate(args.clips)}  # the learning rates' norm first
+    columns = sorted(columns, key=lambda c: (order.get(c[1], len(order)), c[1], c[0]))
+    names = [f"LR × {scale:g}" + ("" if len(clips) == 1 else ", no clip" if clip == 0 else f", clip {clip:g}")
+             for scale, clip in columns]
     lines = [f"| detector | loss | {' | '.join(names)} | other seeds at the best | mean ± half range |",
              "|---|---|" + "---|" * len(columns) + "---|---|"]
     for detector, loss, tuned, best, seeds in rows:

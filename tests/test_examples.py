@@ -299,6 +299,12 @@ def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
     header, _, row = compare_losses.search_table(args).splitlines()  # rs has no finished run: no row
     assert header.split(" | ")[2:5] == ["LR × 0.5", "LR × 1", "LR × 2"]
     assert row.split(" | ")[1:] == ["brs", "0.100", "**0.300**", "0.200", "0.400 (seed 1)", "0.350 ± 0.050 (2 seeds) |"]
+    # no clipping at the best rate does better: it is the best, and seed 1 has not run at it yet
+    finished("tune_10it_lr1.0_clip0.0", 0.35)
+    args.clips = [10.0, 0.0]
+    header, _, row = compare_losses.search_table(args).splitlines()
+    assert header.split(" | ")[2:6] == ["LR × 0.5, clip 10", "LR × 1, clip 10", "LR × 2, clip 10", "LR × 1, no clip"]
+    assert row.split(" | ")[2:] == ["0.100", "0.300", "0.200", "**0.350**", "—", "— |"]
 
 
 @pytest.mark.parametrize("loss", ["brs", "ce"])
@@ -311,3 +317,27 @@ def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss):
     assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= 6
     assert summary["mAP"] == summary["mAP50"] == 0.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["diverged_at"] == summary["diverged_at"]
+
+
+@pytest.mark.parametrize("unclipped_better", [True, False])
+def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate(monkeypatch, unclipped_better):
+    import compare_losses
+
+    base = compare_losses.recipe_lr("fcos", "brs", 4)
+    calls = []
+
+    def fake_run(args, detector, loss, seed, iters, lr, clip, out):
+        calls.append((seed, round(lr / base, 6), clip))
+        score = 1 / (1 + abs(math.log2(lr / base))) + (0.01 if (clip == 0) == unclipped_better else 0)
+        return {"mAP": score, "mAP50": score, "lr": lr, "clip": clip or None, "iterations": iters, "evaluations": [],
+                "seconds_per_iteration": 1.0, "classification_loss_ms_per_iteration": 1.0}
+
+    monkeypatch.setattr(compare_losses, "run_once", fake_run)
+    args = compare_losses.parse_args(["--detectors", "fcos", "--losses", "brs", "--seeds", "0", "1", "--iters", "10",
+                                      "--tune-iters", "10", "--lr-scales", "1", "2", "0.5", "--clips", "10", "0",
+                                      "--timing-iters", "0"])
+    _, (summary,) = compare_losses.study(args)
+    # the learning rates at clip 10 (the best, x1, is inside the grid: no extension), then no clipping at x1
+    assert calls[:4] == [(0, 1.0, 10.0), (0, 2.0, 10.0), (0, 0.5, 10.0), (0, 1.0, 0.0)]
+    chosen_clip = 0.0 if unclipped_better else 10.0
+    assert calls[4:] == [(1, 1.0, chosen_clip)] and summary["clip"] == chosen_clip
