@@ -78,9 +78,10 @@ class NonFiniteError(ValueError):
     loop can tell a model that diverged from a wrong call.
 
     Example:
+        >>> import torch, brl_triton
         >>> try:
-        ...     bucketed_rank_sort_loss(torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 0.0]))
-        ... except NonFiniteError as error:
+        ...     brl_triton.bucketed_rank_sort_loss(torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 0.0]))
+        ... except brl_triton.NonFiniteError as error:
         ...     print(error)
         logits contain NaN or Inf; ranking losses need finite logits
     """

@@ -43,7 +43,7 @@ import torch
 from . import registry
 from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
-from ._common import Settings, check_delta, check_finite, check_inputs
+from ._common import NonFiniteError, Settings, check_delta, check_finite, check_inputs
 from ._ops import compiled_apply
 
 __all__ = [spec.function_name for spec in registry.LOSSES if registry.public(spec)]
@@ -86,9 +86,11 @@ def check_regression_losses(regression_losses, logits) -> None:
     checks once it has found the positives)."""
     _check_regression_type(regression_losses, logits)
     values = regression_losses.detach().reshape(-1)
-    if values.numel():  # NaN fails `low >= 0`
+    if values.numel():
         low, high = torch.aminmax(values)
-        if not bool((low >= 0) & (high < float("inf"))):
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):  # a diverged model's boxes, as its logits
+            raise NonFiniteError("regression_losses contain NaN or Inf; they must be finite and >= 0")
+        if not bool(low >= 0):
             raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
 
@@ -166,8 +168,9 @@ def _docstring(spec) -> str:
     summary = textwrap.fill(spec.summary, 96, initial_indent="    ", subsequent_indent="    ")
     returns = textwrap.fill(returns, 96, initial_indent="        ", subsequent_indent="        ").lstrip()
     regression_raises = ("\n        TypeError: regression_losses not a floating-point tensor."
-                         "\n        ValueError: regression_losses on another device, not finite and >= 0, or not"
-                         "\n            one value per positive.") if spec.regression else ""
+                         "\n        NonFiniteError: NaN/Inf in regression_losses."
+                         "\n        ValueError: regression_losses on another device, negative, or not one value"
+                         "\n            per positive.") if spec.regression else ""
     return f"""{spec.paper}.
 
 {summary}
@@ -182,8 +185,8 @@ def _docstring(spec) -> str:
     Raises:
         TypeError: logits not floating point, targets complex, delta not a number.
         NonFiniteError: NaN/Inf in logits or targets (a ValueError, see ``brl_triton.NonFiniteError``).
-        ValueError: shape or device mismatch, targets > 1 (unless allowed), delta < 0 or NaN (or 0 where it must be > 0), unknown backend,
-            ``backend="triton"`` where it cannot run.{regression_raises}
+        ValueError: shape or device mismatch, targets > 1 (unless allowed), delta < 0 or NaN (or 0
+            where it must be > 0), unknown backend, ``backend="triton"`` where it cannot run.{regression_raises}
 
     Example:
 {_example(spec)}

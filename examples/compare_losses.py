@@ -66,6 +66,13 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
     return finetune_fasterrcnn.main(argv)
 
 
+def _ranking(score: tuple) -> tuple:
+    """Order of tuning runs (mAP, scale, clip): the best mAP; on a tie (e.g. runs that all
+    diverged, scored 0) the smaller learning rate, then clipping."""
+    mAP, scale, clip = score
+    return mAP, -scale, clip != 0
+
+
 def recipe_lr(detector: str, loss: str, batch_size: int) -> float:
     recipe = finetune_fasterrcnn.RECIPES[loss]
     per_16 = recipe.lr_one_stage if detector in finetune_fasterrcnn.ONE_STAGE else recipe.lr_two_stage
@@ -107,17 +114,17 @@ def study(args) -> tuple[list[dict], list[dict]]:
                 # a best learning rate on the grid's edge says the optimum may lie beyond it: every
                 # loss gets the same number of steps further out, so none is tuned further than another
                 for _ in range(args.extend_edges):
-                    _, scale, clip = max(scores)
+                    _, scale, clip = max(scores, key=_ranking)
                     tried = sorted({s for _, s, c in scores if c == clip})
                     if len(tried) < 2 or tried[0] < scale < tried[-1]:
                         break
                     step = tried[-1] / tried[-2] if scale == tried[-1] else tried[0] / tried[1]
                     bar.total += 1
                     tune(scale * step, clip)
-                _, scale, _ = max(scores)
+                _, scale, _ = max(scores, key=_ranking)
                 for clip in args.clips[1:]:
                     tune(scale, clip)
-                _, scale, clip = max(scores)
+                _, scale, clip = max(scores, key=_ranking)
                 best = (scale * base_lr, clip)
             results = []
             for seed in args.seeds:
@@ -281,18 +288,23 @@ def search_table(args) -> str:
     for detector in args.detectors:
         for loss in args.losses:
             folder = args.out / detector / loss
-            tuned = {_setting(path.parent.name): json.loads(path.read_text())["mAP"]
-                     for path in folder.glob(f"tune_{args.tune_iters}it_*/metrics.json")}
+            # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
+            tuned = {setting: json.loads(path.read_text())["mAP"]
+                     for path in folder.glob(f"tune_{args.tune_iters}it_*/metrics.json")
+                     if (setting := _setting(path.parent.name))[1] in args.clips}
             if not tuned:
                 continue
             columns |= set(tuned)
-            best = max(tuned, key=tuned.get)
+            best = max(tuned, key=lambda setting: _ranking((tuned[setting], *setting)))
             lr = best[0] * recipe_lr(detector, loss, args.batch_size)
             seeds = {int(path.parent.name[4:].split("_")[0]): json.loads(path.read_text())["mAP"]
                      for path in folder.glob(f"seed*_{args.iters}it_lr{lr:.4g}_clip{best[1]}/metrics.json")}
-            if args.tune_iters == args.iters:
+            seeds = {seed: mAP for seed, mAP in seeds.items() if seed in args.seeds}
+            if args.tune_iters == args.iters and 0 in args.seeds:
                 seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
             rows.append((detector, loss, tuned, best, seeds))
+    if not rows:
+        return ""
     clips = {clip for _, clip in columns}
     order = {clip: index for index, clip in enumerate(args.clips)}  # the learning rates' norm first
     columns = sorted(columns, key=lambda c: (order.get(c[1], len(order)), c[1], c[0]))
@@ -319,8 +331,9 @@ def main(argv=None):
     runs, summary = study(args)
     write_csv(runs, args.out / "runs.csv")
     write_csv(summary, args.out / "summary.csv")
-    (args.out / "summary.md").write_text(markdown(summary, args) + "\nThe search (tuning runs' mAP):\n\n"
-                                         + search_table(args))
+    search = search_table(args)
+    (args.out / "summary.md").write_text(markdown(summary, args)
+                                         + (f"\nThe search (tuning runs' mAP):\n\n{search}" if search else ""))
     plot(runs, args.out / "map_curves.png")
     print((args.out / "summary.md").read_text())
     return summary

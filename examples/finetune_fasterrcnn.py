@@ -413,6 +413,7 @@ def main(argv=None):
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
     )
     start_iter, history, evaluations, grad_norms, train_seconds = 0, defaultdict(list), [], [], 0.0
+    diverged_at = None  # a run whose loss, gradient, logits or weights turn NaN/Inf stops there, and scores 0
     step_seconds = []  # wall time of every step: their median ignores the odd stall of a shared machine
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location=args.device, weights_only=False)
@@ -422,6 +423,7 @@ def main(argv=None):
         start_iter, history, evaluations = state["iteration"], defaultdict(list, state["history"]), state["evaluations"]
         grad_norms, train_seconds = state.get("grad_norms", []), state.get("train_seconds", 0.0)
         step_seconds = state.get("step_seconds", [])
+        diverged_at = state.get("diverged_at")
 
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -432,12 +434,12 @@ def main(argv=None):
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "iteration": iteration, "history": dict(history), "evaluations": evaluations,
                     "grad_norms": grad_norms, "train_seconds": train_seconds, "step_seconds": step_seconds,
-                    "recipe": recipe},
+                    "recipe": recipe, "diverged_at": diverged_at},
                    args.out / "checkpoint.pt")
 
     model.train()
-    diverged_at = None  # a run whose loss, gradient or logits turn NaN/Inf stops there, and scores 0
-    bar = tqdm(range(start_iter, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
+    first = start_iter if diverged_at is None else args.iters  # a diverged run resumes as finished
+    bar = tqdm(range(first, args.iters), desc=f"{args.detector}/{args.model} loss={args.loss}")
     for iteration in bar:
         images, targets = _batch(next(stream), args.device, masks)
         started = time.perf_counter()
@@ -450,10 +452,11 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         # the norm before clipping (clipping at infinity only measures it)
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, recipe["clip"] or math.inf)))
-        if not (math.isfinite(total.item()) and math.isfinite(grad_norms[-1])):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe["clip"] or math.inf))
+        if not (math.isfinite(total.item()) and math.isfinite(grad_norm)):
             diverged_at = iteration + 1
             break
+        grad_norms.append(grad_norm)
         optimizer.step()
         schedule.step()
         step_seconds.append(time.perf_counter() - started)
@@ -469,17 +472,23 @@ def main(argv=None):
             evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
             save_checkpoint(iteration + 1)  # an interrupted run resumes from here (--checkpoint)
 
+    if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in params):
+        diverged_at = args.iters  # the last step did it; the next forward would have found it
+    cls_ms = None
+    if args.timing_repeats > 0 and diverged_at is None:  # a batch of its own: the loop may not have run
+        images, targets = _batch(next(stream), args.device, masks)
+        try:
+            cls_ms = classification_loss_ms(model, images, targets, args.timing_repeats)
+        except NonFiniteError:  # finite weights that the last step made large enough for Inf logits
+            diverged_at = args.iters
     if diverged_at is not None:
         bar.close()
-        print(f"diverged at iteration {diverged_at}: NaN/Inf loss, gradient or logits; the run scores mAP 0")
-    cls_ms = None
-    if args.timing_repeats > 0 and diverged_at is None:  # a batch of its own: the loop may not have run (a finished checkpoint)
-        images, targets = _batch(next(stream), args.device, masks)
-        cls_ms = classification_loss_ms(model, images, targets, args.timing_repeats)
+        print(f"diverged at iteration {diverged_at} (NaN/Inf loss, gradient, logits or weights): mAP 0")
     if args.no_eval:
         scores = {"mAP": None, "mAP50": None}
     elif diverged_at is not None:
-        scores = {"mAP": 0.0, "mAP50": 0.0}
+        scores = {"mAP": 0.0, "mAP50": 0.0, **({"mask_mAP": 0.0, "mask_mAP50": 0.0} if masks else {}),
+                  "detections_per_image": 0.0}
     else:
         scores = evaluate(model, val_set, args)
     metrics = {"iteration": args.iters, **scores}

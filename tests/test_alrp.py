@@ -113,6 +113,9 @@ def test_bad_regression_losses_are_refused():
         brl_triton.alrp_loss(logits, targets, torch.rand(4))
     with pytest.raises(ValueError, match="finite and >= 0"):
         brl_triton.alrp_loss(logits, targets, torch.tensor([0.1, -0.2, 0.3]))
+    for bad in (float("nan"), float("inf")):  # a diverged model's boxes: the same error as NaN logits
+        with pytest.raises(brl_triton.NonFiniteError, match="regression_losses contain NaN or Inf"):
+            brl_triton.alrp_loss(logits, targets, torch.tensor([0.1, bad, 0.3]))
     with pytest.raises(TypeError, match="regression_losses must be a torch.Tensor"):
         brl_triton.alrp_loss(logits, targets, [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="delta must be > 0 for the aLRP loss"):

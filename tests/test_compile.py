@@ -81,6 +81,9 @@ def test_compiled_loss_still_refuses_bad_input():
     targets[:3] = torch.tensor([0.5, 2.0, 0.7])
     with pytest.raises(Exception, match="targets must be <= 1"):
         compiled(logits, targets)
+    logits[7] = float("nan")
+    with pytest.raises(brl_triton.NonFiniteError, match="logits contain NaN or Inf"):
+        compiled(logits, torch.zeros(50))
 
 
 @pytest.mark.triton

@@ -101,8 +101,9 @@ def test_process_group_needs_an_initialised_group_and_a_fast_backend():
         brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), backend="reference", process_group=object())
 
 
-# Eight ranks with 2,115 positives in all (2,400 drawn, rank 1's removed): above torch_backend.SWEEP_FROM, so each rank sums the
-# terms of its own positives and shares them; uneven shares, one rank without positives.
+# Eight ranks with 2,115 positives in all (2,400 drawn, rank 1's removed): above
+# torch_backend.SWEEP_FROM, so each rank sums the terms of its own positives and shares them;
+# uneven shares, one rank without positives.
 EIGHT = 8
 EIGHT_N = 12_000
 EIGHT_SPLITS = [0, 900, 2400, 3000, 4700, 6500, 8000, 10_100, EIGHT_N]

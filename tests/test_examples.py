@@ -307,16 +307,21 @@ def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
     assert row.split(" | ")[2:] == ["0.100", "0.300", "0.200", "**0.350**", "—", "— |"]
 
 
-@pytest.mark.parametrize("loss", ["brs", "ce"])
-def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss):
-    """A learning rate far too high turns the loss, the gradient or the logits NaN/Inf: the run
-    stops there and scores mAP 0, so that a study ranks it last instead of crashing."""
+@pytest.mark.parametrize("loss, iters", [("brs", 6), ("ce", 6), ("brs", 1)])
+def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss, iters):
+    """A learning rate far too high turns the loss, the gradient, the logits or (after the last
+    step, iters = 1) the weights NaN/Inf: the run stops there and scores mAP 0, so that a study
+    ranks it last instead of crashing; resuming it from its checkpoint gives the same."""
     argv = _args(tmp_path, "--loss", loss, "--lr", "1e30", "--clip", "0", "--warmup", "1")
-    argv[argv.index("--iters") + 1] = "6"
+    argv[argv.index("--iters") + 1] = str(iters)
     summary = finetune_fasterrcnn.main(argv)
-    assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= 6
-    assert summary["mAP"] == summary["mAP50"] == 0.0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["diverged_at"] == summary["diverged_at"]
+    assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= iters
+    assert summary["mAP"] == summary["mAP50"] == summary["detections_per_image"] == 0.0
+    written = (tmp_path / "run" / "metrics.json").read_text()
+    assert json.loads(written)["diverged_at"] == summary["diverged_at"] and "Infinity" not in written
+    (tmp_path / "run" / "metrics.json").unlink()
+    resumed = finetune_fasterrcnn.main(argv + ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")])
+    assert resumed["diverged_at"] == summary["diverged_at"] and resumed["mAP"] == 0.0
 
 
 @pytest.mark.parametrize("unclipped_better", [True, False])

@@ -106,7 +106,7 @@ def _count():
 # scan, prepare, reduce, positive_terms, finish, distribute, and the zeroed gradient buffer; interpolated
 # AP adds its running-maximum kernel
 LAUNCHES, SYNCS = 7, 1
-# aLRP: the same 6 kernels, plus the check of the regression losses (one sync: their count against
+# aLRP: the same 7 launches, plus the check of the regression losses (one sync: their count against
 # p, and their range), the map between flat and sorted order of the positives, and the
 # localisation part (a sort, a prefix sum and its autograd backward) in torch ops
 ALRP_LAUNCH_BUDGET, ALRP_SYNC_BUDGET = 40, 2
