@@ -282,8 +282,9 @@ def _setting(run_folder: str) -> tuple[float, float]:
 
 def search_table(args) -> str:
     """The search at a glance, from the finished runs in --out: per detector and loss, the tuning
-    runs' mAP at each multiple of the recipe's learning rate (the best in bold), the other seeds'
-    mAP at the best, and the mean ± half the range over all seeds there."""
+    runs' mAP at each multiple of the recipe's learning rate (at the first clipping norm), then
+    one column per other norm (its run at the best learning rate, whose multiple it gives), the
+    best in bold; the other seeds' mAP at the best, and the mean ± half the range over all seeds."""
     rows, columns = [], set()
     for detector in args.detectors:
         for loss in args.losses:
@@ -305,16 +306,23 @@ def search_table(args) -> str:
             rows.append((detector, loss, tuned, best, seeds))
     if not rows:
         return ""
-    clips = {clip for _, clip in columns}
-    order = {clip: index for index, clip in enumerate(args.clips)}  # the learning rates' norm first
-    columns = sorted(columns, key=lambda c: (order.get(c[1], len(order)), c[1], c[0]))
-    names = [f"LR × {scale:g}" + ("" if len(clips) == 1 else ", no clip" if clip == 0 else f", clip {clip:g}")
-             for scale, clip in columns]
+    scales = sorted({scale for scale, clip in columns if clip == args.clips[0]})
+    other_clips = [clip for clip in args.clips[1:] if any(c == clip for _, c in columns)]
+    names = ([f"LR × {scale:g}" for scale in scales]
+             + [("no clipping" if clip == 0 else f"clip {clip:g}") + " at the best LR" for clip in other_clips])
+
+    def cell(settings, tuned, best, with_scale=False):
+        found = [s for s in settings if s in tuned]
+        if not found:
+            return ""
+        text = f"{tuned[found[0]]:.3f}" + (f" (× {found[0][0]:g})" if with_scale else "")
+        return f"**{text}**" if found[0] == best else text
+
     lines = [f"| detector | loss | {' | '.join(names)} | other seeds at the best | mean ± half range |",
-             "|---|---|" + "---|" * len(columns) + "---|---|"]
+             "|---|---|" + "---|" * len(names) + "---|---|"]
     for detector, loss, tuned, best, seeds in rows:
-        cells = ["" if c not in tuned else f"**{tuned[c]:.3f}**" if c == best else f"{tuned[c]:.3f}"
-                 for c in columns]
+        cells = ([cell([(scale, args.clips[0])], tuned, best) for scale in scales]
+                 + [cell([s for s in tuned if s[1] == clip], tuned, best, with_scale=True) for clip in other_clips])
         others = ", ".join(f"{seeds[s]:.3f} (seed {s})" for s in sorted(seeds) if s != 0) or "—"
         values = list(seeds.values())
         mean = f"{statistics.mean(values):.3f} ± {spread(values):.3f} ({len(values)} seeds)" if len(values) > 1 else "—"

@@ -303,8 +303,8 @@ def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
     finished("tune_10it_lr1.0_clip0.0", 0.35)
     args.clips = [10.0, 0.0]
     header, _, row = compare_losses.search_table(args).splitlines()
-    assert header.split(" | ")[2:6] == ["LR × 0.5, clip 10", "LR × 1, clip 10", "LR × 2, clip 10", "LR × 1, no clip"]
-    assert row.split(" | ")[2:] == ["0.100", "0.300", "0.200", "**0.350**", "—", "— |"]
+    assert header.split(" | ")[2:6] == ["LR × 0.5", "LR × 1", "LR × 2", "no clipping at the best LR"]
+    assert row.split(" | ")[2:] == ["0.100", "0.300", "0.200", "**0.350 (× 1)**", "—", "— |"]
 
 
 @pytest.mark.parametrize("loss, iters", [("brs", 6), ("ce", 6), ("brs", 1)])
