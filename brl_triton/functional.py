@@ -88,9 +88,12 @@ def check_regression_losses(regression_losses, logits) -> None:
     values = regression_losses.detach().reshape(-1)
     if values.numel():
         low, high = torch.aminmax(values)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):  # a diverged model's boxes, as its logits
+        # one host read for both checks
+        inf = float("inf")  # NaN fails both comparisons
+        finite, non_negative = torch.stack([(low > -inf) & (high < inf), low >= 0]).tolist()
+        if not finite:  # a diverged model's boxes, as its logits
             raise NonFiniteError("regression_losses contain NaN or Inf; they must be finite and >= 0")
-        if not bool(low >= 0):
+        if not non_negative:
             raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
 
 
