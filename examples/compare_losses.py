@@ -66,6 +66,16 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
     return finetune_fasterrcnn.main(argv)
 
 
+# The run folders' names hold everything a run depends on, so that a resumed study never reuses a
+# run made with other settings; search_table finds the runs by the same names.
+def tune_folder(args, detector: str, loss: str, scale, clip) -> Path:
+    return args.out / detector / loss / f"tune_{args.tune_iters}it_lr{scale}_clip{clip}"
+
+
+def seed_folder(args, detector: str, loss: str, seed: int, lr: float, clip) -> Path:
+    return args.out / detector / loss / f"seed{seed}_{args.iters}it_lr{lr:.4g}_clip{clip}"
+
+
 def _ranking(score: tuple) -> tuple:
     """Order of tuning runs (mAP, scale, clip): the best mAP; on a tie (e.g. runs that all
     diverged, scored 0) the smaller learning rate, then clipping."""
@@ -100,9 +110,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
 
                 def tune(scale, clip):
                     bar.set_postfix_str(f"tune {detector} {loss} lr x{scale:g} clip {clip}")
-                    # the name holds everything the run depends on, so that a resumed study never
-                    # reuses a run made with other settings
-                    out = args.out / detector / loss / f"tune_{args.tune_iters}it_lr{scale}_clip{clip}"
+                    out = tune_folder(args, detector, loss, scale, clip)
                     result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
                     scores.append((result["mAP"], scale, clip))
@@ -129,7 +137,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
             results = []
             for seed in args.seeds:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
-                out = args.out / detector / loss / f"seed{seed}_{args.iters}it_lr{best[0]:.4g}_clip{best[1]}"
+                out = seed_folder(args, detector, loss, seed, *best)
                 if seed == 0 and args.tune_iters == args.iters and best in tuned:
                     result = tuned[best]  # the chosen tuning run is this run: same seed, budget and setting
                 else:
@@ -288,19 +296,18 @@ def search_table(args) -> str:
     rows, columns = [], set()
     for detector in args.detectors:
         for loss in args.losses:
-            folder = args.out / detector / loss
             # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
+            pattern = tune_folder(args, detector, loss, "*", "*")
             tuned = {setting: json.loads(path.read_text())["mAP"]
-                     for path in folder.glob(f"tune_{args.tune_iters}it_*/metrics.json")
+                     for path in pattern.parent.glob(f"{pattern.name}/metrics.json")
                      if (setting := _setting(path.parent.name))[1] in args.clips}
             if not tuned:
                 continue
             columns |= set(tuned)
             best = max(tuned, key=lambda setting: _ranking((tuned[setting], *setting)))
             lr = best[0] * recipe_lr(detector, loss, args.batch_size)
-            seeds = {int(path.parent.name[4:].split("_")[0]): json.loads(path.read_text())["mAP"]
-                     for path in folder.glob(f"seed*_{args.iters}it_lr{lr:.4g}_clip{best[1]}/metrics.json")}
-            seeds = {seed: mAP for seed, mAP in seeds.items() if seed in args.seeds}
+            seeds = {seed: json.loads(path.read_text())["mAP"] for seed in args.seeds
+                     if (path := seed_folder(args, detector, loss, seed, lr, best[1]) / "metrics.json").exists()}
             if args.tune_iters == args.iters and 0 in args.seeds:
                 seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
             rows.append((detector, loss, tuned, best, seeds))
