@@ -19,9 +19,10 @@ losses (cross-entropy, focal for RetinaNet/FCOS); the ranking losses (brs, rs, b
 Each loss trains with its own recipe (``RECIPES``: learning rate, warm-up, gradient clipping),
 the ranking losses with the official RS-R-CNN / RS-ATSS one; --lr, --warmup and --clip override it.
 
-Writes to --out: ``metrics.json`` (mAP, mAP50, mask mAP for Mask R-CNN, detections per image,
-seconds per iteration, ms per iteration in the classification loss, the recipe used),
-``curves.png`` (loss components and mAP) and ``checkpoint.pt``.
+Writes to --out: ``metrics.json`` (mAP, mAP50, mAP75, the same for masks for Mask R-CNN,
+detections per image, seconds per iteration, ms per iteration in the classification loss, the
+recipe used), ``curves.png`` (loss components and mAP) and ``checkpoint.pt``. ``--checkpoint``
+resumes a run from its checkpoint; a finished run's is evaluated again, without training.
 """
 
 from __future__ import annotations
@@ -267,20 +268,21 @@ def _mask_rle(mask):
     return rle
 
 
-def _coco_ap(coco, results, iou_type: str) -> tuple[float, float]:
+def _coco_ap(coco, results, iou_type: str) -> tuple[float, float, float]:
+    """AP averaged over IoU 0.5:0.95, AP at IoU 0.5 and AP at IoU 0.75."""
     from pycocotools.cocoeval import COCOeval
 
     evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    return float(evaluator.stats[0]), float(evaluator.stats[1])
+    return float(evaluator.stats[0]), float(evaluator.stats[1]), float(evaluator.stats[2])
 
 
 @torch.no_grad()
 def evaluate(model, dataset, args):
-    """COCO box mAP and mAP50 (pycocotools) on ``dataset``, mask mAP for Mask R-CNN, and the
-    mean number of detections per image."""
+    """COCO box mAP, mAP50 and mAP75 (pycocotools) on ``dataset``, the same for masks for Mask
+    R-CNN, and the mean number of detections per image."""
     model.eval()
     coco = dataset.coco
     results, detections = [], 0
@@ -298,13 +300,13 @@ def evaluate(model, dataset, args):
                     result["segmentation"] = _mask_rle(mask)
                 results.append(result)
     model.train()
-    metrics = {"mAP": 0.0, "mAP50": 0.0}
+    metrics = {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0}
     if args.detector == "maskrcnn":
-        metrics.update(mask_mAP=0.0, mask_mAP50=0.0)
+        metrics.update(mask_mAP=0.0, mask_mAP50=0.0, mask_mAP75=0.0)
     if results:
-        metrics["mAP"], metrics["mAP50"] = _coco_ap(coco, results, "bbox")
+        metrics["mAP"], metrics["mAP50"], metrics["mAP75"] = _coco_ap(coco, results, "bbox")
         if args.detector == "maskrcnn":
-            metrics["mask_mAP"], metrics["mask_mAP50"] = _coco_ap(coco, results, "segm")
+            metrics["mask_mAP"], metrics["mask_mAP50"], metrics["mask_mAP75"] = _coco_ap(coco, results, "segm")
     metrics["detections_per_image"] = detections / max(1, len(dataset))
     return metrics
 
@@ -485,15 +487,16 @@ def main(argv=None):
         bar.close()
         print(f"diverged at iteration {diverged_at} (NaN/Inf loss, gradient, logits or weights): mAP 0")
     if args.no_eval:
-        scores = {"mAP": None, "mAP50": None}
+        scores = {"mAP": None, "mAP50": None, "mAP75": None}
     elif diverged_at is not None:
-        scores = {"mAP": 0.0, "mAP50": 0.0, **({"mask_mAP": 0.0, "mask_mAP50": 0.0} if masks else {}),
+        scores = {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0,
+                  **({"mask_mAP": 0.0, "mask_mAP50": 0.0, "mask_mAP75": 0.0} if masks else {}),
                   "detections_per_image": 0.0}
     else:
         scores = evaluate(model, val_set, args)
     metrics = {"iteration": args.iters, **scores}
-    if not args.no_eval:
-        evaluations.append(metrics)
+    if not args.no_eval:  # a finished run evaluated again keeps one entry for its last iteration
+        evaluations = [e for e in evaluations if e["iteration"] != args.iters] + [metrics]
     summary = {
         "detector": args.detector, "model": args.model, "loss": args.loss, "iterations": args.iters,
         "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device, **recipe,

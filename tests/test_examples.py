@@ -67,15 +67,30 @@ def _args(tmp_path, *extra, out="run"):
 ])
 def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, model, loss):
     summary = finetune_fasterrcnn.main(_args(tmp_path, "--detector", detector, "--model", model, "--loss", loss))
-    assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["mAP50"] <= 1.0
+    assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["mAP50"] <= 1.0 and 0.0 <= summary["mAP75"] <= 1.0
     assert summary["seconds_per_iteration"] > 0 and summary["classification_loss_ms_per_iteration"] > 0
     if detector == "maskrcnn":
-        assert 0.0 <= summary["mask_mAP"] <= 1.0
+        assert 0.0 <= summary["mask_mAP"] <= 1.0 and 0.0 <= summary["mask_mAP75"] <= 1.0
     if loss != "ce":  # rank-based models give detections from the first evaluation, not every candidate
         assert 0 < summary["detections_per_image"] <= 100
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["loss"] == loss and written["iterations"] == 2
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_coco_ap_reports_ap_over_iou_thresholds_at_050_and_at_075():
+    """One detection with IoU 0.62 to the one object: a hit at IoU thresholds 0.50, 0.55 and
+    0.60 of COCO's ten (0.50:0.95), a miss at 0.75."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": 200, "height": 200}], "categories": [{"id": 1, "name": "one"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100],
+                                     "area": 10000, "iscrowd": 0}]}
+    coco.createIndex()
+    detection = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 62], "score": 0.9}
+    ap, ap50, ap75 = finetune_fasterrcnn._coco_ap(coco, [detection], "bbox")
+    assert (ap, ap50, ap75) == pytest.approx((0.3, 1.0, 0.0))
 
 
 def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
@@ -85,6 +100,8 @@ def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
     finished = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs",
                                               "--checkpoint", checkpoint, out="finished"))
     assert finished["iterations"] == 2 and finished["mAP"] == pytest.approx(first["mAP"])
+    assert finished["mAP75"] == pytest.approx(first["mAP75"])
+    assert [e["iteration"] for e in finished["evaluations"]] == [2]  # evaluated again, not listed twice
     assert finished["seconds_per_iteration"] == pytest.approx(first["seconds_per_iteration"])
     assert finished["classification_loss_ms_per_iteration"] > 0
     resumed = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "3",
@@ -316,7 +333,7 @@ def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss, iters):
     argv[argv.index("--iters") + 1] = str(iters)
     summary = finetune_fasterrcnn.main(argv)
     assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= iters
-    assert summary["mAP"] == summary["mAP50"] == summary["detections_per_image"] == 0.0
+    assert summary["mAP"] == summary["mAP50"] == summary["mAP75"] == summary["detections_per_image"] == 0.0
     written = (tmp_path / "run" / "metrics.json").read_text()
     assert json.loads(written)["diverged_at"] == summary["diverged_at"] and "Infinity" not in written
     (tmp_path / "run" / "metrics.json").unlink()
