@@ -279,6 +279,11 @@ def _coco_ap(coco, results, iou_type: str) -> tuple[float, float, float]:
     return float(evaluator.stats[0]), float(evaluator.stats[1]), float(evaluator.stats[2])
 
 
+def _ap_keys(masks: bool) -> tuple[str, ...]:
+    """The metrics that evaluate() reads from COCOeval: box AP, and mask AP for Mask R-CNN."""
+    return ("mAP", "mAP50", "mAP75") + (("mask_mAP", "mask_mAP50", "mask_mAP75") if masks else ())
+
+
 @torch.no_grad()
 def evaluate(model, dataset, args):
     """COCO box mAP, mAP50 and mAP75 (pycocotools) on ``dataset``, the same for masks for Mask
@@ -300,9 +305,7 @@ def evaluate(model, dataset, args):
                     result["segmentation"] = _mask_rle(mask)
                 results.append(result)
     model.train()
-    metrics = {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0}
-    if args.detector == "maskrcnn":
-        metrics.update(mask_mAP=0.0, mask_mAP50=0.0, mask_mAP75=0.0)
+    metrics = dict.fromkeys(_ap_keys(args.detector == "maskrcnn"), 0.0)
     if results:
         metrics["mAP"], metrics["mAP50"], metrics["mAP75"] = _coco_ap(coco, results, "bbox")
         if args.detector == "maskrcnn":
@@ -487,11 +490,9 @@ def main(argv=None):
         bar.close()
         print(f"diverged at iteration {diverged_at} (NaN/Inf loss, gradient, logits or weights): mAP 0")
     if args.no_eval:
-        scores = {"mAP": None, "mAP50": None, "mAP75": None}
+        scores = dict.fromkeys(_ap_keys(masks=False), None)
     elif diverged_at is not None:
-        scores = {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0,
-                  **({"mask_mAP": 0.0, "mask_mAP50": 0.0, "mask_mAP75": 0.0} if masks else {}),
-                  "detections_per_image": 0.0}
+        scores = {**dict.fromkeys(_ap_keys(masks), 0.0), "detections_per_image": 0.0}
     else:
         scores = evaluate(model, val_set, args)
     metrics = {"iteration": args.iters, **scores}
