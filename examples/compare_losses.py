@@ -21,8 +21,8 @@ one-stage detectors):
    from the profiler.
 
 Writes to --out: ``runs.csv`` (one row per run, tuning included), ``summary.csv`` and
-``summary.md`` (per detector and loss: mAP and mAP50 as mean ± spread (half the range) over
-the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting; and the
+``summary.md`` (per detector and loss: mAP, mAP50 and mAP75 as mean ± spread (half the range)
+over the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting; and the
 search: every tuning run's mAP by learning rate, the other seeds' at the best) and
 ``map_curves.png`` (mAP over iterations, one line per run). Each run is
 ``finetune_fasterrcnn.main`` in a directory of its own, reused when it has finished already,
@@ -49,6 +49,15 @@ DEFAULT_LOSSES = ["ce", "rs", "brs", "bap", "alrp"]
 DEFAULT_DETECTORS = ["fasterrcnn", "fcos"]
 
 
+def _run_argv(args, detector: str, loss: str, seed: int, iters: int, lr: float, clip: float,
+              out: Path) -> list[str]:
+    return ["--detector", detector, "--loss", loss, "--seed", str(seed), "--iters", str(iters),
+            "--lr", repr(lr), "--clip", repr(clip), "--eval-every", str(max(1, iters // 4)),
+            "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+            "--num-train", str(args.num_train), "--num-val", str(args.num_val), "--data", str(args.data),
+            "--device", args.device, "--out", str(out)]
+
+
 def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, clip: float, out: Path,
              evaluate: bool = True) -> dict:
     """One training run (reused if its metrics exist); its summary. ``evaluate=False``: a timing
@@ -58,12 +67,30 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
         return json.loads(metrics.read_text())
     # an interrupted run goes on from its last evaluation (the batch order restarts there)
     resume = ["--checkpoint", str(checkpoint)] if checkpoint.exists() else []
-    argv = ["--detector", detector, "--loss", loss, "--seed", str(seed), "--iters", str(iters),
-            "--lr", repr(lr), "--clip", repr(clip), "--eval-every", str(max(1, iters // 4)),
-            "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-            "--num-train", str(args.num_train), "--num-val", str(args.num_val), "--data", str(args.data),
-            "--device", args.device, "--out", str(out), *resume, *([] if evaluate else ["--no-eval"]), *args.extra]
-    return finetune_fasterrcnn.main(argv)
+    return finetune_fasterrcnn.main([*_run_argv(args, detector, loss, seed, iters, lr, clip, out), *resume,
+                                     *([] if evaluate else ["--no-eval"]), *args.extra])
+
+
+def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dict) -> dict:
+    """``result`` with its mAP75. Runs trained before the example reported it get it from their
+    final checkpoint, evaluated again once (kept in ``out/evaluated_again``, without the copy of
+    the checkpoint); that evaluation must give the run's own mAP, or the checkpoint is not the
+    model the run scored."""
+    if "mAP75" in result:
+        return result
+    if result.get("diverged_at") is not None:
+        return {**result, "mAP75": 0.0}
+    again = out / "evaluated_again"
+    if not (again / "metrics.json").exists():
+        finetune_fasterrcnn.main([*_run_argv(args, detector, loss, seed, result["iterations"], result["lr"],
+                                             result["clip"] or 0.0, again),
+                                  "--checkpoint", str(out / "checkpoint.pt"), *args.extra, "--timing-repeats", "0"])
+        (again / "checkpoint.pt").unlink()
+    scores = json.loads((again / "metrics.json").read_text())
+    if abs(scores["mAP"] - result["mAP"]) > 1e-9:
+        raise RuntimeError(f"{out}: its checkpoint evaluated again gives mAP {scores['mAP']}, the run gave "
+                           f"{result['mAP']}; not the same model")
+    return {**result, "mAP75": scores["mAP75"]}
 
 
 # The run folders' names hold everything a run depends on, so that a resumed study never reuses a
@@ -104,7 +131,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
         for detector, loss in jobs:
             base_lr = recipe_lr(detector, loss, args.batch_size)
             best = (grid[0][0] * base_lr, grid[0][1])
-            tuned = {}  # (lr, clip) -> the tuning run's result
+            tuned, tuned_in = {}, {}  # (lr, clip) -> the tuning run's result, its folder
             if tuning_runs > 1:
                 scores = []  # (mAP, scale, clip)
 
@@ -114,7 +141,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
                     result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
                     scores.append((result["mAP"], scale, clip))
-                    tuned[(scale * base_lr, clip)] = result
+                    tuned[(scale * base_lr, clip)], tuned_in[(scale * base_lr, clip)] = result, out
                     bar.update()
 
                 for scale, clip in grid:
@@ -139,9 +166,11 @@ def study(args) -> tuple[list[dict], list[dict]]:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
                 out = seed_folder(args, detector, loss, seed, *best)
                 if seed == 0 and args.tune_iters == args.iters and best in tuned:
-                    result = tuned[best]  # the chosen tuning run is this run: same seed, budget and setting
+                    # the chosen tuning run is this run: same seed, budget and setting
+                    out, result = tuned_in[best], tuned[best]
                 else:
                     result = run_once(args, detector, loss, seed, args.iters, *best, out)
+                result = with_map75(args, detector, loss, seed, out, result)
                 runs.append(_row("study", detector, loss, seed, result))
                 results.append(result)
                 bar.update()
@@ -163,19 +192,20 @@ def study(args) -> tuple[list[dict], list[dict]]:
 def _row(phase, detector, loss, seed, result) -> dict:
     return {"phase": phase, "detector": detector, "loss": loss, "seed": seed, "iterations": result["iterations"],
             "lr": result["lr"], "clip": result["clip"], "mAP": result["mAP"], "mAP50": result["mAP50"],
-            "seconds_per_iteration": result["seconds_per_iteration"],
+            "mAP75": result.get("mAP75"), "seconds_per_iteration": result["seconds_per_iteration"],
             "loss_ms_per_iteration": result["classification_loss_ms_per_iteration"],
             "curve": json.dumps([(e["iteration"], e["mAP"]) for e in result["evaluations"]])}
 
 
 def _summary(detector, loss, best, results) -> dict:
-    maps, map50s = [r["mAP"] for r in results], [r["mAP50"] for r in results]
+    maps, map50s, map75s = ([r[key] for r in results] for key in ("mAP", "mAP50", "mAP75"))
     step = statistics.mean(r["seconds_per_iteration"] for r in results)
     loss_ms = [r["classification_loss_ms_per_iteration"] for r in results
                if r["classification_loss_ms_per_iteration"] is not None]
     return {"detector": detector, "loss": loss, "seeds": len(results), "lr": best[0], "clip": best[1],
             "mAP": statistics.mean(maps), "mAP_spread": spread(maps), "mAP50": statistics.mean(map50s),
-            "mAP50_spread": spread(map50s), **_timing(step, statistics.mean(loss_ms) if loss_ms else None)}
+            "mAP50_spread": spread(map50s), "mAP75": statistics.mean(map75s), "mAP75_spread": spread(map75s),
+            **_timing(step, statistics.mean(loss_ms) if loss_ms else None)}
 
 
 def _timing(step: float, loss_ms: float | None) -> dict:
@@ -196,11 +226,12 @@ def markdown(summary: list[dict], args) -> str:
              f"{', '.join(map(str, args.seeds))}; mAP as mean ± half the range over seeds; "
              + (f"s / iter: the median step of a {args.timing_iters}-step timing run per loss, all in one stretch."
                 if args.timing_iters > 0 else "s / iter: the median step, averaged over the seeds' runs."), "",
-             "| detector | loss | mAP | mAP50 | s / iter | loss ms / iter (share) | LR | clip |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| detector | loss | mAP | mAP50 | mAP75 | s / iter | loss ms / iter (share) | LR | clip |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['detector']} | {s['loss']} | {s['mAP']:.3f} ± {s['mAP_spread']:.3f} | "
-                     f"{s['mAP50']:.3f} ± {s['mAP50_spread']:.3f} | {s['seconds_per_iteration']:.2f} | "
+                     f"{s['mAP50']:.3f} ± {s['mAP50_spread']:.3f} | {s['mAP75']:.3f} ± {s['mAP75_spread']:.3f} | "
+                     f"{s['seconds_per_iteration']:.2f} | "
                      f"{s['loss_ms_per_iteration']:.1f} ({100 * s['loss_share']:.1f} %) | {s['lr']:.4g} | "
                      f"{s['clip'] or 'none'} |")
     return "\n".join(lines) + "\n"

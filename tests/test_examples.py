@@ -269,7 +269,7 @@ def test_compare_losses_extends_the_learning_rate_grid_past_an_edge_winner(tmp_p
     def fake_run(args, detector, loss, seed, iters, lr, clip, out):
         calls.append((seed, lr / base))
         score = 1 / (1 + abs(math.log2(lr / base / best_scale)))  # peaks at best_scale
-        return {"mAP": score, "mAP50": score, "lr": lr, "clip": clip, "iterations": iters, "evaluations": [],
+        return {"mAP": score, "mAP50": score, "mAP75": score, "lr": lr, "clip": clip, "iterations": iters, "evaluations": [],
                 "seconds_per_iteration": 1.0, "classification_loss_ms_per_iteration": 1.0}
 
     monkeypatch.setattr(compare_losses, "run_once", fake_run)
@@ -295,6 +295,51 @@ def test_compare_losses_tuned_at_the_full_budget_reuses_the_chosen_run_for_seed_
     best_tuning = max(float(r["mAP"]) for r in rows if r["phase"] == "tune")
     (seed0,) = [r for r in rows if r["phase"] == "study" and r["seed"] == "0"]
     assert float(seed0["mAP"]) == best_tuning and summary["seeds"] == 2
+
+
+@pytest.mark.parametrize("clip", ["10", "0"])
+def test_compare_losses_evaluates_again_the_seed_runs_made_before_map75(tmp_path, monkeypatch, clip):
+    """A study resumed over runs whose metrics predate mAP75 gets it from their final checkpoints,
+    evaluated again once: it must be what the runs reported themselves. The evaluation here is a
+    function of the weights, so that only the run's final model can give the same numbers."""
+    import compare_losses
+
+    def weights_score(model, val_set, args):
+        total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+        return {"mAP": total % 1, "mAP50": total % 0.5, "mAP75": total % 0.25, "detections_per_image": 1.0}
+
+    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", weights_score)
+    argv = _study_argv(tmp_path, "brs", tune_iters=2, timing_repeats=0)
+    argv[argv.index("--clips") + 1] = clip  # an unclipped run's metrics say clip None
+    (summary,) = compare_losses.main(argv)
+    folder = tmp_path / "study" / "fasterrcnn" / "brs"
+    chosen = [path for path in folder.iterdir() if path.name.startswith(("seed1_", "tune_"))
+              and json.loads((path / "metrics.json").read_text())["lr"] == pytest.approx(summary["lr"])]
+    reported = {}
+    for run in chosen:  # the seed-0 run is the chosen tuning run, and seed 1's
+        metrics = json.loads((run / "metrics.json").read_text())
+        reported[run.name] = metrics.pop("mAP75")
+        assert reported[run.name] > 0
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    calls = []
+    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", lambda *a: calls.append(1) or weights_score(*a))
+    (again,) = compare_losses.main(argv)
+    assert len(calls) == 2  # nothing trained: one evaluation per seed
+    assert again["mAP75"] == pytest.approx(sum(reported.values()) / 2)
+    for run in chosen:
+        assert not (run / "evaluated_again" / "checkpoint.pt").exists()
+        assert json.loads((run / "evaluated_again" / "metrics.json").read_text())["mAP75"] == reported[run.name]
+    rows = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
+    assert sorted(float(r["mAP75"]) for r in rows if r["phase"] == "study") == sorted(reported.values())
+    assert "| mAP75 |" in (tmp_path / "study" / "summary.md").read_text()
+    compare_losses.main(argv)
+    assert len(calls) == 2  # kept: not evaluated a third time
+    # a checkpoint that is not the scored model is refused
+    (seed1,) = [run for run in chosen if run.name.startswith("seed1_")]
+    metrics = json.loads((seed1 / "metrics.json").read_text())
+    (seed1 / "metrics.json").write_text(json.dumps({**metrics, "mAP": metrics["mAP"] / 2}))
+    with pytest.raises(RuntimeError, match="not the same model"):
+        compare_losses.main(argv)
 
 
 def test_compare_losses_search_table_reads_the_finished_runs(tmp_path):
@@ -351,7 +396,7 @@ def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate
     def fake_run(args, detector, loss, seed, iters, lr, clip, out):
         calls.append((seed, round(lr / base, 6), clip))
         score = 1 / (1 + abs(math.log2(lr / base))) + (0.01 if (clip == 0) == unclipped_better else 0)
-        return {"mAP": score, "mAP50": score, "lr": lr, "clip": clip or None, "iterations": iters, "evaluations": [],
+        return {"mAP": score, "mAP50": score, "mAP75": score, "lr": lr, "clip": clip or None, "iterations": iters, "evaluations": [],
                 "seconds_per_iteration": 1.0, "classification_loss_ms_per_iteration": 1.0}
 
     monkeypatch.setattr(compare_losses, "run_once", fake_run)
