@@ -297,19 +297,24 @@ def parse_args(argv=None):
 
 def progress(args) -> str:
     """A markdown table of the runs that have finished so far (a study takes many CPU-hours),
-    without training anything."""
-    lines = ["| detector | loss | run | LR | clip | mAP | mAP50 | mAP at each evaluation |",
-             "|---|---|---|---|---|---|---|---|"]
+    without training anything. mAP75 is "—" for a run made before the example reported it and
+    not yet evaluated again (``with_map75``)."""
+    lines = ["| detector | loss | run | LR | clip | mAP | mAP50 | mAP75 | mAP at each evaluation |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for detector in args.detectors:
         for loss in args.losses:
-            finished = [(path.parent.name.split("_")[0], json.loads(path.read_text()))
+            finished = [(path.parent, json.loads(path.read_text()))
                         for path in (args.out / detector / loss).glob("*/metrics.json")]
-            for run, r in sorted(finished, key=lambda item: (item[0], item[1]["lr"], item[1]["clip"] or 0)):
+            for folder, r in sorted(finished, key=lambda item: (item[0].name.split("_")[0], item[1]["lr"],
+                                                               item[1]["clip"] or 0)):
                 if r["mAP"] is None:  # a timing run
                     continue
+                again = folder / "evaluated_again" / "metrics.json"
+                map75 = r.get("mAP75", json.loads(again.read_text())["mAP75"] if again.exists() else None)
                 curve = " / ".join(f"{e['mAP']:.3f}" for e in r["evaluations"])
-                lines.append(f"| {detector} | {loss} | {run} | {r['lr']:.4g} | {r['clip'] or 'none'} | "
-                             f"{r['mAP']:.3f} | {r['mAP50']:.3f} | {curve} |")
+                lines.append(f"| {detector} | {loss} | {folder.name.split('_')[0]} | {r['lr']:.4g} | "
+                             f"{r['clip'] or 'none'} | {r['mAP']:.3f} | {r['mAP50']:.3f} | "
+                             f"{'—' if map75 is None else f'{map75:.3f}'} | {curve} |")
     return "\n".join(lines) + "\n"
 
 

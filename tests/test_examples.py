@@ -242,6 +242,11 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     # the progress table lists the finished accuracy runs (two tuning runs, two seeds), not the timing run
     table = compare_losses.progress(compare_losses.parse_args(argv)).splitlines()
     assert [line.split(" | ")[2] for line in table[2:]] == ["seed0", "seed1", "tune", "tune"]
+    listed = {(line.split(" | ")[2], float(line.split(" | ")[3])): float(line.split(" | ")[7]) for line in table[2:]}
+    for r in csv.DictReader((study / "runs.csv").open()):
+        if r["phase"] != "timing":
+            run = f"seed{r['seed']}" if r["phase"] == "study" else "tune"
+            assert listed[(run, float(r["lr"]))] == pytest.approx(float(r["mAP75"]), abs=5e-4)
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
     assert "| detector | loss | LR × 0.5 | LR × 1 |" in (study / "summary.md").read_text()  # the search table
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -332,6 +337,11 @@ def test_compare_losses_evaluates_again_the_seed_runs_made_before_map75(tmp_path
     rows = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
     assert sorted(float(r["mAP75"]) for r in rows if r["phase"] == "study") == sorted(reported.values())
     assert "| mAP75 |" in (tmp_path / "study" / "summary.md").read_text()
+    # the progress table finds the evaluation too
+    table = [line.split(" | ") for line in compare_losses.progress(compare_losses.parse_args(argv)).splitlines()[2:]]
+    shown = {(cells[2], float(cells[3])): cells[7] for cells in table}
+    for run in chosen:
+        assert shown[(run.name.split("_")[0], summary["lr"])] == f"{reported[run.name]:.3f}"
     compare_losses.main(argv)
     assert len(calls) == 2  # kept: not evaluated a third time
     # a checkpoint that is not the scored model is refused
