@@ -286,6 +286,28 @@ def test_dense_heads_rank_with_iou_targets_and_ignore_between_threshold_anchors(
     assert bool(model.head.classification_head.cls_logits.weight.grad.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("name", ["fasterrcnn", "fcos"])
+def test_box_loss_weights_are_the_positives_ground_truth_class_scores(name, monkeypatch):
+    """Each positive's GIoU term is weighted by the sigmoid of its logit at its ground-truth class,
+    the entry of the ranking whose target is its IoU (the official code takes the highest score
+    over the classes instead; see the README's study for why this library does not)."""
+    model = _converted(name, "brs")
+    heads = model.roi_heads if name == "fasterrcnn" else model.head
+    ranking, seen = heads.ranking, {}
+
+    def spy(logits, targets, pred_boxes, target_boxes, scores):
+        seen.update(logits=logits.detach().clone(), targets=targets.clone(), scores=scores.detach().clone())
+        return ranking(logits, targets, pred_boxes, target_boxes, scores)
+
+    monkeypatch.setattr(heads, "ranking", spy)
+    model.train()
+    model(_images(), _targets())
+    positive = seen["targets"] > 0
+    assert 0 < int(positive.sum()) == seen["scores"].numel()
+    assert bool((positive.sum(dim=-1) <= 1).all())  # one class per positive, so the order is the rows'
+    torch.testing.assert_close(seen["scores"], seen["logits"][positive].sigmoid())
+
+
 def test_fcos_drops_centerness_from_training_and_scores():
     model = _converted("fcos")
     assert isinstance(model, RankBasedFCOS)
