@@ -71,6 +71,11 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
                                      *([] if evaluate else ["--no-eval"]), *args.extra])
 
 
+def evaluated_again(out: Path) -> Path:
+    """Where ``with_map75`` keeps the evaluation of a run's final checkpoint."""
+    return out / "evaluated_again"
+
+
 def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dict) -> dict:
     """``result`` with its mAP75. Runs trained before the example reported it get it from their
     final checkpoint, evaluated again once (kept in ``out/evaluated_again``, without the copy of
@@ -80,7 +85,7 @@ def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dic
         return result
     if result.get("diverged_at") is not None:
         return {**result, "mAP75": 0.0}
-    again = out / "evaluated_again"
+    again = evaluated_again(out)
     if not (again / "metrics.json").exists():
         finetune_fasterrcnn.main([*_run_argv(args, detector, loss, seed, result["iterations"], result["lr"],
                                              result["clip"] or 0.0, again),
@@ -131,7 +136,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
         for detector, loss in jobs:
             base_lr = recipe_lr(detector, loss, args.batch_size)
             best = (grid[0][0] * base_lr, grid[0][1])
-            tuned, tuned_in = {}, {}  # (lr, clip) -> the tuning run's result, its folder
+            tuned = {}  # (lr, clip) -> the tuning run's folder and result
             if tuning_runs > 1:
                 scores = []  # (mAP, scale, clip)
 
@@ -141,7 +146,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
                     result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
                     scores.append((result["mAP"], scale, clip))
-                    tuned[(scale * base_lr, clip)], tuned_in[(scale * base_lr, clip)] = result, out
+                    tuned[(scale * base_lr, clip)] = out, result
                     bar.update()
 
                 for scale, clip in grid:
@@ -167,7 +172,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
                 out = seed_folder(args, detector, loss, seed, *best)
                 if seed == 0 and args.tune_iters == args.iters and best in tuned:
                     # the chosen tuning run is this run: same seed, budget and setting
-                    out, result = tuned_in[best], tuned[best]
+                    out, result = tuned[best]
                 else:
                     result = run_once(args, detector, loss, seed, args.iters, *best, out)
                 result = with_map75(args, detector, loss, seed, out, result)
@@ -309,7 +314,7 @@ def progress(args) -> str:
                                                                item[1]["clip"] or 0)):
                 if r["mAP"] is None:  # a timing run
                     continue
-                again = folder / "evaluated_again" / "metrics.json"
+                again = evaluated_again(folder) / "metrics.json"
                 map75 = r.get("mAP75", json.loads(again.read_text())["mAP75"] if again.exists() else None)
                 curve = " / ".join(f"{e['mAP']:.3f}" for e in r["evaluations"])
                 lines.append(f"| {detector} | {loss} | {folder.name.split('_')[0]} | {r['lr']:.4g} | "
