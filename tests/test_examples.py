@@ -418,3 +418,42 @@ def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate
     assert calls[:4] == [(0, 1.0, 10.0), (0, 2.0, 10.0), (0, 0.5, 10.0), (0, 1.0, 0.0)]
     chosen_clip = 0.0 if unclipped_better else 10.0
     assert calls[4:] == [(1, 1.0, chosen_clip)] and summary["clip"] == chosen_clip
+
+
+def _readme_study_rows() -> dict[str, str]:
+    """The README study table's rows by their first cell ("Faster R-CNN, brs", "FCOS, focal")."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("| run | LR × 0.25 |")
+    rows = {}
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows[line.split(" | ")[0].lstrip("| ")] = line
+    return rows
+
+
+COMMITTED_STUDY_RUNS = sorted((Path(__file__).resolve().parents[1] / "examples" / "study").glob("*/*/*/metrics.json"))
+
+
+@pytest.mark.parametrize("metrics", COMMITTED_STUDY_RUNS, ids=lambda p: "/".join(p.parts[-4:-1]))
+def test_a_committed_study_run_is_the_run_its_folder_names_and_the_readme_reports(metrics):
+    """examples/study keeps the study's finished runs: each run's metrics must be those of the
+    setting its folder names (the study reuses it by that name), and the README's study table
+    must report its mAP in the row of its detector and loss."""
+    import compare_losses
+
+    detector, loss, folder = metrics.parts[-4:-1]
+    run = json.loads(metrics.read_text())
+    assert (run["detector"], run["loss"], run["batch_size"]) == (detector, loss, 4)
+    assert f"_{run['iterations']}it_" in folder
+    lr, clip = compare_losses._setting(folder)
+    assert (run["clip"] or 0.0) == clip
+    if folder.startswith("tune_"):  # the folder names the multiple of the recipe's rate
+        assert run["lr"] == pytest.approx(lr * compare_losses.recipe_lr(detector, loss, 4), rel=1e-12)
+    else:
+        assert f"{run['lr']:.4g}" == f"{lr:.4g}"
+    assert run["evaluations"][-1]["mAP"] == run["mAP"] and "mAP75" in run
+    name = {"fasterrcnn": "Faster R-CNN", "fcos": "FCOS"}[detector]
+    label = "focal" if loss == "ce" and detector in finetune_fasterrcnn.ONE_STAGE else loss
+    row = _readme_study_rows()[f"{name}, {label}"]
+    assert f"{run['mAP']:.3f}" in row
