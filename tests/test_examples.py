@@ -14,7 +14,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("pycocotools")
 pytest.importorskip("efficientnet_lite_pytorch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "examples"))
 import digits_dataset  # noqa: E402
 import finetune_fasterrcnn  # noqa: E402
 
@@ -422,7 +423,7 @@ def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate
 
 def _readme_study_rows() -> dict[str, str]:
     """The README study table's rows by their first cell ("Faster R-CNN, brs", "FCOS, focal")."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPOSITORY / "README.md").read_text()
     start = readme.index("| run | LR × 0.25 |")
     rows = {}
     for line in readme[start:].splitlines()[2:]:
@@ -432,7 +433,7 @@ def _readme_study_rows() -> dict[str, str]:
     return rows
 
 
-COMMITTED_STUDY_RUNS = sorted((Path(__file__).resolve().parents[1] / "examples" / "study").glob("*/*/*/metrics.json"))
+COMMITTED_STUDY_RUNS = sorted((REPOSITORY / "examples" / "study").glob("*/*/*/metrics.json"))
 
 
 @pytest.mark.parametrize("metrics", COMMITTED_STUDY_RUNS, ids=lambda p: "/".join(p.parts[-4:-1]))
