@@ -23,40 +23,53 @@ from ._common import Settings, compute_dtype, wide_dtype
 
 
 class RankingLossFunction(torch.autograd.Function):
+    """Outputs: the ranking losses (and, for aLRP, the localisation weights and the other ranks'
+    part), then the backend's state for backward (not a tensor; ``apply``'s caller drops it).
+    ``forward`` and ``setup_context`` are separate, as ``torch.func`` transforms require."""
+
     @staticmethod
-    def forward(ctx, logits, targets, delta: float, kind, backend, settings: Settings, regression=None):
+    def forward(logits, targets, delta: float, kind, backend, settings: Settings, regression=None):
         s, y = backend.inputs(logits, targets)
         result = backend.forward(s, y, delta, kind, settings, regression)
-        ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
-        ctx.state = None if result is None else result[1]
-        ctx.save_for_backward(logits, targets)
         out_dtype = compute_dtype(logits.dtype)
         if result is None:
             outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.ranking_outputs))
             if kind.regression:  # no localisation weight, nothing from other ranks
                 outputs += (logits.new_zeros(regression.numel(), dtype=wide_dtype(logits.device)),
                             logits.new_zeros((), dtype=wide_dtype(logits.device)))
-        else:
-            losses = result[0]
-            outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:kind.ranking_outputs])
-            outputs += tuple(losses[kind.ranking_outputs:])
+            return (*outputs, None)
+        losses = result[0]
+        outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:kind.ranking_outputs])
+        return (*outputs, *losses[kind.ranking_outputs:], result[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, targets, delta, kind, backend, settings, regression = inputs
+        ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
+        ctx.state = output[-1]
+        ctx.save_for_backward(logits, targets)
         if kind.regression:
-            ctx.mark_non_differentiable(*outputs[kind.ranking_outputs:])
-        return outputs
+            ctx.mark_non_differentiable(*output[kind.ranking_outputs:-1])
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of this gradient was asked for
+        # backward(create_graph=True) asks for a graph of this gradient; torch.func.grad asks for one
+        # too, always, and gets a gradient without it
+        if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 "ranking losses have no second derivative: their gradient is the error-driven identity "
                 "update, not a differentiable function of the logits; call backward without create_graph=True"
             )
-        # grad mode is off from here on, as in any backward without create_graph
+        with torch.no_grad():
+            return RankingLossFunction._gradient(ctx, grad_outputs)
+
+    @staticmethod
+    def _gradient(ctx, grad_outputs):
         logits, targets = ctx.saved_tensors
         if ctx.state is None:
             grad = torch.zeros_like(logits)
         else:
             s, y = ctx.backend.inputs(logits, targets)
-            grad = ctx.backend.backward(ctx.state, s, y, grad_outputs)
+            grad = ctx.backend.backward(ctx.state, s, y, grad_outputs[:-1])
             grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
         return grad, None, None, None, None, None, None

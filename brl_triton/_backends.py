@@ -81,10 +81,16 @@ def _triton_backend(logits: torch.Tensor):
     return TRITON
 
 
-def resolve_backend(backend: str, logits: torch.Tensor):
-    """The implementation for ``backend`` and these logits."""
+def check_backend_name(backend: str) -> str:
+    """``backend`` if it names a backend; a ValueError otherwise."""
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, logits: torch.Tensor):
+    """The implementation for ``backend`` and these logits."""
+    check_backend_name(backend)
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV_VAR, "")
         if forced:

@@ -40,7 +40,9 @@ def check_delta(delta, kind) -> float:
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
         raise TypeError(f"delta must be a real number, got {type(delta).__name__}")
     delta = float(delta)
-    if math.isnan(delta) or math.isinf(delta) or delta < 0:
+    # comparisons rather than math.isnan / isinf: under torch.compile(dynamic=True) delta is a
+    # symbolic float, which comparisons accept (NaN fails both)
+    if not 0 <= delta < math.inf:
         raise ValueError(f"delta must be a finite number >= 0, got {delta}")
     if kind.needs_smoothing and delta == 0:
         name = kind.paper.split(" (")[0]
@@ -91,32 +93,49 @@ NON_FINITE_LOGITS = "logits contain NaN or Inf; ranking losses need finite logit
 NON_FINITE_TARGETS = "targets contain NaN or Inf; use >0 (positive), 0 (negative) or <0 (ignored)"
 
 
-def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_above_one: bool = False) -> None:
-    """NonFiniteError for NaN/Inf in the logits or in float targets, ValueError for targets > 1
-    unless allowed.
+LOGIT_RANGE = (
+    "logits span [{low:g}, {high:g}], which with delta = {delta:g} and {n} elements is too wide for {dtype} "
+    "arithmetic: the loss's sums of logit differences would overflow. Rescale the logits or delta{hint}"
+)
 
-    It reads every element once, so that the loss fails here rather than return a silent NaN;
-    backends that check in a pass of their own skip it.
+
+def check_logit_range(low: float, high: float, delta: float, n: int, dtype: torch.dtype) -> None:
+    """ValueError when ``n * ((high + delta) - (low - delta))`` overflows ``dtype``, the loss's
+    compute dtype: the widest difference a loss forms (breakpoints ``s -/+ delta`` included),
+    summed over every element. Within that range finite logits give a finite, exact loss."""
+    # in Python floats (float64, which holds every float32 exactly), against the dtype's largest
+    # value: no torch op, so no kernel launch or host sync on the loss's path
+    widest = ((high + delta) - (low - delta)) * n
+    if not widest <= torch.finfo(dtype).max:  # NaN fails too
+        hint = "" if dtype == torch.float64 else ", or pass float64 logits"
+        raise ValueError(LOGIT_RANGE.format(low=low, high=high, delta=delta, n=n, dtype=dtype, hint=hint))
+
+
+def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_above_one: bool = False,
+                 delta: float = 0.0) -> None:
+    """NonFiniteError for NaN/Inf in the logits or in float targets; ValueError for targets > 1
+    unless allowed, and for logits too far apart for the compute dtype (``check_logit_range``).
+
+    It reads every element once and the device once, so that the loss fails here rather than
+    return a silent NaN; backends that check in a pass of their own skip it.
     """
     if logits.numel() == 0:
         return
-    if not _all_finite(logits):
-        raise NonFiniteError(NON_FINITE_LOGITS)
-    if targets.dtype == torch.bool:
-        return
-    low, high = torch.aminmax(targets)
-    if targets.is_floating_point() and not bool(torch.isfinite(low) & torch.isfinite(high)):
-        raise NonFiniteError(NON_FINITE_TARGETS)
-    if not allow_targets_above_one and float(high) > 1:
-        raise ValueError(TARGETS_ABOVE_ONE.format(f", got a target of {float(high):g}"))
-
-
-def _all_finite(x: torch.Tensor) -> bool:
+    logits, targets = logits.detach(), targets.detach()  # reading them must not warn about their graph
+    wide = wide_dtype(logits.device)
     # min and max propagate NaN and are infinite iff some element is: one pass instead of isfinite's four
-    if x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    ends = list(torch.aminmax(logits))
+    if targets.dtype != torch.bool:
+        ends += list(torch.aminmax(targets))
+    low, high, *target_ends = torch.stack([end.to(wide) for end in ends]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise NonFiniteError(NON_FINITE_LOGITS)
+    if target_ends:
+        if not all(map(math.isfinite, target_ends)):
+            raise NonFiniteError(NON_FINITE_TARGETS)
+        if not allow_targets_above_one and target_ends[1] > 1:
+            raise ValueError(TARGETS_ABOVE_ONE.format(f", got a target of {target_ends[1]:g}"))
+    check_logit_range(low, high, delta, logits.numel(), compute_dtype(logits.dtype))
 
 
 # Devices without float64 tensors (Apple MPS): the torch backend keeps its O(P + E) tables in

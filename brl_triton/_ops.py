@@ -40,9 +40,9 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
     if not implementation.checks_finite:
-        check_finite(logits, targets, allow_targets_above_one)
+        check_finite(logits, targets, allow_targets_above_one, delta)
     if spec.regression:
-        check_regression_losses(regression, logits)
+        check_regression_losses(regression, logits, targets)
     settings = Settings(None, deterministic, allow_targets_above_one)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())

@@ -169,10 +169,30 @@ def _positive_terms(box_coder, pred_deltas, target_deltas):
 
 
 class RankBasedRPN(RegionProposalNetwork):
-    """torchvision's RPN with the ranking loss of RS-R-CNN (see the module docstring)."""
+    """torchvision's RPN with the ranking loss of RS-R-CNN (see the module docstring).
+
+    Its buffer ``box_coder_weights`` says which box coder the regression layer's outputs are
+    for. A state dict without it (saved before conversion, for ``unconverted_box_coder_weights``)
+    or saved for other weights has the layer rescaled as it loads, so that loading before or
+    after :func:`convert_to_rank_based` gives the same model."""
 
     ranking: RankingLoss
     loss_weight: float
+    box_coder_weights: torch.Tensor
+    unconverted_box_coder_weights: tuple[float, float, float, float]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # state_dict is load_state_dict's own copy: replacing its entries leaves the caller's alone
+        key = prefix + "box_coder_weights"
+        saved_for = state_dict.get(key, torch.tensor(self.unconverted_box_coder_weights))
+        scale = self.box_coder_weights.cpu() / torch.as_tensor(saved_for, dtype=torch.float32).cpu()
+        for name in ("head.bbox_pred.weight", "head.bbox_pred.bias"):
+            if prefix + name in state_dict and not bool((scale == 1).all()):
+                state_dict[prefix + name] = _rescaled_rpn_regression(state_dict[prefix + name], scale)
+        state_dict[key] = self.box_coder_weights.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         objectness = objectness.flatten()
@@ -193,6 +213,18 @@ class RankBasedRoIHeads(RoIHeads):
 
     ranking: RankingLoss
     mask_positives_per_batch: int = MASK_POSITIVES_PER_BATCH
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a classifier saved before conversion is re-expressed against its background row as it
+        # loads, as the conversion did (a no-op on a converted one: its background row is zero)
+        weight, bias = prefix + "box_predictor.cls_score.weight", prefix + "box_predictor.cls_score.bias"
+        if weight in state_dict and isinstance(getattr(self.box_predictor, "cls_score", None), nn.Linear):
+            state_dict[weight] = _against_background(state_dict[weight])
+            if bias in state_dict:
+                state_dict[bias] = _against_background(state_dict[bias])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def subsample(self, labels):
         return [torch.where(labels_in_image >= 0)[0] for labels_in_image in labels]  # all but ignored
@@ -345,18 +377,45 @@ def _retype(module: torch.nn.Module, cls, **settings):
     return converted
 
 
+def _rank_based(head: torch.nn.Module, cls, ranking: RankingLoss, **settings):
+    """``head`` as the rank-based ``cls`` with ``ranking`` as its loss. aLRP's self-balancing weight
+    becomes the submodule ``alrp_balance``, so that it is in the model's state dict (and a resumed
+    run resumes it); the other losses add no key."""
+    converted = _retype(head, cls, ranking=ranking, **settings)
+    if _LOSSES[ranking.loss].regression:
+        converted.alrp_balance = ranking.balance
+    return converted
+
+
+def _rescaled_rpn_regression(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The RPN regression layer's weight or bias with its outputs, (anchor, dx/dy/dw/dh) in that
+    order, multiplied by ``scale`` (4,)."""
+    per_output = scale.to(tensor).repeat(tensor.shape[0] // 4)
+    return tensor * per_output.view(-1, *([1] * (tensor.dim() - 1)))
+
+
 @torch.no_grad()
-def _set_rpn_box_coder(rpn, weights):
+def _set_rpn_box_coder(rpn: RankBasedRPN, weights):
     """Give the RPN a box coder with ``weights`` and rescale its regression layer's outputs so
     that it proposes the same boxes as before (a pretrained RPN keeps its proposals)."""
-    old, new = torch.tensor(rpn.box_coder.weights), torch.tensor(weights)
+    old = tuple(rpn.box_coder.weights)
+    if not hasattr(rpn, "unconverted_box_coder_weights"):  # converting a converted RPN again keeps the first
+        rpn.unconverted_box_coder_weights = old
     layer = getattr(rpn.head, "bbox_pred", None)
-    if isinstance(layer, nn.Conv2d):  # outputs (anchor, dx/dy/dw/dh) in that order
-        scale = (new / old).to(layer.weight).repeat(layer.out_channels // 4)
-        layer.weight.mul_(scale.view(-1, 1, 1, 1))
-        if layer.bias is not None:
-            layer.bias.mul_(scale)
+    if isinstance(layer, nn.Conv2d):
+        scale = torch.tensor(weights) / torch.tensor(old)
+        for parameter in (layer.weight, layer.bias) if layer.bias is not None else (layer.weight,):
+            parameter.copy_(_rescaled_rpn_regression(parameter, scale))
     rpn.box_coder = det_utils.BoxCoder(weights, rpn.box_coder.bbox_xform_clip)
+    rpn.register_buffer("box_coder_weights", torch.tensor(weights, dtype=torch.float32))
+
+
+def _against_background(rows: torch.Tensor) -> torch.Tensor:
+    """A softmax classifier's weight or bias rows, the foreground rows minus the background row
+    (row 0), which becomes zero (see :func:`_foreground_against_background`)."""
+    converted = rows - rows[:1]
+    converted[0] = 0
+    return converted
 
 
 @torch.no_grad()
@@ -370,11 +429,9 @@ def _foreground_against_background(cls_score: nn.Linear):
     ``p_c / (p_c + p_background)`` of the softmax head. The background row, unused from here on,
     is zeroed, so converting twice changes nothing more.
     """
-    cls_score.weight[1:] -= cls_score.weight[0]
-    cls_score.weight[0] = 0
+    cls_score.weight.copy_(_against_background(cls_score.weight))
     if cls_score.bias is not None:
-        cls_score.bias[1:] -= cls_score.bias[0]
-        cls_score.bias[0] = 0
+        cls_score.bias.copy_(_against_background(cls_score.bias))
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
@@ -395,7 +452,15 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
     Returns:
         The same model object. Its training losses keep torchvision's names (FCOS loses
         ``bbox_ctrness``); classification targets are IoUs (> 0 positive), 0 negative, -1
-        ignored, as ``brl_triton`` expects. The state dict keeps its keys.
+        ignored, as ``brl_triton`` expects. The state dict keeps its keys, with two additions:
+        Faster/Mask R-CNN's ``rpn.box_coder_weights`` (the box coder the RPN's regression layer
+        is scaled for), and for aLRP each head's ``alrp_balance._extra_state`` (its
+        self-balancing weight, so that a resumed run resumes it). A checkpoint saved before
+        conversion (e.g. torchvision's pretrained weights) loads into the converted model,
+        strictly, before or after conversion alike: the RPN's regression layer is rescaled and
+        the RoI classifier re-expressed as they load. An unconverted model refuses a converted
+        checkpoint (its key ``rpn.box_coder_weights`` is unexpected) rather than load an RPN
+        scaled for another box coder.
 
     What the conversion sets (the official RS configs' values):
 
@@ -452,21 +517,21 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         if model.roi_heads.has_keypoint():
             raise ValueError("convert_to_rank_based does not support Keypoint R-CNN (keypoint heads); "
                              "Faster R-CNN, Mask R-CNN, RetinaNet and FCOS are supported")
-        model.rpn = _retype(model.rpn, RankBasedRPN, ranking=ranking, loss_weight=rpn_weight)
+        model.rpn = _rank_based(model.rpn, RankBasedRPN, ranking, loss_weight=rpn_weight)
         _set_rpn_box_coder(model.rpn, RPN_BOX_CODER_WEIGHTS)
         model.rpn._pre_nms_top_n = dict(RPN_PRE_NMS_TOP_N)
         model.rpn._post_nms_top_n = dict(RPN_POST_NMS_TOP_N)
-        model.roi_heads = _retype(model.roi_heads, RankBasedRoIHeads, ranking=replace(ranking),  # a balance of its own
-                                  score_thresh=ROI_SCORE_THRESH,
-                                  nms_thresh=ROI_NMS_THRESH, detections_per_img=DETECTIONS_PER_IMAGE)
+        model.roi_heads = _rank_based(model.roi_heads, RankBasedRoIHeads, replace(ranking),  # a balance of its own
+                                      score_thresh=ROI_SCORE_THRESH, nms_thresh=ROI_NMS_THRESH,
+                                      detections_per_img=DETECTIONS_PER_IMAGE)
         cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
         if isinstance(cls_score, nn.Linear):
             _foreground_against_background(cls_score)
     elif isinstance(model, RetinaNet):
-        model.head = _retype(model.head, RankBasedRetinaNetHead, ranking=ranking)
+        model.head = _rank_based(model.head, RankBasedRetinaNetHead, ranking)
         _set_dense_inference(model)
     elif isinstance(model, FCOS):
-        model.head = _retype(model.head, RankBasedFCOSHead, ranking=ranking)
+        model.head = _rank_based(model.head, RankBasedFCOSHead, ranking)
         model.head.regression_head.bbox_ctrness.requires_grad_(False)
         model.__class__ = RankBasedFCOS  # same object: only postprocess_detections differs
         _set_dense_inference(model)

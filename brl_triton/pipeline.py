@@ -81,11 +81,6 @@ def forward(backend, s, y, delta: float, kind, settings, regression=None):
     For a regression loss (aLRP) the outputs are the classification loss and the two parts of
     :func:`localisation_terms`."""
     positives = backend.find_positives(s, y, delta, kind, settings, regression)
-    if regression is not None:
-        own = 0 if positives is None else positives.index.numel()
-        if regression.numel() != own:
-            raise ValueError(f"regression_losses must hold one value per positive target ({own}, in flat "
-                             f"order), got {regression.numel()}")
     if positives is None:
         return None
     bins = backend.reduce_bins(s, y, positives, delta, kind, settings)

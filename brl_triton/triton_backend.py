@@ -41,7 +41,8 @@ import torch
 
 from . import pipeline, torch_backend
 from ._bins import bin_edges
-from ._common import NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, NonFiniteError, compute_dtype
+from ._common import (NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, NonFiniteError, check_logit_range,
+                      compute_dtype)
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, bins, positives, tiles
 from .kernels._config import read_host
@@ -152,13 +153,16 @@ class TritonBackend(pipeline.PipelineBackend):
             count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
         bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
 
-        p, bad_targets, bad_logits, _, num_edges = read_host(status[:_math.STATUS_NUM_EDGES.value + 1])
+        p, bad_targets, bad_logits, _, num_edges, largest, smallest_negated = read_host(
+            status[:_math.STATUS_LARGEST_NEGATED.value + 1])
         if bad_targets == 2:
             raise NonFiniteError(NON_FINITE_TARGETS)
         if bad_targets == 1:
             raise ValueError(TARGETS_ABOVE_ONE.format(""))
         if bad_logits:
             raise NonFiniteError(NON_FINITE_LOGITS)
+        if n:
+            check_logit_range(-_math.decode_code(smallest_negated), _math.decode_code(largest), delta, n, compute)
         if p == 0 and group is None:
             return None
         if num_edges > 0:

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import brl_triton
-from conftest import LOSSES, make_case
+from conftest import LOSSES, make_case, regression_losses_for
 
 
 def _batch(seed, p):
@@ -103,3 +103,47 @@ def test_triton_backend_compiles_whole_and_matches_eager():
         step(x_eager, targets).backward()
         torch.testing.assert_close(x.grad, x_eager.grad, atol=0, rtol=0)
     assert counter.frame_count == 1
+
+
+def _module_step(module_name):
+    spec = next(s for s in brl_triton.registry.LOSSES if s.module == module_name and s.variant_of is None)
+    criterion = getattr(brl_triton, module_name)(backend="torch")
+
+    def step(x, t):
+        out = criterion(x, t, regression_losses_for(t)) if spec.regression else criterion(x, t)
+        return sum(out) if isinstance(out, tuple) else out
+
+    return step
+
+
+def _function_step(function_name):
+    fn = getattr(brl_triton, function_name)
+
+    def step(x, t):
+        out = fn(x, t, regression_losses_for(t)) if "alrp" in function_name else fn(x, t)
+        return sum(out) if isinstance(out, tuple) else out
+
+    return step
+
+
+@pytest.mark.parametrize("name", [s.function_name for s in brl_triton.registry.LOSSES if s.variant_of is None]
+                         + [s.module for s in brl_triton.registry.LOSSES if s.variant_of is None])
+def test_dynamic_fullgraph_compile_of_every_function_and_module(name):
+    """dynamic=True makes the default delta a symbolic float, which the delta check once refused
+    (a graph break, so fullgraph=True failed). One compile serves every N and P, equal to eager."""
+    torch._dynamo.reset()
+    step = _module_step(name) if name[0].isupper() else _function_step(name)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    frames = None
+    for seed, (n, p) in enumerate(((200, 9), (310, 17), (450, 4))):
+        logits, targets = make_case(n, p, seed, dtype=torch.float32)
+        x, x_eager = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = compiled(x, targets)
+        loss.backward()
+        want = step(x_eager, targets)
+        want.backward()
+        torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-6, rtol=1e-5)
+        frames = counter.frame_count if frames is None else frames
+    assert counter.frame_count == frames  # no recompilation after the first call

@@ -326,7 +326,7 @@ def test_conversion_keeps_parameters_and_checks_arguments():
     model = _two_stage()
     keys = set(model.state_dict())
     assert convert_to_rank_based(model, "rs") is model
-    assert set(model.state_dict()) == keys
+    assert set(model.state_dict()) == keys | {"rpn.box_coder_weights"}  # the one key more (see below)
     fcos = _fcos_model()
     keys = set(fcos.state_dict())
     assert convert_to_rank_based(fcos) is fcos and set(fcos.state_dict()) == keys
@@ -379,8 +379,67 @@ def test_alrp_conversion_trains_box_regression_through_the_localisation_part(nam
     assert bool(regression.grad.abs().sum() > 0) and bool(_classifier(model).grad.abs().sum() > 0)
     # the weight is the period's (C + L) / L: with a period of one step, that step's
     balance = heads[-1].ranking.balance
-    balance.__init__(period=1)  # a fresh period of one step, initial weight 50
+    balance.load_state_dict(brl_triton.SelfBalancingWeight(period=1).state_dict())  # a fresh period of one step
     losses = model(_images(), _targets())
     classification = losses["loss_classifier" if name == "fasterrcnn" else "classification"]
     localisation = losses[box_key] / 50.0  # the initial weight
     assert balance.weight == pytest.approx(float((classification + localisation).detach() / localisation), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "fcos"])
+def test_alrp_self_balancing_weights_are_in_the_state_dict_and_resume(name):
+    """A resumed aLRP run once restarted every head's weight at 50: it lived outside the model."""
+    import io
+
+    model = _converted(name, "alrp")
+    heads = [model.rpn, model.roi_heads] if name == "fasterrcnn" else [model.head]
+    for index, head in enumerate(heads):  # mid-period: a weight, steps and the period's sums
+        head.ranking.balance.weight = 265.9 - index
+        head.ranking.balance.record(torch.tensor(0.8), torch.tensor(0.1 + index))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _converted(name, "alrp")
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed_heads = [resumed.rpn, resumed.roi_heads] if name == "fasterrcnn" else [resumed.head]
+    for head, original in zip(resumed_heads, heads):
+        assert head.ranking.balance.get_extra_state() == original.ranking.balance.get_extra_state()
+        assert head.ranking.balance.weight != 50.0
+    # the other losses add no key
+    assert not [key for key in _converted(name, "brs").state_dict() if "balance" in key]
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "maskrcnn"])
+@pytest.mark.parametrize("loss", ["brs", "alrp"])
+def test_a_checkpoint_saved_before_conversion_loads_into_the_converted_model(name, loss):
+    """Loading before or after convert_to_rank_based gives the same model: the RPN's regression
+    layer is rescaled for the converted box coder and the classifier re-expressed against its
+    background row as they load (once, the RPN's layer loaded back unscaled: 1 proposal of 257
+    matched the original's)."""
+    import copy
+
+    torch.manual_seed(0)
+    original = BUILDERS[name]()
+    checkpoint = copy.deepcopy(original.state_dict())
+    converted_then_nothing = convert_to_rank_based(copy.deepcopy(original), loss)
+    torch.manual_seed(1)  # other initial weights, all overwritten by the checkpoint
+    loaded_after = convert_to_rank_based(BUILDERS[name](), loss)
+    loaded_after.load_state_dict(checkpoint)  # strict: the missing marker and balance keys are filled in
+    want = converted_then_nothing.state_dict()
+    for key, value in loaded_after.state_dict().items():
+        if not key.endswith("_extra_state"):
+            torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
+    proposals = []
+    for model in (converted_then_nothing, loaded_after):
+        model.eval()
+        with torch.no_grad():
+            images = model.transform(_images())[0]
+            proposals.append(model.rpn(images, model.backbone(images.tensors))[0])
+    for a, b in zip(*proposals):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the converted checkpoint also loads back, unchanged; an unconverted model refuses it
+    again = convert_to_rank_based(BUILDERS[name](), loss)
+    again.load_state_dict(converted_then_nothing.state_dict())
+    torch.testing.assert_close(again.rpn.head.bbox_pred.weight, want["rpn.head.bbox_pred.weight"], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="rpn.box_coder_weights"):
+        BUILDERS[name]().load_state_dict(converted_then_nothing.state_dict())

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import brl_triton
 from conftest import LOSSES, assert_close, make_case, needs_smoothing, run_loss
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -93,8 +94,6 @@ def test_two_gloo_ranks_equal_the_concatenated_batch(backend):
 
 
 def test_process_group_needs_an_initialised_group_and_a_fast_backend():
-    import brl_triton
-
     with pytest.raises(ValueError, match="not initialized"):
         brl_triton.rank_sort_loss(torch.randn(5), torch.ones(5), process_group=object())
     with pytest.raises(ValueError, match="not 'reference'"):
@@ -153,3 +152,66 @@ def test_eight_gloo_ranks_share_the_positive_terms_and_equal_the_concatenated_ba
         grad = torch.cat([ranks[r][key][1] for r in range(EIGHT)])
         scale = want_grad.abs().max().item()
         assert_close(grad, want_grad, atol=1e-5 * scale, rtol=1e-4, what=f"{key} grad")
+
+
+def _compiled_worker(rank, world, init_file, out_dir):
+    """Each rank's losses and gradients, eager and under torch.compile; and the error of a wrong
+    number of regression losses, which every rank must raise before any collective."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        logits, targets = _case("both_ranks_have_positives")
+        results = {}
+        for name in ("bucketed_rank_sort", "alrp"):
+            fn, extra, _ = LOSSES[name]
+
+            def step(x, t):
+                out = fn(x, t, 0.5, backend="torch", process_group=dist.group.WORLD, **extra)
+                return sum(out) if isinstance(out, tuple) else out
+
+            for mode, call in (("eager", step), ("compiled", torch.compile(step))):
+                x = _shard(logits, rank).clone().requires_grad_(True)
+                loss = call(x, _shard(targets, rank))
+                loss.backward()
+                results[(name, mode)] = (loss.detach(), x.grad)
+        own = int((_shard(targets, rank) > 0).sum())
+        try:
+            brl_triton.alrp_loss(_shard(logits, rank), _shard(targets, rank), torch.rand(own + 1),
+                                 process_group=dist.group.WORLD)
+        except ValueError as error:
+            results["wrong count"] = str(error)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_compiled_step_with_a_process_group_runs_and_equals_eager():
+    """torch.compile of a step that passes process_group= once hung in the traced collectives: it
+    runs the loss eagerly behind a graph break (within the ranks' timeout), with eager's values."""
+    ranks = _run_ranks(_compiled_worker, WORLD)
+    logits, targets = _case("both_ranks_have_positives")
+    for name in ("bucketed_rank_sort", "alrp"):
+        want_loss, want_grad = run_loss(name, logits, targets, 0.5, "torch", upstream=(1.0, 1.0))
+        grads = []
+        for rank in ranks:
+            eager, compiled = rank[(name, "eager")], rank[(name, "compiled")]
+            torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+            torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=0)
+            assert_close(eager[0], sum(want_loss), atol=1e-6, rtol=1e-5, what=f"{name} loss")
+            grads.append(eager[1])
+        assert_close(torch.cat(grads), want_grad, atol=1e-5 * want_grad.abs().max().item(), rtol=1e-4,
+                     what=f"{name} grad")
+    # every rank passed one value too many: each raises before the collectives, so none waits
+    assert all("one value per positive" in rank["wrong count"] for rank in ranks)
+
+
+def test_fullgraph_compile_with_a_process_group_is_refused_with_the_reason(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        step = torch.compile(lambda x, t: brl_triton.ap_loss(x, t, process_group=dist.group.WORLD), fullgraph=True)
+        with pytest.raises(Exception, match="process_group= runs eagerly"):
+            step(torch.randn(10), torch.ones(10))
+    finally:
+        dist.destroy_process_group()

@@ -252,3 +252,144 @@ def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, 
     for got, want in zip(out, want_losses):
         assert_close(got, want, atol=1e-5, rtol=1e-4, what=f"{name} loss")
     assert_close(x.grad, want_grad, atol=1e-5 * float(want_grad.abs().max()), rtol=1e-3, what=f"{name} grad")
+
+
+ALL_BACKENDS = ["torch", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("function", [brl_triton.alrp_loss, brl_triton.bucketed_alrp_loss])
+@pytest.mark.parametrize("positives", [0, 3])
+def test_a_wrong_number_of_regression_losses_is_one_clear_error(function, backend, positives):
+    """Once an IndexError (torch), a shape mismatch (Triton), or, without positives, silently
+    accepted (reference)."""
+    logits, targets = torch.randn(40), torch.zeros(40)
+    targets[:positives] = 0.8
+    for count in (positives + 1, positives + 4) + ((positives - 1,) if positives else ()):
+        with pytest.raises(ValueError, match=rf"regression_losses must hold one value per positive target \({positives}"):
+            function(logits, targets, torch.rand(count), backend=backend)
+
+
+RANGE_CASES = {  # (logits, targets, delta): finite input whose differences overflow the compute dtype
+    "float32 +-1.8e38": (torch.tensor([-1.8e38, 1.8e38]), torch.tensor([1.0, 0.0]), 1.0),
+    "bfloat16 +-2e38": (torch.tensor([-2e38, 2e38], dtype=torch.bfloat16), torch.tensor([1.0, 0.0]), 1.0),
+    "float64 +-1e308": (torch.tensor([-1e308, 1e308], dtype=torch.float64), torch.tensor([1.0, 0.0]), 1.0),
+    "two positives apart": (torch.tensor([1.8e38, -1.8e38, 0.0, 3.0]), torch.tensor([1.0, 0.7, 0.0, 0.0]), 0.5),
+    "delta beyond float32": (torch.randn(30), (torch.arange(30) < 4).float(), 1e39),
+    "delta times N beyond float32": (torch.randn(300), (torch.arange(300) < 20).float(), 1e37),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", list(RANGE_CASES))
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_logits_too_far_apart_for_the_dtype_are_refused_not_nan(name, case, backend):
+    """These once gave NaN gradients (exact losses), NaN or zero losses (delta 1e39) or wrong
+    ones (delta 1e37: 0.966 against the reference's 0.933); every backend refuses them alike."""
+    logits, targets, delta = RANGE_CASES[case]
+    if LOSSES[name][2].needs_smoothing and delta == 0:
+        pytest.skip("needs delta > 0")
+    with pytest.raises(ValueError, match="too wide for"):
+        _call(name, logits, targets, delta, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_wide_but_representable_logits_still_match_the_reference(name, backend):
+    """The range check refuses only what overflows: logits 1e30 apart with delta 1e20 still run."""
+    logits = torch.tensor([-1e30, 1e30, 3.0, -2.0, 0.5])
+    targets = torch.tensor([0.9, 0.0, 0.6, 0.0, 0.0])
+    want_losses, want_grad = run_loss(name, logits, targets, 1e20, "reference")
+    got_losses, got_grad = run_loss(name, logits, targets, 1e20, backend)
+    for got, want in zip(got_losses, want_losses):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert bool(torch.isfinite(got_grad).all())
+    assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_the_alrp_module_takes_regression_losses_by_keyword_as_the_function_does():
+    logits, targets = torch.randn(30), torch.zeros(30)
+    targets[:4] = 0.7
+    regression = torch.rand(4)
+    for module, function in ((brl_triton.ALRPLoss(), brl_triton.alrp_loss),
+                             (brl_triton.BucketedALRPLoss(), brl_triton.bucketed_alrp_loss)):
+        want = function(logits, targets, regression)
+        for got in (module(logits, targets, regression_losses=regression),
+                    module(logits=logits, targets=targets, regression_losses=regression)):
+            assert [float(g) for g in got] == [float(w) for w in want]
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_targets_that_require_grad_raise_no_warning(name, recwarn):
+    import warnings
+
+    logits, targets = make_case(50, 5, 3, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under python -W error
+        _call(name, logits.requires_grad_(), targets.float().requires_grad_(), 0.5)
+
+
+@pytest.mark.parametrize("module", brl_triton.modules.__all__)
+def test_modules_refuse_a_bad_delta_or_backend_when_built(module):
+    cls = getattr(brl_triton, module)
+    with pytest.raises(ValueError, match="delta must be a finite number >= 0"):
+        cls(delta=-1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cls(backend="cuda")
+    if module in ("ALRPLoss", "BucketedALRPLoss"):
+        with pytest.raises(ValueError, match="delta must be > 0"):
+            cls(delta=0)
+    if module == "APLoss":
+        with pytest.raises(ValueError, match="delta must be > 0"):
+            cls(delta=0, interpolated=True)
+        cls(delta=0)  # the exact AP loss takes the hard step
+
+
+def test_self_balancing_weight_takes_numbers_skips_nan_steps_and_checks_period():
+    import numpy as np
+
+    balance = brl_triton.SelfBalancingWeight(period=np.int64(2))
+    assert balance.period == 2
+    balance(float("nan"), 0.1)  # a diverged step counts in the period but adds nothing
+    balance(0.6, 0.1)  # the period's end
+    assert balance.weight == pytest.approx((0.6 + 0.1) / 0.1)
+    balance(torch.tensor(0.8), torch.tensor(0.2))
+    balance(torch.tensor(0.4), torch.tensor(float("inf")))
+    assert balance.weight == pytest.approx((0.8 + 0.2) / 0.2)
+    for period in (True, 0, 2.5, "2"):
+        with pytest.raises(ValueError, match="period must be an int >= 1"):
+            brl_triton.SelfBalancingWeight(period)
+    with pytest.raises(ValueError, match="initial must be a finite number > 0"):
+        brl_triton.SelfBalancingWeight(3, initial=float("nan"))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_meta_tensors_give_meta_outputs_of_the_right_shapes(name):
+    fn, extra, spec = LOSSES[name]
+    logits = torch.empty(4, 50, device="meta", requires_grad=True)
+    targets = torch.empty(4, 50, device="meta")
+    arguments = (logits, targets, torch.empty(7, device="meta")) if spec.regression else (logits, targets)
+    owner = (getattr(brl_triton, brl_triton.registry.BY_NAME[spec.variant_of].function_name) if spec.variant_of
+             else getattr(brl_triton, spec.function_name))
+    out = owner(*arguments, 0.5, **extra)
+    out = out if isinstance(out, tuple) else (out,)
+    assert len(out) == len(spec.outputs)
+    assert all(o.device.type == "meta" and o.shape == () for o in out)
+    sum(out).backward()
+    assert logits.grad.device.type == "meta" and logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_torch_func_grad_equals_backward(name):
+    _, extra, spec = LOSSES[name]
+    owner = getattr(brl_triton, (brl_triton.registry.BY_NAME[spec.variant_of] if spec.variant_of else spec).function_name)
+    logits, targets = make_case(80, 6, 5, dtype=torch.float32)
+    regression = (regression_losses_for(targets),) if spec.regression else ()
+
+    def total(x):
+        out = owner(x, targets, *regression, 0.5, backend="torch", **extra)
+        return sum(out) if isinstance(out, tuple) else out
+
+    x = logits.clone().requires_grad_()
+    total(x).backward()
+    torch.testing.assert_close(torch.func.grad(total)(logits), x.grad, rtol=0, atol=0)

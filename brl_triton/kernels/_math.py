@@ -12,12 +12,14 @@ import struct
 import triton
 import triton.language as tl
 
-# status words of one loss call (int64); the host reads the first five in its one sync
+# status words of one loss call (int64); the host reads the first seven in its one sync
 STATUS_POSITIVES = tl.constexpr(0)  # positives found (the compaction's slot counter)
 STATUS_BAD_TARGETS = tl.constexpr(1)  # 2 if a float target is NaN/Inf, else 1 if one is above one
 STATUS_BAD_LOGITS = tl.constexpr(2)  # 1 if a logit is NaN/Inf
 STATUS_MAX_NEGATIVE = tl.constexpr(3)  # largest negative logit, encoded by max_negative_code (deterministic mode)
 STATUS_NUM_EDGES = tl.constexpr(4)  # bin edges the reduction uses; 0: finiteness check only
+STATUS_LARGEST = tl.constexpr(5)  # the largest finite logit, encoded by max_negative_code
+STATUS_LARGEST_NEGATED = tl.constexpr(6)  # the largest finite -logit (the smallest logit), encoded alike
 STATUS_WORDS = tl.constexpr(8)
 
 
@@ -76,6 +78,16 @@ def max_negative_code(s):
     bits = s.to(tl.float64).to(tl.int64, bitcast=True)
     ordered = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
     return (ordered >> 1) + 4611686018427387904  # 2^62
+
+
+def decode_code(code: int) -> float:
+    """The host's :func:`decode_max_negative`: the float64 an int64 code stands for."""
+    ordered = ((code - 4611686018427387904) << 1) | 1
+    ordered &= 0xFFFFFFFFFFFFFFFF
+    if ordered >= 1 << 63:  # as the kernel's signed int64
+        ordered -= 1 << 64
+    bits = ordered ^ ((ordered >> 63) & 0x7FFFFFFFFFFFFFFF)
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
 @triton.jit

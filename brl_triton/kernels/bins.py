@@ -6,7 +6,7 @@ Each element finds its bin by a binary search in registers among the E sorted ed
 negatives (``y == 0`` and ``s >= edges[0]``) take part. Offsets are int64, so N > 2^31 is safe.
 
 - reduction: reads logits and targets (4 + 4 bytes per element for float32), checks that every
-  logit is finite, and adds per bin the count (int64) and the sum of ``s - lower edge`` (offsets,
+  logit is finite, keeps the largest and smallest (for the host's range check), and adds per bin the count (int64) and the sum of ``s - lower edge`` (offsets,
   so that large logits do not cancel) with relaxed atomics: one per element, or, pre-aggregated,
   one per distinct bin of the block (the block sorted by bin, then a segmented sum). Float atomics
   make the sums' round-off order-dependent; deterministic mode adds int64 fixed point instead.
@@ -66,8 +66,16 @@ def _reduce_kernel(
     inside = offs < stop
     s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
     s = m.upcast(s, edges_ptr.dtype.element_ty)
-    bad = tl.max((inside & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), axis=0)
+    finite = (s == s) & (tl.abs(s) != float("inf"))
+    bad = tl.max((inside & ~finite).to(tl.int32), axis=0)
     tl.atomic_max(status_ptr + m.STATUS_BAD_LOGITS, bad.to(tl.int64), mask=bad > 0, sem="relaxed")
+    # the logits' range, which the host checks against the compute dtype (overflowing differences)
+    largest = tl.max(tl.where(inside & finite, s, -float("inf")), axis=0)
+    smallest_negated = tl.max(tl.where(inside & finite, -s, -float("inf")), axis=0)
+    tl.atomic_max(status_ptr + m.STATUS_LARGEST, m.max_negative_code(largest), mask=largest > -float("inf"),
+                  sem="relaxed")
+    tl.atomic_max(status_ptr + m.STATUS_LARGEST_NEGATED, m.max_negative_code(smallest_negated),
+                  mask=smallest_negated > -float("inf"), sem="relaxed")
     num_edges = tl.load(num_edges_ptr)
     if num_edges > 0:
         y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
