@@ -437,11 +437,18 @@ def _foreground_against_background(cls_score: nn.Linear):
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
                           rpn_weight: float = 0.2):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
-    version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place.
+    version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
+    Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
+    ranking loss of every decoder, encoder and denoising term with self-balanced box terms
+    (``brl_triton.detection_detr``, ``docs/detection_detr.md``; ``pip install 'brl_triton[detr]'``).
 
     Args:
         model: ``torchvision.models.detection.FasterRCNN`` or ``MaskRCNN`` (any backbone),
             ``RetinaNet`` or ``FCOS``, pretrained or not. Keypoint R-CNN and SSD are not supported.
+            Or ``transformers``' ``RTDetrForObjectDetection``, ``RTDetrV2ForObjectDetection``,
+            ``DFineForObjectDetection`` or ``Deimv2ForObjectDetection`` (other transformers
+            models raise a ``TypeError``); ``rpn_weight`` and what follows below are the
+            torchvision detectors' only.
         loss: ``"brs"`` (bucketed Rank & Sort, default), ``"rs"``, ``"bap"``, ``"ap"``, or aLRP:
             ``"alrp"`` / ``"balrp"`` (exact / bucketed; box losses become aLRP's localisation
             part with its self-balancing weight, see the module docstring).
@@ -512,6 +519,11 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         >>> detector = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=11)
         >>> model = convert_to_rank_based(detector, "brs")
     """
+    if any(cls.__module__.partition(".")[0] == "transformers" for cls in type(model).__mro__):
+        # imported here: transformers is an optional extra, and importing it is slow
+        from .detection_detr import convert_detr_to_rank_based
+
+        return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend)
     ranking = RankingLoss(loss, delta, backend)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
         if model.roi_heads.has_keypoint():
