@@ -26,8 +26,8 @@ non-zero if any step failed):
 4. **Determinism**: ``deterministic=True`` three times, bit-identical losses and gradients.
 5. **Crossover**: BRS at N = 10^6 for P from 4,096 to 65,536, the Triton backend with its
    register tiles against the same backend handing step 3 to the torch sweeps
-   (``triton_backend.SWEEP_FROM``, an estimate until this runs): the P from which the sweeps
-   win, to put into ``SWEEP_FROM``. Written to ``crossover.csv`` and ``results.md``.
+   (``triton_backend.TRITON_SWEEP_FROM``, an estimate until this runs): the P from which the sweeps
+   win, to put into ``TRITON_SWEEP_FROM``. Written to ``crossover.csv`` and ``results.md``.
 
 Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table, ready for the
 README, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
@@ -479,23 +479,23 @@ def run_crossover(device: str, sweep: Sweep) -> tuple[Step, list]:
     from .losses import LOSSES, detector_like_case, loss_step, time_ms
 
     rows = []
-    saved = triton_backend.SWEEP_FROM
+    saved = triton_backend.TRITON_SWEEP_FROM
     try:
         with tqdm(total=2 * len(sweep.crossover_p), desc="crossover", unit="run") as bar:
             for p in sweep.crossover_p:
                 logits, targets = detector_like_case(sweep.crossover_n, p, seed=p, device=device)
                 row = {"N": sweep.crossover_n, "P": p}
                 for path, sweep_from in (("tiles", sys.maxsize), ("sweeps", 1)):
-                    triton_backend.SWEEP_FROM = sweep_from
+                    triton_backend.TRITON_SWEEP_FROM = sweep_from
                     row[f"{path}_ms"] = time_ms(loss_step(LOSSES["brs"], "triton", logits, targets), device,
                                                 sweep.min_time)[0]
                     bar.update()
                 rows.append(row)
     finally:
-        triton_backend.SWEEP_FROM = saved
+        triton_backend.TRITON_SWEEP_FROM = saved
     winning = [r["P"] for r in rows if r["sweeps_ms"] <= r["tiles_ms"]]
     found = f"sweeps win from P = {winning[0]:,}" if winning else "the tiles win at every P timed"
-    return Step("crossover", "passed", f"{found}; SWEEP_FROM is {saved:,}"), rows
+    return Step("crossover", "passed", f"{found}; TRITON_SWEEP_FROM is {saved:,}"), rows
 
 
 def crossover_table(rows: list) -> str:

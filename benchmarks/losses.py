@@ -40,7 +40,7 @@ from torch.utils import benchmark
 from tqdm import tqdm
 
 import brl_triton
-from brl_triton import registry, torch_backend
+from brl_triton import _tables, registry
 
 from .sort_based import official_alrp_loop, sort_based_bucketed_loss
 
@@ -187,14 +187,14 @@ def _forward_backward(loss: Loss, backend: str, x, targets, regression) -> tuple
     """One call of the loss and its backward into ``x.grad``; ``torch_tiles`` is the torch
     backend kept on its O(P^2) tiles. Returns the outputs."""
     tiles = backend == "torch_tiles"
-    saved = torch_backend.SWEEP_FROM
-    torch_backend.SWEEP_FROM = sys.maxsize if tiles else saved
+    saved = _tables.SWEEP_FROM
+    _tables.SWEEP_FROM = sys.maxsize if tiles else saved
     try:
         out = loss.fn(x, targets, loss.delta, regression, backend="torch" if tiles else backend, **loss.kwargs)
         out = out if isinstance(out, tuple) else (out,)
         sum(out).backward()
     finally:
-        torch_backend.SWEEP_FROM = saved
+        _tables.SWEEP_FROM = saved
     return out
 
 
@@ -228,7 +228,7 @@ def sweeps_against_tiles(loss: Loss, logits, targets) -> float:
 
 def backends_for(loss: Loss, n: int, p: int, device: str, preset: dict | None = None) -> list[str]:
     names = (["triton"] if device == "cuda" else []) + ["torch"]
-    if torch_backend.SWEEP_FROM <= p <= TILES_MAX_P:
+    if _tables.SWEEP_FROM <= p <= TILES_MAX_P:
         names.append("torch_tiles")
     if loss.sort_based is not None and p <= (preset or {}).get("sort_based_max_p", SORT_BASED_MAX_P):
         names.append("sort_based")
@@ -249,9 +249,9 @@ def plan(preset: dict):
 
 def triton_configs() -> str:
     """The config each tunable kernel ran with: its heuristic default, or what BRL_AUTOTUNE=1 chose."""
-    from brl_triton.kernels import bins, tiles
+    from brl_triton.kernels import streaming, tiles
 
-    kernels = {"reduce": bins.REDUCE, "positive_terms": tiles.POSITIVE_TERMS, "finish": tiles.FINISH}
+    kernels = {"reduce": streaming.REDUCE, "per_positive": tiles.PER_POSITIVE, "finish": tiles.FINISH}
     return "; ".join(f"{name}: {getattr(k.tuned, 'best_config', None) or k.default}" for name, k in kernels.items())
 
 

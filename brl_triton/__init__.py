@@ -5,7 +5,7 @@ the list of losses.
 """
 
 from . import functional, modules
-from ._common import NonFiniteError as NonFiniteError
+from ._checks import NonFiniteError as NonFiniteError
 from .balancing import SelfBalancingWeight as SelfBalancingWeight
 from .functional import *  # noqa: F403  (one function per loss of the registry)
 from .modules import *  # noqa: F403  (one module per loss of the registry)

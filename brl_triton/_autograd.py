@@ -5,8 +5,8 @@ A backend is an object with
 - ``inputs(logits, targets) -> (s, y)``: what its forward and backward read, e.g. flat tensors in
   the compute dtype (``_common.flat_inputs``), or the tensors as they are for kernels that read
   any layout and dtype.
-- ``forward(s, y, delta, kind, settings, regression) -> (losses, state) | None``: ``None`` when
-  there is no positive (in the whole process group). ``kind`` is the ``registry.LossSpec``;
+- ``forward(s, y, delta, spec, settings, regression) -> (losses, state) | None``: ``None`` when
+  there is no positive (in the whole process group). ``spec`` is the ``registry.LossSpec``;
   ``regression`` its regression losses or None. For a regression loss the outputs are the
   classification loss and ``pipeline.localisation_terms`` (not differentiable).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
@@ -28,28 +28,28 @@ class RankingLossFunction(torch.autograd.Function):
     ``forward`` and ``setup_context`` are separate, as ``torch.func`` transforms require."""
 
     @staticmethod
-    def forward(logits, targets, delta: float, kind, backend, settings: Settings, regression=None):
+    def forward(logits, targets, delta: float, spec, backend, settings: Settings, regression=None):
         s, y = backend.inputs(logits, targets)
-        result = backend.forward(s, y, delta, kind, settings, regression)
+        result = backend.forward(s, y, delta, spec, settings, regression)
         out_dtype = compute_dtype(logits.dtype)
         if result is None:
-            outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(kind.ranking_outputs))
-            if kind.regression:  # no localisation weight, nothing from other ranks
+            outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(spec.ranking_outputs))
+            if spec.regression:  # no localisation weight, nothing from other ranks
                 outputs += (logits.new_zeros(regression.numel(), dtype=wide_dtype(logits.device)),
                             logits.new_zeros((), dtype=wide_dtype(logits.device)))
             return (*outputs, None)
         losses = result[0]
-        outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:kind.ranking_outputs])
-        return (*outputs, *losses[kind.ranking_outputs:], result[1])
+        outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:spec.ranking_outputs])
+        return (*outputs, *losses[spec.ranking_outputs:], result[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, targets, delta, kind, backend, settings, regression = inputs
-        ctx.backend, ctx.delta, ctx.kind = backend, delta, kind
+        logits, targets, delta, spec, backend, settings, regression = inputs
+        ctx.backend, ctx.delta, ctx.spec = backend, delta, spec
         ctx.state = output[-1]
         ctx.save_for_backward(logits, targets)
-        if kind.regression:
-            ctx.mark_non_differentiable(*output[kind.ranking_outputs:-1])
+        if spec.regression:
+            ctx.mark_non_differentiable(*output[spec.ranking_outputs:-1])
 
     @staticmethod
     def backward(ctx, *grad_outputs):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from ._common import flat_inputs
-from .reference import localisation_weights
+from .reference import localisation_weights, reference_for
 from .torch_backend import TORCH
 
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
@@ -32,9 +32,9 @@ class ReferenceBackend:
     inputs = staticmethod(flat_inputs)
 
     @staticmethod
-    def forward(s, y, delta, kind, settings=None, regression=None):
-        result = kind.reference(s, y, delta, kind, regression)
-        if result is None or not kind.regression:
+    def forward(s, y, delta, spec, settings=None, regression=None):
+        result = reference_for(spec)(s, y, delta, spec, regression)
+        if result is None or not spec.regression:
             return result
         (classification, rank), grads = result
         weights = localisation_weights(s, y, rank).to(s.device)

@@ -6,7 +6,7 @@ sum. Every rank then sorts the same positives, computes the same losses and per-
 tables, and writes the gradient of its own elements. The ranks' sums meet in the all-reduce, so
 results equal the single-process ones on the concatenated batch up to float round-off.
 
-From ``torch_backend.SWEEP_FROM`` positives on, the work that grows with the positives is split
+From ``_tables.SWEEP_FROM`` positives on, the work that grows with the positives is split
 too: each rank sums the positive terms of one slice of the sorted positives, and one more
 all-gather (``share_slices``, a few float64 per positive) gives every rank all of them; a second
 one shares the slices' sorting gradients (Rank & Sort) and the bins' gradient.

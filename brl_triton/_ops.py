@@ -20,7 +20,9 @@ import torch
 
 from . import registry
 from ._backends import resolve_backend
-from ._common import Settings, check_finite, compute_dtype, wide_dtype
+from ._checks import check_values
+from ._common import Settings, compute_dtype, wide_dtype
+from ._outputs import assemble_outputs
 
 
 def _implementation(backend: str, logits):
@@ -35,14 +37,9 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
                     loss: str, backend: str, deterministic: bool, allow_targets_above_one: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses (ranking outputs, stacked) and, for aLRP, the localisation weights."""
-    from .functional import check_regression_losses
-
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
-    if not implementation.checks_finite:
-        check_finite(logits, targets, allow_targets_above_one, delta)
-    if spec.regression:
-        check_regression_losses(regression, logits, targets)
+    check_values(spec, logits, targets, delta, regression, allow_targets_above_one, implementation.checks_finite)
     settings = Settings(None, deterministic, allow_targets_above_one)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())
@@ -103,10 +100,7 @@ torch.library.register_autograd("brl_triton::ranking_forward", _backward, setup_
 def compiled_apply(spec, logits, targets, delta, backend, deterministic, regression_losses, allow_targets_above_one):
     """The functions' path under ``torch.compile``: the same outputs as the eager path."""
     regression = None if regression_losses is None else regression_losses.detach()
-    losses, weight = ranking_forward(logits, targets, regression, delta, spec.name, backend, bool(deterministic),
-                                     bool(allow_targets_above_one))
-    outputs = tuple(losses[i] for i in range(spec.ranking_outputs))
-    if spec.regression:
-        out_dtype = compute_dtype(logits.dtype)
-        outputs = outputs + (torch.dot(regression_losses.reshape(-1).to(weight.dtype), weight).to(out_dtype),)
-    return outputs if len(outputs) > 1 else outputs[0]
+    losses, weights = ranking_forward(logits, targets, regression, delta, spec.name, backend, bool(deterministic),
+                                      bool(allow_targets_above_one))
+    ranking_losses = tuple(losses[i] for i in range(spec.ranking_outputs))
+    return assemble_outputs(spec, logits, ranking_losses, regression_losses, weights)

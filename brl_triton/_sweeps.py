@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._bins import rounded_up_sum
+from ._edges import rounded_up_sum
 
 # Rows of prefix sums gathered at once in the wavelet walk: 8 MiB at four float64 columns
 WALK_BLOCK = 1 << 18

@@ -55,33 +55,37 @@ from torch import Tensor
 from . import registry
 from ._autograd import RankingLossFunction
 from ._backends import resolve_backend
-from ._common import NonFiniteError, Settings, check_delta, check_finite, check_inputs
+from ._checks import check_delta, check_inputs, check_regression_type, check_values
+from ._common import Settings
 from ._ops import compiled_apply
+from ._outputs import assemble_outputs
 
 __all__ = ["bucketed_rank_sort_loss", "rank_sort_loss", "bucketed_ap_loss", "ap_loss", "alrp_loss",
            "bucketed_alrp_loss"]
 
 
-def _apply(kind, logits, targets, delta, backend, process_group, deterministic, regression_losses=None,
+def _apply(spec, logits, targets, delta, backend, process_group, deterministic, regression_losses=None,
            allow_targets_above_one=False):
-    delta = check_delta(delta, kind)
+    """Every function's body: the host-side checks, then the eager autograd Function, or under
+    ``torch.compile`` (and for meta tensors) the ``torch.library`` ops of ``_ops``."""
+    delta = check_delta(delta, spec)
     check_inputs(logits, targets)
     deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
-    if kind.regression:
-        _check_regression_type(regression_losses, logits)
-    arguments = (kind, logits, targets, delta, backend, process_group, deterministic, regression_losses,
+    if spec.regression:
+        check_regression_type(regression_losses, logits)
+    arguments = (spec, logits, targets, delta, backend, process_group, deterministic, regression_losses,
                  bool(allow_targets_above_one))
     if process_group is not None and torch.compiler.is_compiling():
         return _apply_with_process_group(*arguments)
     if torch.compiler.is_compiling() or logits.device.type == "meta":
-        # the torch.library ops, which the compiler sees through (and whose fake kernels give
-        # meta tensors their outputs' shapes)
-        return compiled_apply(kind, logits, targets, delta, backend, deterministic, regression_losses,
+        # the ops that the compiler sees through (and whose fake kernels give meta tensors their
+        # outputs' shapes)
+        return compiled_apply(spec, logits, targets, delta, backend, deterministic, regression_losses,
                               allow_targets_above_one)
     return _apply_eagerly(*arguments)
 
 
-def _apply_eagerly(kind, logits, targets, delta, backend, process_group, deterministic, regression_losses,
+def _apply_eagerly(spec, logits, targets, delta, backend, process_group, deterministic, regression_losses,
                    allow_targets_above_one):
     implementation = resolve_backend(backend, logits)
     if process_group is not None:
@@ -89,17 +93,16 @@ def _apply_eagerly(kind, logits, targets, delta, backend, process_group, determi
             raise ValueError("process_group is supported by the 'torch' and 'triton' backends, not 'reference'")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialized")
-    if not implementation.checks_finite:
-        check_finite(logits, targets, allow_targets_above_one, delta)
-    if kind.regression:
-        check_regression_losses(regression_losses, logits, targets)
+    check_values(spec, logits, targets, delta, regression_losses, allow_targets_above_one,
+                 implementation.checks_finite)
     settings = Settings(process_group, deterministic, allow_targets_above_one)
-    *outputs, _state = RankingLossFunction.apply(logits, targets, delta, kind, implementation, settings,
+    *outputs, _state = RankingLossFunction.apply(logits, targets, delta, spec, implementation, settings,
                                                  None if regression_losses is None else regression_losses.detach())
-    if kind.regression:
-        classification, weights, other = outputs
-        return classification, localisation(logits, regression_losses, weights, other)
-    return tuple(outputs) if len(outputs) > 1 else outputs[0]
+    ranking_losses = tuple(outputs[:spec.ranking_outputs])
+    if spec.regression:
+        weights, other = outputs[spec.ranking_outputs:]
+        return assemble_outputs(spec, logits, ranking_losses, regression_losses, weights, other)
+    return assemble_outputs(spec, logits, ranking_losses)
 
 
 # A global ranking exchanges data-dependent numbers of positives between the ranks, which a
@@ -109,47 +112,6 @@ _apply_with_process_group = torch.compiler.disable(
     _apply_eagerly, reason="brl_triton: a loss with process_group= runs eagerly (its collectives exchange "
                            "data-dependent numbers of positives); compile without fullgraph=True, or rank each "
                            "process's batch alone (process_group=None)")
-
-
-def check_regression_losses(regression_losses, logits, targets) -> None:
-    """Finite values >= 0 on the logits' device, one per positive of ``targets`` (of this
-    process, with a process group)."""
-    _check_regression_type(regression_losses, logits)
-    values = regression_losses.detach().reshape(-1)
-    checks = [(targets.detach() > 0).sum()]
-    if values.numel():
-        low, high = torch.aminmax(values)
-        inf = float("inf")  # NaN fails both comparisons
-        checks += [(low > -inf) & (high < inf), low >= 0]
-    # one host read for all checks
-    positives, *finite_and_non_negative = torch.stack([c.to(torch.int64) for c in checks]).tolist()
-    if finite_and_non_negative:
-        finite, non_negative = finite_and_non_negative
-        if not finite:  # a diverged model's boxes, as its logits
-            raise NonFiniteError("regression_losses contain NaN or Inf; they must be finite and >= 0")
-        if not non_negative:
-            raise ValueError("regression_losses must be finite and >= 0 (e.g. a GIoU loss scaled to [0, 1])")
-    if values.numel() != positives:
-        raise ValueError(f"regression_losses must hold one value per positive target ({positives}, in the flat "
-                         f"order of targets > 0), got {values.numel()}")
-
-
-def _check_regression_type(regression_losses, logits) -> None:
-    if not isinstance(regression_losses, torch.Tensor):
-        raise TypeError(f"regression_losses must be a torch.Tensor, got {type(regression_losses).__name__}")
-    if not regression_losses.is_floating_point():
-        raise TypeError(f"regression_losses must be a floating-point tensor, got {regression_losses.dtype}")
-    if regression_losses.device != logits.device:
-        raise ValueError(f"regression_losses must be on the logits' device {logits.device}, "
-                         f"got {regression_losses.device}")
-
-
-def localisation(logits, regression_losses, weights, other) -> torch.Tensor:
-    """aLRP's localisation part, ``sum_k c_k l_k`` plus what other ranks' positives add
-    (``pipeline.localisation_terms``): the weights ``c`` are its gradient, so autograd's backward
-    is one multiply, and with a process group the gradient reaches this rank's values."""
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return (torch.dot(regression_losses.reshape(-1).to(weights.dtype), weights) + other).to(out_dtype)
 
 
 def bucketed_rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5, *, backend: str = "auto",

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import functional, registry
 from ._backends import check_backend_name
-from ._common import check_delta
+from ._checks import check_delta
 
 __all__ = ["BucketedRankSortLoss", "RankSortLoss", "BucketedAPLoss", "APLoss", "ALRPLoss", "BucketedALRPLoss"]
 

@@ -5,9 +5,9 @@ forward
        their targets, flat positions and, for aLRP, regression losses; with a process group,
        those of every rank (one all-gather). ``None`` when there is none.
     2. ``reduce_bins``: one pass over all logits: count and offset sum of the negatives per bin
-       (``_bins``: buckets or breakpoint bins, key 0 = no bin); with a process group, summed over
+       (``_edges``: buckets or breakpoint bins, key 0 = no bin); with a process group, summed over
        the ranks (one all-reduce).
-    3. ``positive_terms``: positives x bins and positives x positives sums, the per-positive
+    3. ``gradient_tables``: positives x bins and positives x positives sums, the per-positive
        formulas of the loss (``registry.LossSpec.formulas``), the losses, the positives' gradients
        and the per-bin gradient tables.
 backward
@@ -16,7 +16,7 @@ backward
 A backend supplies these four steps (and ``inputs``, what its steps read). A step may do the
 work of later ones when that saves launches or host syncs: the Triton backend's
 ``find_positives`` also reduces the bins before its one host sync and hands them on in
-``Positives.fused``, and its ``positive_terms`` is two kernels for everything of step 3. What
+``TritonPositives``, and its ``gradient_tables`` is two kernels for everything of step 3. What
 lives here, once: the order of the steps, the restriction of a global ranking to this process's
 positives, and aLRP's localisation weights.
 """
@@ -37,7 +37,8 @@ class Positives:
     ``s``: logits (compute dtype); ``y``: targets (float64); ``index``: flat positions of this
     process's positives, in that order; ``mine``: where this process's positives sit in that
     order (None: all are this process's); ``regression``: aLRP's regression losses in that order
-    (float64) or None; ``fused``: whatever a backend computed ahead for its later steps.
+    (float64) or None. A backend may subclass it to hand its later steps what it computed ahead
+    (``triton_backend.TritonPositives``).
     """
 
     s: torch.Tensor
@@ -45,12 +46,11 @@ class Positives:
     index: torch.Tensor
     mine: torch.Tensor | None = None
     regression: torch.Tensor | None = None
-    fused: object = None
 
 
 @dataclass
-class Terms:
-    """What ``positive_terms`` gives: the losses (0-d tensors, one per ranking output), the
+class GradientTables:
+    """What ``gradient_tables`` gives: the losses (0-d tensors, one per ranking output), the
     positives' gradients of the ranking and sorting outputs (p,), aLRP's rank(i) (p,), and the
     per-bin gradient tables (E + 1 each, key 0 = no bin; ``slope`` only for exact losses with
     delta > 0): a negative in bin ``key`` gets ``const[key] + slope[key] * (s - lower[key])``."""
@@ -64,7 +64,7 @@ class Terms:
 
 
 @dataclass
-class Tables:
+class SavedTables:
     """What forward keeps for backward: O(p + E) tensors and the backend's bins."""
 
     bins: object
@@ -75,27 +75,27 @@ class Tables:
     pos_sort_grad: torch.Tensor | None
 
 
-def forward(backend, s, y, delta: float, kind, settings, regression=None):
+def forward(backend, s, y, delta: float, spec, settings, regression=None):
     """Losses and the backward tables, or ``None`` without positives (in the whole group).
 
     For a regression loss (aLRP) the outputs are the classification loss and the two parts of
     :func:`localisation_terms`."""
-    positives = backend.find_positives(s, y, delta, kind, settings, regression)
+    positives = backend.find_positives(s, y, delta, spec, settings, regression)
     if positives is None:
         return None
-    bins = backend.reduce_bins(s, y, positives, delta, kind, settings)
-    terms = backend.positive_terms(positives, bins, delta, kind, settings)
+    bins = backend.reduce_bins(s, y, positives, delta, spec, settings)
+    terms = backend.gradient_tables(positives, bins, delta, spec, settings)
     pos_rank_grad, pos_sort_grad = terms.pos_rank_grad, terms.pos_sort_grad
     if positives.mine is not None:
         pos_rank_grad = pos_rank_grad[positives.mine]
         pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[positives.mine]
     losses = terms.losses
-    if kind.regression:
+    if spec.regression:
         losses = losses + localisation_terms(terms.rank, positives)
-    return losses, Tables(bins, terms.const, terms.slope, positives.index, pos_rank_grad, pos_sort_grad)
+    return losses, SavedTables(bins, terms.const, terms.slope, positives.index, pos_rank_grad, pos_sort_grad)
 
 
-def backward(backend, tables: Tables, s, y, grad_outputs) -> torch.Tensor:
+def backward(backend, tables: SavedTables, s, y, grad_outputs) -> torch.Tensor:
     """The flat gradient for the upstream gradients of the outputs."""
     return backend.distribute(tables, s, y, grad_outputs)
 
@@ -133,8 +133,8 @@ class PipelineBackend:
     name = ""
     checks_finite = False
 
-    def forward(self, s, y, delta, kind, settings, regression=None):
-        return forward(self, s, y, delta, kind, settings, regression)
+    def forward(self, s, y, delta, spec, settings, regression=None):
+        return forward(self, s, y, delta, spec, settings, regression)
 
     def backward(self, tables, s, y, grad_outputs):
         return backward(self, tables, s, y, grad_outputs)

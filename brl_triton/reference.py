@@ -54,12 +54,12 @@ def _sets(s, y, delta):
     return s, y, pos_index, neg_index
 
 
-def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regression=None):
+def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, spec, regression=None):
     """Losses and, per output, the gradient d(output)/d(logits) of the identity update.
 
     Args:
         s: flat logits, any float dtype. y: flat targets (>0 positive, 0 negative, <0 ignored).
-        kind: the ``registry.LossSpec`` (its ``bucketed``, ``sorting``, ``interpolated`` flags).
+        spec: the ``registry.LossSpec`` (its ``bucketed``, ``sorting``, ``interpolated`` flags).
     Returns:
         ``(losses, grads)``: tuples with one float64 0-d tensor / one float64 (M,) tensor per
         output (ranking and sorting for Rank & Sort, one for AP), or ``None`` when there is no
@@ -70,12 +70,12 @@ def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regr
     if p == 0:
         return None
     s_pos, y_pos, s_neg = s[pos_index], y[pos_index], s[neg_index]
-    if kind.bucketed:
+    if spec.bucketed:
         member_of, counts, means = _buckets(s_pos, s_neg, delta)
 
     def false_positives(i):
         """FP(i) and the factor H(s_j - s_i) (or H(m_b - s_i)) of every relevant negative."""
-        if kind.bucketed:
+        if spec.bucketed:
             h = step(means - s_pos[i], delta)
             return (counts * h).sum(), h[member_of]
         h = step(s_neg - s_pos[i], delta)
@@ -85,12 +85,12 @@ def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regr
     fp = torch.zeros(p, dtype=torch.float64)
     for i in range(p):
         h_pos = step(s_pos - s_pos[i], delta)
-        rank_plus[i] = h_pos.sum() if not kind.interpolated else 1 + h_pos.sum() - h_pos[i]
+        rank_plus[i] = h_pos.sum() if not spec.interpolated else 1 + h_pos.sum() - h_pos[i]
         fp[i] = false_positives(i)[0]
 
     grad_rank = torch.zeros_like(s)
     neg_grad = torch.zeros_like(s_neg)
-    if kind.interpolated:
+    if spec.interpolated:
         precision = rank_plus / (rank_plus + fp)
         best = 0.0
         best_after = torch.zeros(p, dtype=torch.float64)
@@ -111,7 +111,7 @@ def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regr
             neg_grad += ranking_error[i] * false_positives(i)[1] / fp[i] / p
     grad_rank[pos_index] = -ranking_error / p
     grad_rank[neg_index] = neg_grad
-    if not kind.sorting:
+    if not spec.sorting:
         return (ranking_error.mean(),), (grad_rank,)
 
     sorting_error = torch.zeros(p, dtype=torch.float64)
@@ -134,7 +134,7 @@ def ranking_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regr
     return (ranking_error.mean(), sorting_error.mean()), (grad_rank, grad_sort)
 
 
-def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regression: torch.Tensor):
+def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, spec, regression: torch.Tensor):
     """aLRP's classification part, straight from its definition.
 
     Args:
@@ -153,7 +153,7 @@ def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regress
         raise ValueError(f"regression_losses must hold one value per positive target ({p}, in flat order), "
                          f"got {l.numel()}")
     s_pos, s_neg = s[pos_index], s[neg_index]
-    if kind.bucketed:
+    if spec.bucketed:
         member_of, counts, means = _buckets(s_pos, s_neg, delta)
     grad = torch.zeros_like(s)
     neg_grad = torch.zeros_like(s_neg)
@@ -162,7 +162,7 @@ def alrp_reference(s: torch.Tensor, y: torch.Tensor, delta: float, kind, regress
     for i in range(p):
         others = torch.arange(p) != i
         h_pos = step(s_pos[others] - s_pos[i], delta)
-        if kind.bucketed:
+        if spec.bucketed:
             h_bucket = step(means - s_pos[i], delta)
             fp, h_neg = (counts * h_bucket).sum(), h_bucket[member_of]
         else:
@@ -207,3 +207,9 @@ def localisation_weights(s: torch.Tensor, y: torch.Tensor, rank: torch.Tensor) -
     """``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)`` for the positives in flat order:
     the localisation part is ``sum_k c_k l_k``, so ``c`` is its gradient (of the oracle above)."""
     return alrp_localisation_reference(s, y, torch.zeros(rank.numel()), rank)[1]
+
+
+def reference_for(spec):
+    """The O(P*N) oracle of a ``registry.LossSpec``: ``(s, y, delta, spec, regression)`` ->
+    ``((losses...), (gradients...))`` or None without positives."""
+    return alrp_reference if spec.regression else ranking_reference

@@ -2,26 +2,23 @@
 functional API (``functional``), the ``nn.Module`` wrappers (``modules``), the detection
 ``loss=`` choices, the benchmark rows and the tests' parametrisation.
 
-An entry says what a loss computes; the backends read its flags:
+An entry is data: it says what a loss computes, and the rest of the package reads its flags
+(this module imports nothing of the package):
 
 - ``bucketed``: negatives are grouped into buckets between consecutive positives (prototype =
   bucket mean); otherwise every negative counts with its own logit (breakpoint bins).
-- ``formulas``: per-positive formulas, from the per-positive sums to the losses and gradient
-  tables (``_positive_terms``); the Triton kernels specialise on ``sorting``/``interpolated``/
-  ``regression`` for the same formulas.
-- ``reference``: the O(P*N) oracle of ``reference.py``.
+- ``sorting`` / ``interpolated`` / ``regression``: which per-positive formulas apply
+  (``_formulas.formulas_for``, and the same branches in the Triton kernel of ``kernels/tiles.py``)
+  and which O(P*N) oracle checks them (``reference.reference_for``).
 
-Adding a loss: one entry here, its formulas in ``_positive_terms.py`` (and the tile kernel's
-branch) and its reference in ``reference.py``.
+Adding a loss: one entry here, its formulas in ``_formulas.py`` (and the tile kernel's
+branch), its reference in ``reference.py``, and its function and module written out in
+``functional.py`` and ``modules.py`` (a test checks them against the entry).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
-from . import _positive_terms as formulas
-from . import reference
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -30,9 +27,8 @@ class LossSpec:
 
     ``name``: stem of the function (``<name>_loss``); ``short``: its name in detection configs
     and benchmark tables; ``module``: its ``nn.Module`` class name; ``outputs``: names of the
-    returned 0-d losses; ``paper``: where it comes from; ``summary``: what it computes, for the
-    docstrings; ``variant_of``/``option``: a keyword of another loss's function selects it
-    (``ap_loss(interpolated=True)``).
+    returned 0-d losses; ``paper``: where it comes from; ``variant_of``/``option``: a keyword of
+    another loss's function selects it (``ap_loss(interpolated=True)``).
     """
 
     name: str
@@ -41,10 +37,7 @@ class LossSpec:
     delta: float
     outputs: tuple[str, ...]
     bucketed: bool
-    formulas: Callable = field(repr=False, compare=False)
-    reference: Callable = field(repr=False, compare=False)
     paper: str = ""
-    summary: str = ""
     sorting: bool = False
     interpolated: bool = False
     regression: bool = False  # takes one regression loss per positive, returns a localisation loss
@@ -62,6 +55,11 @@ class LossSpec:
         part is formed afterwards)."""
         return 1 if self.regression else len(self.outputs)
 
+    def has_slope(self, delta: float) -> bool:
+        """Whether a negative's gradient is affine in its logit within a bin (exact losses with
+        delta > 0, whose bins lie between breakpoints), not constant (buckets, or the hard step)."""
+        return delta > 0 and not self.bucketed
+
     @property
     def needs_smoothing(self) -> bool:
         """delta must be > 0 (the loss divides by the smoothed rank or uses H(0) = 1/2)."""
@@ -70,62 +68,36 @@ class LossSpec:
 
 BUCKETED_RANK_SORT = LossSpec(
     "bucketed_rank_sort", "brs", "BucketedRankSortLoss", 0.5, ("ranking", "sorting"), bucketed=True, sorting=True,
-    formulas=formulas.rank_sort_terms, reference=reference.ranking_reference,
     paper="Bucketed Rank & Sort (BRS, Yavuz et al., ECCV 2024)",
-    summary="The negatives between two consecutive positives (in descending logit order) form a bucket and "
-            "act as that many copies of their mean logit, so the cost is O(M log P + P log P) instead of "
-            "the O(P * M) of Rank & Sort. With delta == 0 it equals rank_sort_loss exactly.",
 )
 RANK_SORT = LossSpec(
     "rank_sort", "rs", "RankSortLoss", 0.5, ("ranking", "sorting"), bucketed=False, sorting=True,
-    formulas=formulas.rank_sort_terms, reference=reference.ranking_reference,
     paper="Rank & Sort (RS, Oksuz et al., ICCV 2021), exact, at bucketed cost",
-    summary="Every relevant negative counts with its own logit. H is piecewise linear with kinks at "
-            "s_i -/+ delta, so the negatives are reduced per interval between those 2P breakpoints, which "
-            "gives the exact loss and gradient in O(M log P + P log P).",
 )
 BUCKETED_AP = LossSpec(
     "bucketed_ap", "bap", "BucketedAPLoss", 1.0, ("ap",), bucketed=True,
-    formulas=formulas.ranking_terms, reference=reference.ranking_reference,
     paper="Bucketed AP loss (BAP, Yavuz et al., ECCV 2024)",
-    summary="The mean bucketed ranking error over positives. Only whether a target is positive matters "
-            "(usually 1); there is no sorting term.",
 )
 AP = LossSpec(
     "ap", "ap", "APLoss", 1.0, ("ap",), bucketed=False,
-    formulas=formulas.ranking_terms, reference=reference.ranking_reference,
     paper="AP loss, exact (every negative with its own logit), at bucketed cost",
-    summary="The mean exact ranking error, 1 - AP with the smoothed step. interpolated=True gives the "
-            "original AP-loss (Chen et al.) as in the Rank & Sort repository: precision interpolated by a "
-            "running maximum over positives in ascending logit order, and its error-driven gradient; it "
-            "needs delta > 0.",
 )
 INTERPOLATED_AP = LossSpec(
     "interpolated_ap", "ap_interp", "APLoss", 1.0, ("ap",), bucketed=False, interpolated=True,
-    formulas=formulas.interpolated_terms, reference=reference.ranking_reference,
     paper="interpolated AP loss (Chen et al.)", variant_of="ap", option="interpolated",
 )
 ALRP = LossSpec(
     "alrp", "alrp", "ALRPLoss", 1.0, ("classification", "localisation"), bucketed=False, regression=True,
-    formulas=formulas.alrp_terms, reference=reference.alrp_reference,
     paper="aLRP loss (Oksuz et al., NeurIPS 2020), exact, at bucketed cost",
-    summary="Average Localisation-Recall-Precision: a positive's error counts the negatives above it and "
-            "the regression losses of the positives above it. The classification part ranks the logits "
-            "(its gradient goes to the logits, the regression losses are constants there); the "
-            "localisation part is the rank-weighted mean of the regression losses and is differentiable "
-            "in them. Needs delta > 0.",
 )
 BUCKETED_ALRP = LossSpec(
     "bucketed_alrp", "balrp", "BucketedALRPLoss", 1.0, ("classification", "localisation"), bucketed=True,
-    regression=True, formulas=formulas.alrp_terms, reference=reference.alrp_reference,
+    regression=True,
     paper="Bucketed aLRP loss (aLRP of Oksuz et al. with the buckets of Yavuz et al.)",
-    summary="aLRP with the negatives bucketed between consecutive positives, as in bucketed_rank_sort_loss; "
-            "the positive x positive terms (rank+ and the regression-weighted rank) are exact.",
 )
 
 LOSSES: tuple[LossSpec, ...] = (BUCKETED_RANK_SORT, RANK_SORT, BUCKETED_AP, AP, INTERPOLATED_AP, ALRP, BUCKETED_ALRP)
 BY_NAME = {spec.name: spec for spec in LOSSES}
-BY_SHORT = {spec.short: spec for spec in LOSSES}
 
 
 def public(spec: LossSpec) -> bool:

@@ -9,16 +9,16 @@ forward
     1. ``torch.zeros`` of the status words (positives found, error flags, edge count).
     2. ``positives.scan``: one pass over the targets compacts the positives' positions.
     3. ``positives.prepare`` (one program): sorts them, builds the bin edges, zeroes the bins.
-    4. ``bins.reduce``: one pass over logits and targets: count and offset sum per bin, and the
+    4. ``streaming.reduce``: one pass over logits and targets: count and offset sum per bin, and the
        finiteness check of the logits. It reads the edge count from the device.
     5. the one host sync: p, the error flags and E, in one read of the status words.
     ``reduce_bins``: hands on the bins of step 4.
-    ``positive_terms``
-    6. ``tiles.positive_terms``: FP, rank+, sorting sums and the per-positive formulas.
-       (``tiles.interpolated_terms`` for the interpolated AP: the running maximum.)
+    ``gradient_tables``
+    6. ``tiles.per_positive``: FP, rank+, sorting sums and the per-positive formulas.
+       (``tiles.interpolated_precision`` for the interpolated AP: the running maximum.)
     7. ``tiles.finish``: sorting gradient, per-bin gradient tables and the loss outputs.
 backward
-    8. ``distribute``, ``bins.distribute``: one pass writes every element's gradient, scaled by the upstream
+    8. ``distribute``, ``streaming.distribute``: one pass writes every element's gradient, scaled by the upstream
        gradients read on the device; extra programs of the same launch write the positives'.
 
 That is 7 launches for forward+backward (8 for the interpolated AP) and one sync. More
@@ -28,7 +28,7 @@ second compaction pass runs when p > 4096.
 
 Streaming traffic per element (float32 logits and targets): scan 4 B, reduction 8 B,
 distribution 12 B, 24 B in all; deterministic mode reads the logits in the scan too (28 B).
-Everything else is O(p^2) work on O(p + E) data, or from ``SWEEP_FROM`` positives on, the torch
+Everything else is O(p^2) work on O(p + E) data, or from ``TRITON_SWEEP_FROM`` positives on, the torch
 backend's O(p log p) sweeps on the same bins (torch ops, about 15 per level of log2 p).
 """
 
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import pipeline, torch_backend
-from ._bins import bin_edges
-from ._common import (NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, NonFiniteError, check_logit_range,
-                      compute_dtype)
+from . import _tables, pipeline
+from ._edges import bin_edges
+from ._checks import NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, NonFiniteError, check_logit_range
+from ._common import compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
-from .kernels import _math, bins, positives, tiles
+from .kernels import _math, positives, streaming, tiles
 from .kernels._config import read_host
 from .kernels._layout import layout
 
@@ -55,7 +55,7 @@ from .kernels._layout import layout
 # at 131k) and 212 ops with no sync for the AP losses: ~10 ms and ~1 ms of launch latency. So
 # the crossover is likely higher for Rank & Sort than for AP; one threshold until it is measured.
 # `python -m benchmarks.gpu_check` times both (its crossover step) on a GPU.
-SWEEP_FROM = 32768
+TRITON_SWEEP_FROM = 32768
 
 
 
@@ -69,7 +69,7 @@ def streamed_bytes_per_element(logits_dtype: torch.dtype, targets_dtype: torch.d
 
 
 @dataclass
-class _Bins:
+class KernelBins:
     """The bins as the kernels read them: edges (E,) in the compute dtype, count and offset sum
     (E + 1, key 0 = no bin; offsets int64 fixed point when ``fixed_point``), the status words,
     the elements the reduction saw and a bound on the relevant negatives."""
@@ -81,6 +81,15 @@ class _Bins:
     n: int
     fixed_point: bool
     fp_bound: int
+
+
+@dataclass
+class TritonPositives(pipeline.Positives):
+    """The positives, and what ``find_positives`` hands on to ``reduce_bins``: the bins it reduced
+    ahead (when one program sorted the positives), or the status words of its pass."""
+
+    status: torch.Tensor | None = None
+    reduced: KernelBins | None = None
 
 
 def _loadable(targets: torch.Tensor) -> torch.Tensor:
@@ -95,9 +104,7 @@ def triton_inputs(logits: torch.Tensor, targets: torch.Tensor):
 def _host_offset_scale(status: torch.Tensor, edges: torch.Tensor, n: int) -> float:
     """The fixed-point scale ``_math.offset_scale`` computed on the device, here on the host."""
     code, low = int(status[_math.STATUS_MAX_NEGATIVE.value]), float(edges[0])
-    ordered = ((code - (1 << 62)) << 1) | 1
-    bits = ordered ^ (0x7FFFFFFFFFFFFFFF if ordered < 0 else 0)
-    largest = struct.unpack("<d", struct.pack("<q", bits))[0] - low
+    largest = _math.decode_code(code) - low
     largest = largest if code > 0 and largest > 1e-30 else 1e-30
     bound_bits = struct.unpack("<q", struct.pack("<d", largest * n))[0]
     exponent = ((bound_bits >> 52) & 0x7FF) - 1022
@@ -128,10 +135,10 @@ class TritonBackend(pipeline.PipelineBackend):
     inputs = staticmethod(triton_inputs)
 
     @staticmethod
-    def find_positives(logits, targets, delta, kind, settings, regression=None):
+    def find_positives(logits, targets, delta, spec, settings, regression=None):
         """``logits``/``targets`` as :func:`triton_inputs` gives them. One pass finds the
         positives; when one program can sort them, the edges are built and the bins reduced
-        before the one host sync (``Positives.fused``)."""
+        before the one host sync (``TritonPositives.reduced``)."""
         s, y = layout(logits), layout(targets)
         n, device = logits.numel(), logits.device
         compute = compute_dtype(logits.dtype)
@@ -145,13 +152,13 @@ class TritonBackend(pipeline.PipelineBackend):
                                     check_above_one=check_above_one)
         num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
         if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
-            edges_kind = positives.edges_kind(float(delta) + 0.0, kind.bucketed)
+            edges_kind = positives.edges_kind(float(delta) + 0.0, spec.bucketed)
             s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
                 s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype)
         else:  # the reduction only checks finiteness (edge count 0)
             edges = torch.empty(1, dtype=compute, device=device)
             count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
-        bins.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
+        streaming.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
 
         p, bad_targets, bad_logits, _, num_edges, largest, smallest_negated = read_host(
             status[:_math.STATUS_LARGEST_NEGATED.value + 1])
@@ -171,9 +178,9 @@ class TritonBackend(pipeline.PipelineBackend):
             if regression is not None:  # positives in flat order are their positions sorted
                 l_pos = torch.empty(p, dtype=torch.float64, device=device)
                 l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
-            reduced = _Bins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
+            reduced = KernelBins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
                             deterministic, n)
-            return pipeline.Positives(s_pos, y_pos, sorted_index, None, l_pos, fused=reduced)
+            return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
             pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic, check_above_one=False)
@@ -181,22 +188,22 @@ class TritonBackend(pipeline.PipelineBackend):
                                                                              group, regression)
         if s_pos.numel() == 0:
             return None
-        return pipeline.Positives(s_pos, y_pos, sorted_index, mine, l_pos, fused=status)
+        return TritonPositives(s_pos, y_pos, sorted_index, mine, l_pos, status=status)
 
     @staticmethod
-    def reduce_bins(logits, targets, found, delta, kind, settings) -> _Bins:
+    def reduce_bins(logits, targets, found: TritonPositives, delta, spec, settings) -> KernelBins:
         """The bins reduced ahead by ``find_positives``, or (more positives than one program
-        sorts, float64, process group) the edges of ``_bins.bin_edges`` and one reduction."""
-        if isinstance(found.fused, _Bins):
-            return found.fused
-        status, n, device = found.fused, logits.numel(), logits.device
+        sorts, float64, process group) the edges of ``_edges.bin_edges`` and one reduction."""
+        if found.reduced is not None:
+            return found.reduced
+        status, n, device = found.status, logits.numel(), logits.device
         deterministic = settings.deterministic
-        edges = bin_edges(found.s, delta, kind).contiguous()
+        edges = bin_edges(found.s, delta, spec).contiguous()
         count = torch.zeros(edges.numel() + 1, dtype=torch.int64, device=device)
         offset_dtype = torch.int64 if deterministic else compute_dtype(logits.dtype)
         offset_sum = torch.zeros(edges.numel() + 1, dtype=offset_dtype, device=device)
         edge_count = torch.full((1,), edges.numel(), dtype=torch.int64, device=device)
-        bins.reduce(layout(logits), layout(targets), edges, edge_count, status, count, offset_sum, deterministic)
+        streaming.reduce(layout(logits), layout(targets), edges, edge_count, status, count, offset_sum, deterministic)
         fixed_point, fp_bound, group = deterministic, n, settings.process_group
         if group is not None:
             if deterministic:  # ranks scale their offsets differently: meet in float64
@@ -204,47 +211,48 @@ class TritonBackend(pipeline.PipelineBackend):
                 fixed_point = False
             count, offset_sum = all_reduce_bins(count, offset_sum, group)
             fp_bound = int(count.sum())
-        return _Bins(edges, count, offset_sum, status, n, fixed_point, fp_bound)
+        return KernelBins(edges, count, offset_sum, status, n, fixed_point, fp_bound)
 
     @staticmethod
-    def positive_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms:
+    def gradient_tables(found: TritonPositives, reduced: KernelBins, delta, spec, settings) -> pipeline.GradientTables:
         """Two launches (three for the interpolated AP) for every term of the pipeline's step 3;
-        from ``SWEEP_FROM`` positives on, the torch backend's O(p log p) sweeps on these bins."""
-        if found.s.numel() >= SWEEP_FROM:
-            return _swept_terms(found, reduced, delta, kind, settings)
+        from ``TRITON_SWEEP_FROM`` positives on, the torch backend's O(p log p) sweeps on these bins."""
+        if found.s.numel() >= TRITON_SWEEP_FROM:
+            return _swept_terms(found, reduced, delta, spec, settings)
         delta_bits = _math.float_bits(float(delta) + 0.0)  # -0.0 is 0
         losses = tuple(torch.empty((), dtype=found.s.dtype, device=found.s.device)
-                       for _ in range(kind.ranking_outputs))
+                       for _ in range(spec.ranking_outputs))
         options = {"fixed_point": reduced.fixed_point, "deterministic": settings.deterministic}
         common = (found.s, found.y, reduced.edges, reduced.count, reduced.offset_sum, reduced.status, reduced.n)
-        table = tiles.positive_terms(*common, reduced.fp_bound, delta_bits, sorting=kind.sorting,
-                                     interpolated=kind.interpolated, l_pos=found.regression, **options)
-        if kind.interpolated:
-            tiles.interpolated_terms(table, losses[0])
-        const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=kind.sorting,
-                                    affine=delta > 0 and not kind.bucketed, interpolated=kind.interpolated,
-                                    regression=kind.regression, **options)
-        return pipeline.Terms(losses, table[tiles.T_RANK_GRAD.value],
-                              table[tiles.T_SORT_GRAD.value] if kind.sorting else None, const, slope,
-                              table[tiles.T_RANK.value] if kind.regression else None)
+        table = tiles.per_positive(*common, reduced.fp_bound, delta_bits, sorting=spec.sorting,
+                                     interpolated=spec.interpolated, l_pos=found.regression, **options)
+        if spec.interpolated:
+            tiles.interpolated_precision(table, losses[0])
+        const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=spec.sorting,
+                                    has_slope=spec.has_slope(delta), interpolated=spec.interpolated,
+                                    regression=spec.regression, **options)
+        return pipeline.GradientTables(losses, table[tiles.T_RANK_GRAD.value],
+                                       table[tiles.T_SORT_GRAD.value] if spec.sorting else None, const, slope,
+                                       table[tiles.T_RANK.value] if spec.regression else None)
 
     @staticmethod
-    def distribute(tables: pipeline.Tables, logits, targets, grad_outputs) -> torch.Tensor:
+    def distribute(tables: pipeline.SavedTables, logits, targets, grad_outputs) -> torch.Tensor:
         """Flat gradient in the logits' dtype, for the upstream gradients (read on the device)."""
-        return bins.distribute(layout(logits), layout(targets), tables.bins.edges, tables.const, tables.slope,
-                               tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs,
-                               logits.dtype)
+        return streaming.distribute(layout(logits), layout(targets), tables.bins.edges, tables.const, tables.slope,
+                                    tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs,
+                                    logits.dtype)
 
 
-def _swept_terms(found, reduced: _Bins, delta, kind, settings) -> pipeline.Terms:
-    """Step 3 by ``torch_backend``'s sweeps on the kernels' bins; the tables keep the kernels'
+def _swept_terms(found, reduced: KernelBins, delta, spec, settings) -> pipeline.GradientTables:
+    """Step 3 by the torch sweeps of ``_tables`` on the kernels' bins; the tables keep the kernels'
     keys (``#{edges <= s}`` over all E edges, equal ones included)."""
     offset_sum = reduced.offset_sum.double()
     if reduced.fixed_point:
         offset_sum = offset_sum / _host_offset_scale(reduced.status, reduced.edges, reduced.n)
     lower_of_key = torch.cat([reduced.edges[:1], reduced.edges])
-    as_torch = torch_backend.BinSums.of_keys(None, lower_of_key, reduced.count, offset_sum, torch.float64)
-    return torch_backend.TORCH.positive_terms(found, as_torch, delta, kind, settings)
+    as_torch = _tables.ReducedBins(**_tables.ReducedBins.occupied_of(lower_of_key, reduced.count, offset_sum,
+                                                                   torch.float64))
+    return _tables.gradient_tables(found, as_torch, delta, spec, settings)
 
 
 TRITON = TritonBackend()

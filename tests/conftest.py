@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import brl_triton
 from brl_triton import registry
-from brl_triton.reference import alrp_localisation_reference
+from brl_triton.reference import alrp_localisation_reference, reference_for
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "official_cases.pt"  # provenance: tests/data/README.md
 
@@ -106,7 +106,7 @@ def make_case(n, p, seed, *, ignored=0.1, heavy=False, grid=None, shape=None, dt
 
 def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
     """Losses (tuple) and the gradient w.r.t. logits for the given upstream gradients."""
-    fn, kwargs, kind = LOSSES[name]
+    fn, kwargs, spec = LOSSES[name]
     x = logits.detach().clone().requires_grad_(True)
     # quality targets above one are part of the tested input space; their refusal is tested on its own
     out = fn(x, targets, delta, backend=backend, allow_targets_above_one=True, **kwargs)
@@ -118,14 +118,14 @@ def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
 
 def expected(name, logits, targets, delta, upstream=UPSTREAM):
     """The oracle: reference losses and the upstream-weighted reference gradient (float64)."""
-    kind = LOSSES[name][2]
-    regression = regression_losses_for(targets) if kind.regression else None
-    result = kind.reference(logits, targets, delta, kind, regression)
+    spec = LOSSES[name][2]
+    regression = regression_losses_for(targets) if spec.regression else None
+    result = reference_for(spec)(logits, targets, delta, spec, regression)
     if result is None:
         zeros = torch.zeros(logits.numel(), dtype=torch.float64)
-        return (torch.zeros((), dtype=torch.float64),) * len(kind.outputs), zeros.view(logits.shape)
+        return (torch.zeros((), dtype=torch.float64),) * len(spec.outputs), zeros.view(logits.shape)
     losses, grads = result
-    if kind.regression:  # (classification, rank) -> (classification, localisation)
+    if spec.regression:  # (classification, rank) -> (classification, localisation)
         losses = (losses[0], alrp_localisation_reference(logits, targets, regression, losses[1])[0])
     grad = sum(g * grad_o for g, grad_o in zip(upstream, grads))
     return losses, grad.view(logits.shape)

@@ -10,7 +10,7 @@ import torch
 
 import brl_triton
 from brl_triton import registry
-from brl_triton.reference import alrp_localisation_reference
+from brl_triton.reference import alrp_localisation_reference, reference_for
 from conftest import assert_close, make_case
 
 GOLDEN_ALRP = Path(__file__).resolve().parent / "data" / "official_alrp_cases.pt"  # provenance: tests/data/README.md
@@ -56,7 +56,7 @@ def test_matches_official(alrp_cases, index, backend, deterministic):
 @pytest.mark.parametrize("index", range(NUM_CASES))
 def test_reference_ranks_match_official(alrp_cases, index):
     case = alrp_cases[index]
-    (_, rank), _ = registry.ALRP.reference(case["logits"], case["targets"], case["delta"], registry.ALRP,
+    (_, rank), _ = reference_for(registry.ALRP)(case["logits"], case["targets"], case["delta"], registry.ALRP,
                                            case["regression_losses"])
     assert_close(rank, case["rank"], atol=1e-4, rtol=1e-6, what="rank")
 
@@ -74,7 +74,7 @@ def test_localisation_and_ties_against_the_oracle(backend, bucketed, seed):
     classification, localisation = fn(x, targets, l, 0.5, backend=backend)
     (0.7 * classification - 1.3 * localisation).backward()
 
-    (want_cls, rank), (want_grad,) = spec.reference(logits, targets, 0.5, spec, regression)
+    (want_cls, rank), (want_grad,) = reference_for(spec)(logits, targets, 0.5, spec, regression)
     want_loc, want_l_grad = alrp_localisation_reference(logits, targets, regression, rank)
     assert_close(classification, want_cls, atol=1e-6, rtol=1e-6, what="classification")
     assert_close(localisation, want_loc, atol=1e-6, rtol=1e-6, what="localisation")

@@ -36,15 +36,15 @@ def test_sort_based_baseline_matches_reference(name, sorting, delta):
 def test_the_benchmark_measures_the_sweeps_against_the_tiles(monkeypatch):
     """Where both paths of the torch backend run, the table reports their difference: round-off,
     and large if the tiles computed something else."""
-    from brl_triton import torch_backend
+    from brl_triton import _tables
 
-    logits, targets = bench.detector_like_case(20_000, 2 * torch_backend.SWEEP_FROM, seed=3, device="cpu")
+    logits, targets = bench.detector_like_case(20_000, 2 * _tables.SWEEP_FROM, seed=3, device="cpu")
     assert bench.sweeps_against_tiles(bench.LOSSES["brs"], logits, targets) < 1e-6  # float32 outputs
     rows = [{"group": "P sweep", "problem": "P=1", "loss": "brs", "backend": b, "N": 1, "P": 1, "median_ms": 1.0,
              "x_sort": 1.0, "sort_ms": 1.0, "read_ms": 1.0, "peak_extra_mib": None,
              "sweeps_vs_tiles": 3e-8 if b == "torch" else None} for b in ("torch", "torch_tiles")]
     assert "| torch vs tiles (max rel. diff) |" in bench.markdown_table(rows, "cpu") and "3.0e-08" in \
         bench.markdown_table(rows, "cpu")
-    doubled = torch_backend._TiledSums.bin_gradient
-    monkeypatch.setattr(torch_backend._TiledSums, "bin_gradient", lambda self, weight: 2 * doubled(self, weight))
+    doubled = _tables._TiledSums.bin_gradient
+    monkeypatch.setattr(_tables._TiledSums, "bin_gradient", lambda self, weight: 2 * doubled(self, weight))
     assert bench.sweeps_against_tiles(bench.LOSSES["brs"], logits, targets) > 0.1

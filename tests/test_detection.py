@@ -357,18 +357,18 @@ def test_alrp_conversion_trains_box_regression_through_the_localisation_part(nam
     balances = {id(head.ranking.balance) for head in heads}
     assert len(balances) == len(heads)  # the RPN and the RoI head do not share one weight
     calls = []
-    original = brl_triton.functional.localisation
+    original = brl_triton._outputs.localisation
 
     def spy(logits, regression_losses, weights, other):
         calls.append(regression_losses.detach().clone())
         return original(logits, regression_losses, weights, other)
 
-    brl_triton.functional.localisation = spy
+    brl_triton._outputs.localisation = spy
     try:
         model.train()
         losses = model(_images(), _targets())
     finally:
-        brl_triton.functional.localisation = original
+        brl_triton._outputs.localisation = original
     assert calls and all(bool(((c >= 0) & (c <= 1)).all()) for c in calls)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     box_key = "loss_box_reg" if name == "fasterrcnn" else "bbox_regression"

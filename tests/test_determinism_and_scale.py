@@ -46,9 +46,9 @@ def test_use_deterministic_algorithms_is_honoured(monkeypatch):
     seen = []
     original = _backends.TORCH.forward
 
-    def spy(s, y, delta, kind, settings, regression=None):
+    def spy(s, y, delta, spec, settings, regression=None):
         seen.append(settings.deterministic)
-        return original(s, y, delta, kind, settings, regression)
+        return original(s, y, delta, spec, settings, regression)
 
     monkeypatch.setattr(_backends.TORCH, "forward", spy)
     logits, targets = make_case(500, 10, seed=1)

@@ -101,7 +101,7 @@ def test_process_group_needs_an_initialised_group_and_a_fast_backend():
 
 
 # Eight ranks with 2,115 positives in all (2,400 drawn, rank 1's removed): above
-# torch_backend.SWEEP_FROM, so each rank sums the terms of its own positives and shares them;
+# _tables.SWEEP_FROM, so each rank sums the terms of its own positives and shares them;
 # uneven shares, one rank without positives.
 EIGHT = 8
 EIGHT_N = 12_000
@@ -137,9 +137,9 @@ def _eight_worker(rank, world, init_file, out_dir):
 
 
 def test_eight_gloo_ranks_share_the_positive_terms_and_equal_the_concatenated_batch():
-    from brl_triton import torch_backend
+    from brl_triton import _tables
 
-    assert (_eight_case()[1] > 0).sum() >= torch_backend.SWEEP_FROM  # the split path, not the tiles
+    assert (_eight_case()[1] > 0).sum() >= _tables.SWEEP_FROM  # the split path, not the tiles
     ranks = _run_ranks(_eight_worker, EIGHT)
     logits, targets = _eight_case()
     for key in ranks[0]:

@@ -103,7 +103,7 @@ def _count():
         yield kernels, ops
 
 
-# scan, prepare, reduce, positive_terms, finish, distribute, and the zeroed gradient buffer; interpolated
+# scan, prepare, reduce, gradient_tables, finish, distribute, and the zeroed gradient buffer; interpolated
 # AP adds its running-maximum kernel
 LAUNCHES, SYNCS = 7, 1
 # aLRP: the same 7 launches, plus the check of the regression losses (one sync: their count against
@@ -194,15 +194,15 @@ def test_autotuning_benchmark_launches_do_not_change_results():
 def test_deterministic_mode_is_bit_identical_for_every_tile_config(name, monkeypatch):
     """Deterministic mode adds the tile sums as int64 fixed point, so the tile shape (which
     autotuning could pick) does not change a single bit; the float path does depend on it."""
-    from brl_triton.kernels import bins, tiles
+    from brl_triton.kernels import streaming, tiles
 
     logits, targets = make_case(3001, 130, seed=21, dtype=torch.float32)  # several tiles of every config
     logits, targets = logits.to(DEVICE), targets.to(DEVICE)
     results = {True: [], False: []}
-    for index, config in enumerate(tiles.POSITIVE_TERMS.configs):
-        monkeypatch.setattr(tiles.POSITIVE_TERMS, "default", config)
+    for index, config in enumerate(tiles.PER_POSITIVE.configs):
+        monkeypatch.setattr(tiles.PER_POSITIVE, "default", config)
         monkeypatch.setattr(tiles.FINISH, "default", config)
-        monkeypatch.setattr(bins.REDUCE, "default", bins.REDUCE.configs[index])
+        monkeypatch.setattr(streaming.REDUCE, "default", streaming.REDUCE.configs[index])
         for deterministic in (True, False):
             results[deterministic].append(
                 _losses_and_grad(name, logits, targets, "triton", deterministic=deterministic))

@@ -232,15 +232,15 @@ def test_create_graph_is_a_clear_error():
 def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, monkeypatch):
     """MPS has no float64: with the CPU marked the same way, no op makes a float64 tensor and the
     losses and gradient match the reference to float32 round-off."""
-    from brl_triton import _common, torch_backend
+    from brl_triton import _common, _tables, torch_backend
 
     monkeypatch.setattr(_common, "NO_FLOAT64_DEVICES", {"cpu"})
-    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1 if sweeps else 10**9)
+    monkeypatch.setattr(_tables, "SWEEP_FROM", 1 if sweeps else 10**9)
     logits, targets = make_case(3000, 120, seed=12, dtype=torch.float32)
-    fn, extra, kind = LOSSES[name]
-    if kind.regression:  # the stand-in regression losses are made in float64, outside the watch
+    fn, extra, spec = LOSSES[name]
+    if spec.regression:  # the stand-in regression losses are made in float64, outside the watch
         regression = regression_losses_for(targets).requires_grad_()
-        fn = functools.partial(getattr(brl_triton, kind.function_name), regression_losses=regression)
+        fn = functools.partial(getattr(brl_triton, spec.function_name), regression_losses=regression)
     x = logits.clone().requires_grad_(True)
     with OpOutputs() as watch:
         out = fn(x, targets.float(), delta=0.5, backend="torch", **extra)

@@ -4,7 +4,7 @@ against the reference oracle and the tiles, and the absence of any p x p or p x 
 import pytest
 import torch
 
-from brl_triton import torch_backend
+from brl_triton import _tables, torch_backend
 from brl_triton._sweeps import DominanceSums, SortedSums, dominance_sums
 from conftest import LOSSES, UPSTREAM, OpOutputs, assert_close, expected, make_case, needs_smoothing, run_loss
 
@@ -99,7 +99,7 @@ def _skip_invalid(name, delta):
 def test_swept_losses_match_the_reference(name, delta, case, monkeypatch):
     """The reference is the O(P N) oracle of the spec; ties on a grid, or Cauchy outliers."""
     _skip_invalid(name, delta)
-    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1)
+    monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
     options = dict(grid=0.125) if case == "grid" else dict(heavy=True)
     logits, targets = make_case(4001, 300, seed=5, **options)
     want_losses, want_grad = expected(name, logits, targets, delta)
@@ -117,7 +117,7 @@ def test_sweeps_equal_tiles_at_thousands_of_positives(name, delta, monkeypatch):
     logits, targets = make_case(30_000, 3000, seed=9, grid=1 / 64)
     results = {}
     for path, sweep_from in [("tiles", 10**9), ("sweeps", 1)]:
-        monkeypatch.setattr(torch_backend, "SWEEP_FROM", sweep_from)
+        monkeypatch.setattr(_tables, "SWEEP_FROM", sweep_from)
         results[path] = run_loss(name, logits, targets, delta, "torch")
     (tiled, tiled_grad), (swept, swept_grad) = results["tiles"], results["sweeps"]
     for got, want in zip(swept, tiled):
@@ -129,7 +129,7 @@ def test_sweeps_equal_tiles_at_thousands_of_positives(name, delta, monkeypatch):
 @pytest.mark.parametrize("name", ["rank_sort", "bucketed_rank_sort", "ap", "interpolated_ap", "alrp"])
 def test_no_tensor_grows_with_positives_squared(name, monkeypatch):
     """With p = 4000 of N = 8000: every tensor stays O(N + p)."""
-    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1)
+    monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
     logits, targets = make_case(8000, 4000, seed=2, ignored=0.0)
     fn, extra, _ = LOSSES[name]
     x = logits.clone().requires_grad_(True)
@@ -150,8 +150,8 @@ def test_triton_backend_hands_many_positives_to_the_sweeps(name, deterministic, 
     pytest.importorskip("triton")
     from brl_triton import triton_backend
 
-    monkeypatch.setattr(triton_backend, "SWEEP_FROM", 1)
-    monkeypatch.setattr(torch_backend, "SWEEP_FROM", 1)
+    monkeypatch.setattr(triton_backend, "TRITON_SWEEP_FROM", 1)
+    monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
     logits, targets = make_case(3001, 200, seed=4, grid=0.125, dtype=torch.float32)
     fn, extra, _ = LOSSES[name]
     x = logits.clone().requires_grad_(True)

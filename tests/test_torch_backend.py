@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from brl_triton import torch_backend
+from brl_triton import _tables, torch_backend
 from brl_triton._common import RADIX_SORT_FROM, Settings, stable_sort
 from brl_triton.torch_backend import BinLookup
 from conftest import LOSSES, assert_close, expected, make_case, needs_smoothing, run_loss
@@ -69,7 +69,7 @@ def test_bin_lookup_refines_its_grid_where_edges_crowd_a_coarse_cell():
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_many_tiles(name, monkeypatch):
     """Small tiles: every positives x bins / positives x positives product takes many row blocks."""
-    monkeypatch.setattr(torch_backend, "PAIR_BLOCK", 500)
+    monkeypatch.setattr(_tables, "PAIR_BLOCK", 500)
     logits, targets = make_case(6001, 150, seed=17, grid=0.125)
     for delta in (0.0, 0.5):
         if needs_smoothing(name) and delta == 0:

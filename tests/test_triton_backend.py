@@ -94,7 +94,7 @@ def test_theorem_4_1_at_delta_zero():
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_no_positive_and_empty(name):
-    fn, extra, kind = LOSSES[name]
+    fn, extra, spec = LOSSES[name]
     for logits, targets in [(torch.randn(0), torch.zeros(0)), (torch.randn(3000), -torch.ones(3000)),
                             (torch.randn(3000), torch.zeros(3000))]:
         x = logits.to(DEVICE).requires_grad_(True)
@@ -176,7 +176,7 @@ def test_environment_variable_forces_the_backend(monkeypatch):
 def test_bin_reduction_configs(config, num_edges):
     """Every reduction config (per-element atomics; block sorted by bin, one atomic per bin)
     gives the counts and offset sums of a searchsorted/bincount oracle."""
-    from brl_triton.kernels import bins
+    from brl_triton.kernels import streaming
     from brl_triton.kernels._layout import layout
     from brl_triton.kernels._math import STATUS_WORDS
 
@@ -189,9 +189,9 @@ def test_bin_reduction_configs(config, num_edges):
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=DEVICE)
     offset_sum = torch.zeros(num_edges + 1, dtype=torch.float32, device=DEVICE)
     status = torch.zeros(STATUS_WORDS.value, dtype=torch.int64, device=DEVICE)
-    bins.reduce(layout(s.to(DEVICE)), layout(y.to(DEVICE)), edges.to(DEVICE),
+    streaming.reduce(layout(s.to(DEVICE)), layout(y.to(DEVICE)), edges.to(DEVICE),
                 torch.full((1,), num_edges, device=DEVICE), status, count, offset_sum, False,
-                config=bins.REDUCE.configs[config])
+                config=streaming.REDUCE.configs[config])
     relevant = (y == 0) & (s >= edges[0])
     key = torch.where(relevant, torch.searchsorted(edges, s, right=True), 0)
     lower = torch.cat([edges[:1], edges])[key]

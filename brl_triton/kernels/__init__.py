@@ -1,7 +1,7 @@
 """Triton kernels of the Triton backend, one module per kernel family.
 
 - ``positives``: compact the positives (and check finiteness) in one pass; argsort them.
-- ``bins``: the two streaming passes over all N logits: bucket reduction (forward) and
+- ``streaming``: the two streaming passes over all N logits: bucket reduction (forward) and
   gradient distribution (backward), both with the same in-register binary search.
 - ``tiles``: the O(P * bins) and O(P^2) terms, tiled in registers.
 

@@ -118,27 +118,27 @@ def offset_scale(status_ptr, edges_ptr, n):
 
 
 @triton.jit
-def zero_sums(BLOCK: tl.constexpr, EXACT: tl.constexpr):
-    """Accumulators for :func:`fixed_sum`: int64 fixed point (EXACT) or float64."""
-    if EXACT:
+def zero_sums(BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Accumulators for :func:`fixed_sum`: int64 fixed point (DETERMINISTIC) or float64."""
+    if DETERMINISTIC:
         return tl.zeros([BLOCK], dtype=tl.int64)
     else:
         return tl.zeros([BLOCK], dtype=tl.float64)
 
 
 @triton.jit
-def fixed_sum(acc, terms, scale, EXACT: tl.constexpr):
+def fixed_sum(acc, terms, scale, DETERMINISTIC: tl.constexpr):
     """``acc + sum(terms, axis=1)``: float64 accumulation of the block's compute-dtype sum, or,
-    EXACT (deterministic mode), int64 fixed point, which is exact whatever the tile shape."""
-    if EXACT:
+    DETERMINISTIC (deterministic mode), int64 fixed point, which is exact whatever the tile shape."""
+    if DETERMINISTIC:
         return acc + tl.sum(tl.floor(terms.to(tl.float64) * scale + 0.5).to(tl.int64), axis=1)
     else:
         return acc + tl.sum(terms, axis=1).to(tl.float64)
 
 
 @triton.jit
-def fixed_value(acc, scale, EXACT: tl.constexpr):
-    if EXACT:
+def fixed_value(acc, scale, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
         return acc.to(tl.float64) / scale
     else:
         return acc

@@ -140,10 +140,6 @@ def edges_kind(delta: float, bucketed: bool) -> int:
     return EDGES_BUCKETS if bucketed else EDGES_BREAKPOINTS
 
 
-def num_edges(p: int, kind: int) -> int:
-    return {EDGES_POSITIVES: p, EDGES_BUCKETS: p + 1, EDGES_BREAKPOINTS: 2 * p}[kind]
-
-
 def scan(s, y, status, capacity: int, max_negative: bool, check_above_one: bool = True) -> torch.Tensor:
     """Positions of the first ``capacity`` positives found (unordered); counts all of them in
     ``status``, and flags targets there: 2 for NaN/Inf, 1 for a value above one

@@ -8,12 +8,12 @@ rate); each tile's row sums are added into float64 accumulators (blocked accumul
 float32 part spans one tile of BLOCK_COLS terms). Deterministic mode adds every term as int64
 fixed point instead, which is exact in any order, so the sums do not depend on the tile shape.
 
-- ``positive_terms``: one program per block of positive rows; FP over the bins, rank+ and the
+- ``per_positive``: one program per block of positive rows; FP over the bins, rank+ and the
   sorting sums over the positives, then per positive the ranking error, its gradient and the
   weight ``w_i`` of the negatives' gradient, the sorting error and its share ``eS / D``; the
   interpolated AP keeps its precision for ``interpolated``; aLRP (``REGRESSION``) also sums the
   regression losses of the positives above, ``sum_k H(s_k - s_i) l_k``.
-- ``interpolated``: one program, the running maximum of precision in ascending logit order.
+- ``interpolated_precision``: one program, the running maximum of precision in ascending logit order.
 - ``finish``: one launch, three kinds of program: rows of the sorting gradient
   (``sum_k share_k H(s_i - s_k) [y_i < y_k]`` minus what i gives), blocks of bins (gradient
   constant and, for the exact losses, slope), and one program that writes the loss outputs.
@@ -39,7 +39,7 @@ T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP, aLRP)
 TABLE_ROWS = 7
 TABLE_ALIGN = 16  # elements: 128-byte rows
 LOSS_BLOCK = tl.constexpr(1024)  # the loss sums' order, whatever the tile config
-ALRP_EPS = tl.constexpr(1e-5)  # aLRP: a positive with FP(i) <= this has no error (``_positive_terms``)
+ALRP_EPS = tl.constexpr(1e-5)  # aLRP: a positive with FP(i) <= this has no error (``_formulas``)
 
 
 @triton.jit
@@ -72,11 +72,11 @@ def _sum_bound(ptr, p, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "stride", "delta_bits", "p_class",
                                "bins_class"])
-def _positive_terms_kernel(
+def _per_positive_kernel(
     s_pos_ptr, y_pos_ptr, l_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound,
     table_ptr, stride, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, REGRESSION: tl.constexpr,
-    FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < p
@@ -88,48 +88,48 @@ def _positive_terms_kernel(
     offset_scale = 1.0
     if FIXED_POINT:
         offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
-    fp = m.zero_sums(BLOCK_ROWS, EXACT)
+    fp = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
     for start in range(0, num_edges, BLOCK_COLS):
         b = start + tl.arange(0, BLOCK_COLS)
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
         x = lower[None, :] - s_i[:, None]
         if SMOOTH:
             x += mean.to(s_i.dtype)[None, :]
-        fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, EXACT)
-    fp = m.fixed_value(fp, n_scale, EXACT)
+        fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, DETERMINISTIC)
+    fp = m.fixed_value(fp, n_scale, DETERMINISTIC)
 
-    rank_plus = m.zero_sums(BLOCK_ROWS, EXACT)
+    rank_plus = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
     current = tl.zeros_like(rank_plus)
     target = tl.zeros_like(rank_plus)
     target_count = tl.zeros_like(rank_plus)
     lower_quality = tl.zeros_like(rank_plus)
     weighted = tl.zeros_like(rank_plus)
     l_scale = p_scale
-    if REGRESSION and EXACT:
+    if REGRESSION and DETERMINISTIC:
         l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
     for start in range(0, p, BLOCK_COLS):
         k = start + tl.arange(0, BLOCK_COLS)
         k_ok = k < p
         s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
         h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
-        rank_plus = m.fixed_sum(rank_plus, h, p_scale, EXACT)
+        rank_plus = m.fixed_sum(rank_plus, h, p_scale, DETERMINISTIC)
         if REGRESSION:
             l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
-            weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, EXACT)
+            weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, DETERMINISTIC)
         if SORTING:
             y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
             not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
             one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
-            current = m.fixed_sum(current, h * one_minus_y, p_scale, EXACT)
-            target = m.fixed_sum(target, not_worse * one_minus_y, p_scale, EXACT)
-            target_count = m.fixed_sum(target_count, not_worse, p_scale, EXACT)
-            lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, EXACT)
-    rank_plus = m.fixed_value(rank_plus, p_scale, EXACT)
+            current = m.fixed_sum(current, h * one_minus_y, p_scale, DETERMINISTIC)
+            target = m.fixed_sum(target, not_worse * one_minus_y, p_scale, DETERMINISTIC)
+            target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
+            lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
+    rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
     count_p = p.to(tl.float64)
     if REGRESSION:
         rank = rank_plus + 0.5 + fp  # rank+(i) = 1 + sum over k != i, and H(0) = 1/2
         l_i = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-        others = m.fixed_value(weighted, l_scale, EXACT) - 0.5 * l_i  # k = i was counted with H(0) = 1/2
+        others = m.fixed_value(weighted, l_scale, DETERMINISTIC) - 0.5 * l_i  # k = i was counted with H(0) = 1/2
         wrong = fp > ALRP_EPS
         g = tl.where(wrong, -(others + fp) / rank, 0.0)
         tl.store(table_ptr + T_ERROR * stride + rows, fp / rank, mask=row_ok)
@@ -148,9 +148,9 @@ def _positive_terms_kernel(
         weight = tl.where(fp > 0, error / tl.maximum(fp, 1e-300), 0.0) / count_p
         tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
     if SORTING:
-        sorting_error = (m.fixed_value(current, p_scale, EXACT) / rank_plus
-                         - m.fixed_value(target, p_scale, EXACT) / m.fixed_value(target_count, p_scale, EXACT))
-        lower_quality = m.fixed_value(lower_quality, p_scale, EXACT)
+        sorting_error = (m.fixed_value(current, p_scale, DETERMINISTIC) / rank_plus
+                         - m.fixed_value(target, p_scale, DETERMINISTIC) / m.fixed_value(target_count, p_scale, DETERMINISTIC))
+        lower_quality = m.fixed_value(lower_quality, p_scale, DETERMINISTIC)
         share = tl.where(lower_quality > 0, sorting_error / tl.maximum(lower_quality, 1e-300), 0.0)
         tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
         tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
@@ -186,8 +186,8 @@ def _interpolated_kernel(table_ptr, stride, p, loss_ptr, BLOCK: tl.constexpr):
 def _finish_kernel(
     s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
     stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
-    SMOOTH: tl.constexpr, SORTING: tl.constexpr, AFFINE: tl.constexpr, INTERPOLATED: tl.constexpr,
-    REGRESSION: tl.constexpr, FIXED_POINT: tl.constexpr, EXACT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    SMOOTH: tl.constexpr, SORTING: tl.constexpr, HAS_SLOPE: tl.constexpr, INTERPOLATED: tl.constexpr,
+    REGRESSION: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -206,7 +206,7 @@ def _finish_kernel(
         y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
         inv = inv64.to(s_i.dtype)
         p_scale = m.power_of_two_scale(count_p + 1.0)
-        received = m.zero_sums(BLOCK_ROWS, EXACT)
+        received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
         for start in range(0, p, BLOCK_COLS):
             k = start + tl.arange(0, BLOCK_COLS)
             k_ok = k < p
@@ -215,8 +215,8 @@ def _finish_kernel(
             share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
             h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
             h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
-            received = m.fixed_sum(received, h * share[None, :], p_scale, EXACT)
-        received = m.fixed_value(received, p_scale, EXACT)
+            received = m.fixed_sum(received, h * share[None, :], p_scale, DETERMINISTIC)
+        received = m.fixed_value(received, p_scale, DETERMINISTIC)
         share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
         gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
         tl.store(table_ptr + T_SORT_GRAD * stride + rows, (received - gives) / count_p, mask=row_ok)
@@ -232,9 +232,9 @@ def _finish_kernel(
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
         # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
         w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
-        if REGRESSION and EXACT:
+        if REGRESSION and DETERMINISTIC:
             w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
-        const = m.zero_sums(BLOCK_ROWS, EXACT)
+        const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
         slope = tl.zeros_like(const)
         for start in range(0, p, BLOCK_COLS):
             i = start + tl.arange(0, BLOCK_COLS)
@@ -244,17 +244,17 @@ def _finish_kernel(
             x = lower[:, None] - s_i[None, :]
             if SMOOTH:
                 x += mean.to(lower.dtype)[:, None]
-            const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, EXACT)
-            if AFFINE:
+            const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+            if HAS_SLOPE:
                 # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
                 # breakpoints exactly as ``prepare`` built the edges
                 low = m.rounded_up_sum(s_i, -delta)
                 high = m.rounded_up_sum(s_i, delta)
                 inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
-                slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, EXACT)
-        const = m.fixed_value(const, w_scale, EXACT)
-        slope = m.fixed_value(slope, w_scale, EXACT)
-        if AFFINE:
+                slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
+        const = m.fixed_value(const, w_scale, DETERMINISTIC)
+        slope = m.fixed_value(slope, w_scale, DETERMINISTIC)
+        if HAS_SLOPE:
             slope = slope * inv64
             const -= slope * mean  # from the bin's mean to its lower edge
             tl.store(slope_ptr + 1 + b, slope, mask=b_ok)
@@ -284,12 +284,12 @@ _TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_wa
                       triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=8, num_stages=2)]
 # float64 tiles need twice the registers: narrower column blocks and more warps keep them unspilled (sm_80 too)
 TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=8, num_stages=2)
-POSITIVE_TERMS = Tunable(_positive_terms_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
+PER_POSITIVE = Tunable(_per_positive_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
 INTERPOLATED_BLOCK = 1024
 
 
-def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
+def per_positive(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
                    sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
                    l_pos: torch.Tensor | None = None) -> torch.Tensor:
     """The (TABLE_ROWS, p) float64 table of per-positive terms (a view: rows are padded to a
@@ -300,29 +300,29 @@ def positive_terms(s_pos, y_pos, edges, count, offset_sum, status, n_total: int,
     p, num_edges = s_pos.numel(), edges.numel()
     stride = -(-p // TABLE_ALIGN) * TABLE_ALIGN
     table = torch.empty(TABLE_ROWS, stride, dtype=torch.float64, device=s_pos.device)[:, :p]
-    POSITIVE_TERMS.launch(
+    PER_POSITIVE.launch(
         lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, y_pos if l_pos is None else l_pos, p,
         edges, num_edges, count, offset_sum, status, n_total, fp_bound, table, table.stride(0), delta_bits,
         size_class(p), size_class(num_edges), fixed=deterministic, config=_float64_config(s_pos),
         SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, REGRESSION=l_pos is not None,
-        FIXED_POINT=fixed_point, EXACT=deterministic,
+        FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
     )
     return table
 
 
-def interpolated_terms(table, loss) -> None:
+def interpolated_precision(table, loss) -> None:
     launch(_interpolated_kernel, (1,), table, table.stride(0), table.shape[1], loss, num_warps=4,
            BLOCK=INTERPOLATED_BLOCK)
 
 
 def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_bits: int, table, losses, *,
-           sorting: bool, affine: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
+           sorting: bool, has_slope: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
            regression: bool = False):
     """Sorting gradient (table row T_SORT_GRAD), per-key gradient constant and slope (float64,
     E + 1 each, key 0 = no bin) and the loss outputs, in one launch."""
     p, num_edges = s_pos.numel(), edges.numel()
     const = torch.empty(num_edges + 1, dtype=torch.float64, device=s_pos.device)
-    slope = torch.empty_like(const) if affine else None
+    slope = torch.empty_like(const) if has_slope else None
 
     def grid(config):  # sorting rows, bins, and the loss program
         rows = config["BLOCK_ROWS"]
@@ -332,8 +332,8 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
         grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, table.stride(0), const,
         const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges),
         fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
-        AFFINE=affine, INTERPOLATED=interpolated, REGRESSION=regression, FIXED_POINT=fixed_point,
-        EXACT=deterministic,
+        HAS_SLOPE=has_slope, INTERPOLATED=interpolated, REGRESSION=regression, FIXED_POINT=fixed_point,
+        DETERMINISTIC=deterministic,
     )
     return const, slope
 

@@ -34,13 +34,13 @@ def breakpoints(s_pos: torch.Tensor, delta: float):
     return rounded_up_sum(s_pos, -delta), rounded_up_sum(s_pos, delta)
 
 
-def bin_edges(s_pos: torch.Tensor, delta: float, kind) -> torch.Tensor:
+def bin_edges(s_pos: torch.Tensor, delta: float, spec) -> torch.Tensor:
     """Sorted bin edges for ascending positives ``s_pos``: the positives with ``min - delta`` in
     front (bucketed), the 2p breakpoints (exact), or the positives alone when ``delta == 0``,
     where bucketed and exact are the same computation (Theorem 4.1)."""
     if delta == 0:
         return s_pos
-    if kind.bucketed:
+    if spec.bucketed:
         return torch.cat([rounded_up_sum(s_pos[:1], -delta), s_pos])
     return stable_sort(torch.cat(breakpoints(s_pos, delta)))[0]
 
