@@ -84,6 +84,7 @@ DENSE_TOPK_CANDIDATES = 1000  # per feature level, before NMS
 DENSE_NMS_THRESH = 0.6
 DENSE_SCORE_THRESH = 0.0  # selection by rank only; see convert_to_rank_based
 DETECTIONS_PER_IMAGE = 100
+BOX_BALANCES = ("classification", "unit")  # RankingLoss.box_balance
 MASK_POSITIVES_PER_BATCH = 200
 
 
@@ -95,6 +96,8 @@ class RankingLoss:
     loss: str = "brs"
     delta: float | None = None
     backend: str = "auto"
+    # the box loss's value: the classification loss's (RS-R-CNN's lambda = cls / box), or 1
+    box_balance: str = "classification"
     # aLRP: the weight of the localisation part, per head (``dataclasses.replace`` makes a fresh one)
     balance: SelfBalancingWeight = field(init=False, repr=False, compare=False,
                                          default_factory=lambda: SelfBalancingWeight(ALRP_BALANCE_PERIOD))
@@ -102,6 +105,8 @@ class RankingLoss:
     def __post_init__(self):
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
+        if self.box_balance not in BOX_BALANCES:
+            raise ValueError(f"box_balance must be one of {', '.join(BOX_BALANCES)}, got {self.box_balance!r}")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, pred_boxes: torch.Tensor,
                  target_boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +128,8 @@ class RankingLoss:
             return classification, weight * localisation
         out = fn(logits, targets, delta, backend=self.backend)
         classification = out[0] + out[1] if isinstance(out, tuple) else out
-        return classification, balanced_giou_loss(pred_boxes, target_boxes, scores, classification)
+        value = classification if self.box_balance == "classification" else torch.ones_like(classification)
+        return classification, balanced_giou_loss(pred_boxes, target_boxes, scores, value)
 
 
 def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -149,14 +155,15 @@ def iou_from_deltas(box_coder, pred_deltas: torch.Tensor, target_deltas: torch.T
     return paired_box_iou(_decode_from_unit_box(box_coder, pred_deltas), _decode_from_unit_box(box_coder, target_deltas))
 
 
-def balanced_giou_loss(pred_boxes, target_boxes, scores, classification_loss) -> torch.Tensor:
-    """Score-weighted GIoU loss of the positives, scaled to the classification loss' value."""
+def balanced_giou_loss(pred_boxes, target_boxes, scores, value) -> torch.Tensor:
+    """Score-weighted GIoU loss of the positives, scaled to ``value`` (the classification loss's,
+    as RS-R-CNN balances them; or 1)."""
     if pred_boxes.numel() == 0:
         return pred_boxes.sum() * 0.0
     weight = scores.detach()
     giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
     box_loss = (weight * giou).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
-    scale = classification_loss.detach() / box_loss.detach().clamp(min=1e-12)
+    scale = value.detach() / box_loss.detach().clamp(min=1e-12)
     return scale * box_loss
 
 
@@ -435,7 +442,7 @@ def _foreground_against_background(cls_score: nn.Linear):
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                          rpn_weight: float = 0.2):
+                          rpn_weight: float = 0.2, box_balance: str = "classification"):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
     version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
     Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
@@ -455,6 +462,8 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
         rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
+        box_balance: the value the score-weighted GIoU box loss is scaled to: ``"classification"``
+            (the classification loss's, RS-R-CNN's ``lambda = cls / box``) or ``"unit"`` (1).
 
     Returns:
         The same model object. Its training losses keep torchvision's names (FCOS loses
@@ -524,7 +533,7 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         from .detection_detr import convert_detr_to_rank_based
 
         return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend)
-    ranking = RankingLoss(loss, delta, backend)
+    ranking = RankingLoss(loss, delta, backend, box_balance)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
         if model.roi_heads.has_keypoint():
             raise ValueError("convert_to_rank_based does not support Keypoint R-CNN (keypoint heads); "
