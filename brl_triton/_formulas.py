@@ -61,26 +61,34 @@ def ranking_formulas(sums: PairSums) -> PerPositive:
     )
 
 
+def sorting_formulas(sums: PairSums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank & Sort's sorting error eS(i) and its share eS(i) / D(i) (0 where D(i) == 0)."""
+    sorting_error = sums.sort_current / sums.rank_plus - sums.sort_target / sums.sort_target_count
+    lower = sums.lower_quality
+    return sorting_error, torch.where(lower > 0, sorting_error / lower.clamp(min=1e-300), 0.0)
+
+
 def rank_sort_formulas(sums: PairSums) -> PerPositive:
     """Rank & Sort and BRS: the ranking terms, and the sorting error with its share eS / D."""
     terms = ranking_formulas(sums)
-    sorting_error = sums.sort_current / sums.rank_plus - sums.sort_target / sums.sort_target_count
-    lower = sums.lower_quality
-    terms.losses = terms.losses + (sorting_error.mean(),)
-    terms.sorting_error = sorting_error
-    terms.sorting_share = torch.where(lower > 0, sorting_error / lower.clamp(min=1e-300), 0.0)
+    terms.sorting_error, terms.sorting_share = sorting_formulas(sums)
+    terms.losses = terms.losses + (terms.sorting_error.mean(),)
     return terms
+
+
+def interpolated_precision(sums: PairSums) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interpolated AP's precision(i) and rank(i) (rank+ = 1 + sum over k != i, H(0) = 1/2)."""
+    rank_plus = sums.rank_plus + 0.5
+    return rank_plus / (rank_plus + sums.fp), rank_plus + sums.fp
 
 
 def interpolated_formulas(sums: PairSums) -> PerPositive:
     """The interpolated AP loss: precision's running maximum in ascending logit order."""
-    fp = sums.fp
-    p = fp.numel()
-    rank_plus = sums.rank_plus + 0.5  # 1 + sum over k != i, and H(0) = 1/2
-    precision = rank_plus / (rank_plus + fp)
+    p = sums.fp.numel()
+    precision, rank = interpolated_precision(sums)
     best = torch.cummax(precision, 0).values
     factor = torch.where(best <= precision, 1.0, (1 - best) / (1 - precision))
-    return PerPositive((1 - best.mean(),), -(1 - best) / p, factor / (rank_plus + fp) / p)
+    return PerPositive((1 - best.mean(),), -(1 - best) / p, factor / rank / p)
 
 
 def alrp_formulas(sums: PairSums) -> PerPositive:

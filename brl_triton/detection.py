@@ -167,7 +167,7 @@ def balanced_giou_loss(pred_boxes, target_boxes, scores, value) -> torch.Tensor:
     return scale * box_loss
 
 
-def _positive_terms(box_coder, pred_deltas, target_deltas):
+def _decoded_positives(box_coder, pred_deltas, target_deltas):
     """Decoded boxes of the positives and their (detached) IoU quality targets."""
     pred_boxes = _decode_from_unit_box(box_coder, pred_deltas)
     target_boxes = _decode_from_unit_box(box_coder, target_deltas)
@@ -206,7 +206,7 @@ class RankBasedRPN(RegionProposalNetwork):
         labels = torch.cat(labels, dim=0)  # 1: positive, 0: negative, -1: between thresholds
         regression_targets = torch.cat(regression_targets, dim=0)
         positive = torch.where(labels == 1)[0]
-        pred_boxes, target_boxes, quality = _positive_terms(
+        pred_boxes, target_boxes, quality = _decoded_positives(
             self.box_coder, pred_bbox_deltas[positive], regression_targets[positive]
         )
         targets = labels.to(objectness.dtype).index_put((positive,), quality.to(objectness.dtype))
@@ -254,7 +254,7 @@ class RankBasedRoIHeads(RoIHeads):
         positive = torch.where(labels > 0)[0]
         classes = labels[positive]
         pred_deltas = box_regression.reshape(class_logits.shape[0], -1, 4)[positive, classes]
-        pred_boxes, target_boxes, quality = _positive_terms(self.box_coder, pred_deltas, regression_targets[positive])
+        pred_boxes, target_boxes, quality = _decoded_positives(self.box_coder, pred_deltas, regression_targets[positive])
         targets = torch.zeros_like(logits)
         targets[positive, classes - 1] = quality.to(logits.dtype)
         scores = logits[positive, classes - 1].sigmoid()

@@ -15,7 +15,7 @@ forward
     ``reduce_bins``: hands on the bins of step 4.
     ``gradient_tables``
     6. ``tiles.per_positive``: FP, rank+, sorting sums and the per-positive formulas.
-       (``tiles.interpolated_precision`` for the interpolated AP: the running maximum.)
+       (``tiles.running_maximum`` for the interpolated AP.)
     7. ``tiles.finish``: sorting gradient, per-bin gradient tables and the loss outputs.
 backward
     8. ``distribute``, ``streaming.distribute``: one pass writes every element's gradient, scaled by the upstream
@@ -227,7 +227,7 @@ class TritonBackend(pipeline.PipelineBackend):
         table = tiles.per_positive(*common, reduced.fp_bound, delta_bits, sorting=spec.sorting,
                                      interpolated=spec.interpolated, l_pos=found.regression, **options)
         if spec.interpolated:
-            tiles.interpolated_precision(table, losses[0])
+            tiles.running_maximum(table, losses[0])
         const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=spec.sorting,
                                     has_slope=spec.has_slope(delta), interpolated=spec.interpolated,
                                     regression=spec.regression, **options)

@@ -13,7 +13,7 @@ fixed point instead, which is exact in any order, so the sums do not depend on t
   weight ``w_i`` of the negatives' gradient, the sorting error and its share ``eS / D``; the
   interpolated AP keeps its precision for ``interpolated``; aLRP (``REGRESSION``) also sums the
   regression losses of the positives above, ``sum_k H(s_k - s_i) l_k``.
-- ``interpolated_precision``: one program, the running maximum of precision in ascending logit order.
+- ``running_maximum``: one program, the running maximum of precision in ascending logit order.
 - ``finish``: one launch, three kinds of program: rows of the sorting gradient
   (``sum_k share_k H(s_i - s_k) [y_i < y_k]`` minus what i gives), blocks of bins (gradient
   constant and, for the exact losses, slope), and one program that writes the loss outputs.
@@ -39,7 +39,52 @@ T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP, aLRP)
 TABLE_ROWS = 7
 TABLE_ALIGN = 16  # elements: 128-byte rows
 LOSS_BLOCK = tl.constexpr(1024)  # the loss sums' order, whatever the tile config
-ALRP_EPS = tl.constexpr(1e-5)  # aLRP: a positive with FP(i) <= this has no error (``_formulas``)
+ALRP_EPS = tl.constexpr(1e-5)  # aLRP: a positive with FP(i) <= this has no error (``_formulas.ALRP_EPS``)
+
+
+# The per-positive formulas, as ``_formulas`` writes them for the torch backend and under the same
+# names (tests/test_formulas.py feeds both the same sums): float64 per-positive sums in, the
+# ranking error, the positives' gradients and the negatives' weight ``w_i`` out.
+
+
+@triton.jit
+def ranking_formulas(fp, rank_plus, count_p):
+    """AP and bucketed AP: error FP / (rank+ + FP), its gradient on the positive, and w_i."""
+    error = fp / (rank_plus + fp)
+    weight = tl.where(fp > 0, error / tl.maximum(fp, 1e-300), 0.0) / count_p
+    return error, -error / count_p, weight
+
+
+@triton.jit
+def sorting_formulas(rank_plus, sort_current, sort_target, sort_target_count, lower_quality):
+    """Rank & Sort's sorting error eS and its share eS / D (0 where D == 0)."""
+    sorting_error = sort_current / rank_plus - sort_target / sort_target_count
+    share = tl.where(lower_quality > 0, sorting_error / tl.maximum(lower_quality, 1e-300), 0.0)
+    return sorting_error, share
+
+
+@triton.jit
+def interpolated_precision(fp, rank_plus):
+    """The interpolated AP's precision and rank(i) (rank+ = 1 + sum over k != i, H(0) = 1/2)."""
+    rank_plus += 0.5
+    return rank_plus / (rank_plus + fp), rank_plus + fp
+
+
+@triton.jit
+def interpolated_formulas(precision, best, rank, count_p):
+    """Given the running maximum ``best`` of precision: the positive's gradient and w_i."""
+    factor = tl.where(best <= precision, 1.0, (1 - best) / (1 - precision))
+    return -(1 - best) / count_p, factor / rank / count_p
+
+
+@triton.jit
+def alrp_formulas(fp, rank_plus, weighted_rank, regression, count_p):
+    """aLRP's error FP / rank, rank(i), the gradient g / p on the positive and w_i."""
+    rank = rank_plus + 0.5 + fp  # rank+(i) = 1 + sum over k != i, and H(0) = 1/2
+    others = weighted_rank - 0.5 * regression  # k = i was counted with H(0) = 1/2
+    wrong = fp > ALRP_EPS
+    g = tl.where(wrong, -(others + fp) / rank, 0.0)
+    return fp / rank, rank, g / count_p, tl.where(wrong, -g / tl.maximum(fp, 1e-300), 0.0) / count_p
 
 
 @triton.jit
@@ -127,31 +172,26 @@ def _per_positive_kernel(
     rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
     count_p = p.to(tl.float64)
     if REGRESSION:
-        rank = rank_plus + 0.5 + fp  # rank+(i) = 1 + sum over k != i, and H(0) = 1/2
         l_i = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-        others = m.fixed_value(weighted, l_scale, DETERMINISTIC) - 0.5 * l_i  # k = i was counted with H(0) = 1/2
-        wrong = fp > ALRP_EPS
-        g = tl.where(wrong, -(others + fp) / rank, 0.0)
-        tl.store(table_ptr + T_ERROR * stride + rows, fp / rank, mask=row_ok)
-        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
-        tl.store(table_ptr + T_RANK_GRAD * stride + rows, g / count_p, mask=row_ok)
-        tl.store(table_ptr + T_WEIGHT * stride + rows, tl.where(wrong, -g / tl.maximum(fp, 1e-300), 0.0) / count_p,
-                 mask=row_ok)
-    elif INTERPOLATED:
-        rank_plus += 0.5  # 1 + sum over k != i, and H(0) = 1/2
-        tl.store(table_ptr + T_ERROR * stride + rows, rank_plus / (rank_plus + fp), mask=row_ok)
-        tl.store(table_ptr + T_RANK * stride + rows, rank_plus + fp, mask=row_ok)
-    else:
-        error = fp / (rank_plus + fp)
+        error, rank, rank_grad, weight = alrp_formulas(fp, rank_plus, m.fixed_value(weighted, l_scale, DETERMINISTIC),
+                                                       l_i, count_p)
         tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
-        tl.store(table_ptr + T_RANK_GRAD * stride + rows, -error / count_p, mask=row_ok)
-        weight = tl.where(fp > 0, error / tl.maximum(fp, 1e-300), 0.0) / count_p
+        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
+        tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
+    elif INTERPOLATED:  # the running maximum of precision follows in _interpolated_kernel
+        precision, rank = interpolated_precision(fp, rank_plus)
+        tl.store(table_ptr + T_ERROR * stride + rows, precision, mask=row_ok)
+        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
+    else:
+        error, rank_grad, weight = ranking_formulas(fp, rank_plus, count_p)
+        tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
         tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
     if SORTING:
-        sorting_error = (m.fixed_value(current, p_scale, DETERMINISTIC) / rank_plus
-                         - m.fixed_value(target, p_scale, DETERMINISTIC) / m.fixed_value(target_count, p_scale, DETERMINISTIC))
-        lower_quality = m.fixed_value(lower_quality, p_scale, DETERMINISTIC)
-        share = tl.where(lower_quality > 0, sorting_error / tl.maximum(lower_quality, 1e-300), 0.0)
+        sorting_error, share = sorting_formulas(
+            rank_plus, m.fixed_value(current, p_scale, DETERMINISTIC), m.fixed_value(target, p_scale, DETERMINISTIC),
+            m.fixed_value(target_count, p_scale, DETERMINISTIC), m.fixed_value(lower_quality, p_scale, DETERMINISTIC))
         tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
         tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
 
@@ -174,10 +214,10 @@ def _interpolated_kernel(table_ptr, stride, p, loss_ptr, BLOCK: tl.constexpr):
         precision = tl.load(table_ptr + T_ERROR * stride + rows, mask=ok, other=0.0)
         best = tl.maximum(tl.associative_scan(precision, 0, _maximum), carry)
         carry = tl.max(best, axis=0)
-        factor = tl.where(best <= precision, 1.0, (1 - best) / (1 - precision))
         rank = tl.load(table_ptr + T_RANK * stride + rows, mask=ok, other=1.0)
-        tl.store(table_ptr + T_RANK_GRAD * stride + rows, -(1 - best) / count_p, mask=ok)
-        tl.store(table_ptr + T_WEIGHT * stride + rows, factor / rank / count_p, mask=ok)
+        rank_grad, weight = interpolated_formulas(precision, best, rank, count_p)
+        tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=ok)
+        tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=ok)
         total += tl.sum(tl.where(ok, best, 0.0), axis=0)
     tl.store(loss_ptr, (1 - total / count_p).to(loss_ptr.dtype.element_ty))
 
@@ -310,7 +350,7 @@ def per_positive(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, f
     return table
 
 
-def interpolated_precision(table, loss) -> None:
+def running_maximum(table, loss) -> None:
     launch(_interpolated_kernel, (1,), table, table.stride(0), table.shape[1], loss, num_warps=4,
            BLOCK=INTERPOLATED_BLOCK)
 
