@@ -37,6 +37,9 @@ class SelfBalancingWeight(nn.Module):
         8.0
     """
 
+    weight: float
+    period: int
+
     def __init__(self, period: int, initial: float = 50.0):
         super().__init__()
         if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:

@@ -33,7 +33,7 @@ Needs torchvision (``pip install brl_triton[examples]``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -47,14 +47,12 @@ try:
     from torchvision.models.detection.rpn import RegionProposalNetwork
     from torchvision.models.detection.ssd import SSD
     from torchvision.ops import boxes as box_ops
-    from torchvision.ops import generalized_box_iou_loss
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "brl_triton.detection needs torchvision: pip install 'brl_triton[examples]'"
     ) from error
 
-from . import functional, registry
-from .balancing import SelfBalancingWeight
+from ._head_losses import LOSSES_BY_SHORT, MIN_QUALITY, RankingLoss, paired_box_iou
 
 __all__ = [
     "RankingLoss",
@@ -68,11 +66,6 @@ __all__ = [
     "paired_box_iou",
 ]
 
-# the registry's losses by short name; aLRP's regression losses are the heads' per-positive GIoU losses
-_LOSSES = {spec.short: spec for spec in registry.LOSSES if registry.public(spec)}
-ALRP_BALANCE_PERIOD = 500  # training steps per update of aLRP's self-balancing weight (the paper: an epoch)
-_MIN_QUALITY = 1e-6  # a positive whose box misses its ground truth still counts as positive
-
 # The model settings of the official configs (RS-R-CNN and RS-Mask R-CNN, RS-ATSS for the
 # one-stage detectors) that convert_to_rank_based applies.
 RPN_BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # DeltaXYWH target stds (0.1, 0.1, 0.2, 0.2)
@@ -84,62 +77,7 @@ DENSE_TOPK_CANDIDATES = 1000  # per feature level, before NMS
 DENSE_NMS_THRESH = 0.6
 DENSE_SCORE_THRESH = 0.0  # selection by rank only; see convert_to_rank_based
 DETECTIONS_PER_IMAGE = 100
-BOX_BALANCES = ("classification", "unit")  # RankingLoss.box_balance
 MASK_POSITIVES_PER_BATCH = 200
-
-
-@dataclass(frozen=True)
-class RankingLoss:
-    """Which ranking loss a rank-based head uses: ``loss``, a short name of ``registry.LOSSES``
-    (brs, rs, bap, ap, alrp, balrp), its delta (None: the loss's default) and backend."""
-
-    loss: str = "brs"
-    delta: float | None = None
-    backend: str = "auto"
-    # the box loss's value: the classification loss's (RS-R-CNN's lambda = cls / box), or 1
-    box_balance: str = "classification"
-    # aLRP: the weight of the localisation part, per head (``dataclasses.replace`` makes a fresh one)
-    balance: SelfBalancingWeight = field(init=False, repr=False, compare=False,
-                                         default_factory=lambda: SelfBalancingWeight(ALRP_BALANCE_PERIOD))
-
-    def __post_init__(self):
-        if self.loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(_LOSSES)}, got {self.loss!r}")
-        if self.box_balance not in BOX_BALANCES:
-            raise ValueError(f"box_balance must be one of {', '.join(BOX_BALANCES)}, got {self.box_balance!r}")
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, pred_boxes: torch.Tensor,
-                 target_boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's (classification, box) losses. ``targets``: IoU targets (> 0 positive, 0
-        negative, < 0 ignored); ``pred_boxes``, ``target_boxes`` (P, 4) and ``scores`` (P,): the
-        positives, in the flat order of ``targets > 0``.
-
-        Ranking + sorting for (B)RS, the AP loss for (B)AP, each with the balanced GIoU box loss;
-        for aLRP its classification part, and its localisation part with ``(1 - GIoU) / 2`` as the
-        regression losses, times the self-balancing weight."""
-        spec = _LOSSES[self.loss]
-        fn = getattr(functional, spec.function_name)
-        delta = spec.delta if self.delta is None else self.delta
-        if spec.regression:
-            regression = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none") / 2
-            classification, localisation = fn(logits, targets, regression.float(), delta, backend=self.backend)
-            weight = self.balance.weight
-            self.balance.record(classification, localisation)
-            return classification, weight * localisation
-        out = fn(logits, targets, delta, backend=self.backend)
-        classification = out[0] + out[1] if isinstance(out, tuple) else out
-        value = classification if self.box_balance == "classification" else torch.ones_like(classification)
-        return classification, balanced_giou_loss(pred_boxes, target_boxes, scores, value)
-
-
-def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of ``boxes1[i]`` with ``boxes2[i]`` ((N, 4) x1y1x2y2 each), without the N x N matrix
-    that ``torchvision.ops.box_iou`` would build."""
-    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
-    union = box_ops.box_area(boxes1) + box_ops.box_area(boxes2) - inter
-    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
 def _decode_from_unit_box(box_coder, deltas: torch.Tensor) -> torch.Tensor:
@@ -155,23 +93,11 @@ def iou_from_deltas(box_coder, pred_deltas: torch.Tensor, target_deltas: torch.T
     return paired_box_iou(_decode_from_unit_box(box_coder, pred_deltas), _decode_from_unit_box(box_coder, target_deltas))
 
 
-def balanced_giou_loss(pred_boxes, target_boxes, scores, value) -> torch.Tensor:
-    """Score-weighted GIoU loss of the positives, scaled to ``value`` (the classification loss's,
-    as RS-R-CNN balances them; or 1)."""
-    if pred_boxes.numel() == 0:
-        return pred_boxes.sum() * 0.0
-    weight = scores.detach()
-    giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
-    box_loss = (weight * giou).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
-    scale = value.detach() / box_loss.detach().clamp(min=1e-12)
-    return scale * box_loss
-
-
 def _decoded_positives(box_coder, pred_deltas, target_deltas):
     """Decoded boxes of the positives and their (detached) IoU quality targets."""
     pred_boxes = _decode_from_unit_box(box_coder, pred_deltas)
     target_boxes = _decode_from_unit_box(box_coder, target_deltas)
-    quality = paired_box_iou(pred_boxes.detach(), target_boxes).clamp(min=_MIN_QUALITY)
+    quality = paired_box_iou(pred_boxes.detach(), target_boxes).clamp(min=MIN_QUALITY)
     return pred_boxes, target_boxes, quality
 
 
@@ -317,7 +243,7 @@ def _dense_losses(ranking, cls_logits, bbox_regression, anchors, targets, matche
         gt_boxes = target["boxes"][matched[foreground]]
         gt_labels = target["labels"][matched[foreground]]
         boxes = decode(bbox_regression[image, foreground], anchors[image][foreground])
-        quality = paired_box_iou(boxes.detach(), gt_boxes).clamp(min=_MIN_QUALITY)
+        quality = paired_box_iou(boxes.detach(), gt_boxes).clamp(min=MIN_QUALITY)
         quality_targets[image, foreground, gt_labels] = quality.to(cls_logits.dtype)
         pred_boxes.append(boxes)
         target_boxes.append(gt_boxes)
@@ -389,7 +315,7 @@ def _rank_based(head: torch.nn.Module, cls, ranking: RankingLoss, **settings):
     becomes the submodule ``alrp_balance``, so that it is in the model's state dict (and a resumed
     run resumes it); the other losses add no key."""
     converted = _retype(head, cls, ranking=ranking, **settings)
-    if _LOSSES[ranking.loss].regression:
+    if LOSSES_BY_SHORT[ranking.loss].regression:
         converted.alrp_balance = ranking.balance
     return converted
 

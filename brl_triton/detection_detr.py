@@ -47,7 +47,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from . import functional
 from .balancing import SelfBalancingWeight
-from .detection import _LOSSES, _MIN_QUALITY, ALRP_BALANCE_PERIOD, RankingLoss, paired_box_iou
+from ._head_losses import ALRP_BALANCE_PERIOD, LOSSES_BY_SHORT, MIN_QUALITY, RankingLoss, paired_box_iou
 
 try:
     import scipy  # noqa: F401  (transformers' Hungarian matcher solves the assignment with scipy)
@@ -104,10 +104,10 @@ class _RankingCriterion:
         pred_boxes = box_convert(outputs["pred_boxes"][image, query], "cxcywh", "xyxy")
         gt_boxes = box_convert(torch.cat([target["boxes"][gt] for target, (_, gt) in zip(targets, indices)]),
                                "cxcywh", "xyxy")
-        quality = paired_box_iou(pred_boxes.detach(), gt_boxes).clamp(min=_MIN_QUALITY)
+        quality = paired_box_iou(pred_boxes.detach(), gt_boxes).clamp(min=MIN_QUALITY)
         quality_targets = torch.zeros_like(logits)
         quality_targets[image, query, classes] = quality.to(logits.dtype)
-        spec = _LOSSES[self.ranking.loss]
+        spec = LOSSES_BY_SHORT[self.ranking.loss]
         loss_fn = getattr(functional, spec.function_name)
         delta = spec.delta if self.ranking.delta is None else self.ranking.delta
         if not spec.regression:
@@ -368,7 +368,7 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
     family = _family_of(model)
     ranking = RankingLoss(loss, delta, backend)
     balance = None
-    if _LOSSES[ranking.loss].regression:
+    if LOSSES_BY_SHORT[ranking.loss].regression:
         balance = TensorStateBalancingWeight(ALRP_BALANCE_PERIOD)
         model.alrp_balance = balance
     elif "alrp_balance" in model._modules:  # converted to aLRP before: its weight has no use now

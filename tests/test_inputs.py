@@ -232,7 +232,7 @@ def test_create_graph_is_a_clear_error():
 def test_devices_without_float64_run_the_torch_backend_in_float32(name, sweeps, monkeypatch):
     """MPS has no float64: with the CPU marked the same way, no op makes a float64 tensor and the
     losses and gradient match the reference to float32 round-off."""
-    from brl_triton import _common, _tables, torch_backend
+    from brl_triton import _common, _tables
 
     monkeypatch.setattr(_common, "NO_FLOAT64_DEVICES", {"cpu"})
     monkeypatch.setattr(_tables, "SWEEP_FROM", 1 if sweeps else 10**9)
