@@ -19,6 +19,7 @@ ALRP_BALANCE_PERIOD = 500  # training steps per update of aLRP's self-balancing 
 MIN_QUALITY = 1e-6  # a positive whose box misses its ground truth still counts as positive
 
 BOX_BALANCES = ("classification", "unit")  # RankingLoss.box_balance
+BOX_WEIGHTINGS = ("score", "uniform")  # RankingLoss.box_weighting
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class RankingLoss:
     backend: str = "auto"
     # the box loss's value: the classification loss's (RS-R-CNN's lambda = cls / box), or 1
     box_balance: str = "classification"
+    # the positives' weights in the box loss: their detached scores (RS-R-CNN), or all equal
+    box_weighting: str = "score"
     # aLRP: the weight of the localisation part, per head (``dataclasses.replace`` makes a fresh one)
     balance: SelfBalancingWeight = field(init=False, repr=False, compare=False,
                                          default_factory=lambda: SelfBalancingWeight(ALRP_BALANCE_PERIOD))
@@ -40,6 +43,8 @@ class RankingLoss:
             raise ValueError(f"loss must be one of {', '.join(LOSSES_BY_SHORT)}, got {self.loss!r}")
         if self.box_balance not in BOX_BALANCES:
             raise ValueError(f"box_balance must be one of {', '.join(BOX_BALANCES)}, got {self.box_balance!r}")
+        if self.box_weighting not in BOX_WEIGHTINGS:
+            raise ValueError(f"box_weighting must be one of {', '.join(BOX_WEIGHTINGS)}, got {self.box_weighting!r}")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, pred_boxes: torch.Tensor,
                  target_boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +67,8 @@ class RankingLoss:
         out = fn(logits, targets, delta, backend=self.backend)
         classification = out[0] + out[1] if isinstance(out, tuple) else out
         value = classification if self.box_balance == "classification" else torch.ones_like(classification)
-        return classification, balanced_giou_loss(pred_boxes, target_boxes, scores, value)
+        weights = scores if self.box_weighting == "score" else torch.ones_like(scores)
+        return classification, balanced_giou_loss(pred_boxes, target_boxes, weights, value)
 
 
 def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:

@@ -368,7 +368,7 @@ def _foreground_against_background(cls_score: nn.Linear):
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                          rpn_weight: float = 0.2, box_balance: str = "classification"):
+                          rpn_weight: float = 0.2, box_balance: str = "classification", box_weighting: str = "score"):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
     version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
     Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
@@ -390,6 +390,8 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
         box_balance: the value the score-weighted GIoU box loss is scaled to: ``"classification"``
             (the classification loss's, RS-R-CNN's ``lambda = cls / box``) or ``"unit"`` (1).
+        box_weighting: the positives' weights in the box loss: ``"score"`` (their detached
+            scores for the ground-truth class, RS-R-CNN) or ``"uniform"``.
 
     Returns:
         The same model object. Its training losses keep torchvision's names (FCOS loses
@@ -459,7 +461,7 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         from .detection_detr import convert_detr_to_rank_based
 
         return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend)
-    ranking = RankingLoss(loss, delta, backend, box_balance)
+    ranking = RankingLoss(loss, delta, backend, box_balance, box_weighting)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
         if model.roi_heads.has_keypoint():
             raise ValueError("convert_to_rank_based does not support Keypoint R-CNN (keypoint heads); "

@@ -177,7 +177,7 @@ def build_model(args, num_classes: int):
     if args.predictor_init == "normal" and args.detector not in ONE_STAGE:
         normal_init(model.roi_heads.box_predictor)
     if args.loss != "ce":
-        convert_to_rank_based(model, args.loss, box_balance=args.box_balance)
+        convert_to_rank_based(model, args.loss, box_balance=args.box_balance, box_weighting=args.box_weighting)
     return model
 
 
@@ -417,6 +417,8 @@ def parse_args(argv=None):
                         help="learning-rate multiplier of the box-regression layer (the RoI head's, or FCOS's)")
     parser.add_argument("--box-balance", choices=["classification", "unit"], default="classification",
                         help="rank-based heads: the value the box loss is scaled to (convert_to_rank_based)")
+    parser.add_argument("--box-weighting", choices=["score", "uniform"], default="score",
+                        help="rank-based heads: the positives' weights in the box loss (convert_to_rank_based)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="profiled passes that time the classification loss at the end; 0: skip")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
