@@ -448,7 +448,7 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
     The official configs do not clip gradients; the rank-based heads' gradient norm is large
     (about 60 at the start of the example's Faster R-CNN, against about 25 with cross-entropy),
     and the example's run measured to learn (LR 0.003, mAP 0.233 after 300 iterations) clipped
-    at norm 10, so the example keeps that clipping. ``examples/finetune_fasterrcnn.py`` applies
+    at norm 10, so the example keeps that clipping. ``examples/train_detector.py`` applies
     this recipe by default (its ``RECIPES`` table).
 
     Example:

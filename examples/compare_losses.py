@@ -25,7 +25,7 @@ Writes to --out: ``runs.csv`` (one row per run, tuning included), ``summary.csv`
 over the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting; and the
 search: every tuning run's mAP by learning rate, the other seeds' at the best) and
 ``map_curves.png`` (mAP over iterations, one line per run). Each run is
-``finetune_fasterrcnn.main`` in a directory of its own, reused when it has finished already,
+``train_detector.main`` in a directory of its own, reused when it has finished already,
 so an interrupted study resumes.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune_fasterrcnn  # noqa: E402
+import train_detector  # noqa: E402
 
 DEFAULT_LOSSES = ["ce", "rs", "brs", "bap", "alrp"]
 # FCOS is the one-stage detector: on the digits set RetinaNet's focal baseline stayed at 0.09-0.12
@@ -67,7 +67,7 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
         return json.loads(metrics.read_text())
     # an interrupted run goes on from its last evaluation (the batch order restarts there)
     resume = ["--checkpoint", str(checkpoint)] if checkpoint.exists() else []
-    return finetune_fasterrcnn.main([*_run_argv(args, detector, loss, seed, iters, lr, clip, out), *resume,
+    return train_detector.main([*_run_argv(args, detector, loss, seed, iters, lr, clip, out), *resume,
                                      *([] if evaluate else ["--no-eval"]), *args.extra])
 
 
@@ -87,7 +87,7 @@ def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dic
         return {**result, "mAP75": 0.0}
     again = evaluated_again(out)
     if not (again / "metrics.json").exists():
-        finetune_fasterrcnn.main([*_run_argv(args, detector, loss, seed, result["iterations"], result["lr"],
+        train_detector.main([*_run_argv(args, detector, loss, seed, result["iterations"], result["lr"],
                                              result["clip"] or 0.0, again),
                                   "--checkpoint", str(out / "checkpoint.pt"), *args.extra, "--timing-repeats", "0"])
         (again / "checkpoint.pt").unlink()
@@ -116,8 +116,8 @@ def _ranking(score: tuple) -> tuple:
 
 
 def recipe_lr(detector: str, loss: str, batch_size: int) -> float:
-    recipe = finetune_fasterrcnn.RECIPES[loss]
-    per_16 = recipe.lr_one_stage if detector in finetune_fasterrcnn.ONE_STAGE else recipe.lr_two_stage
+    recipe = train_detector.RECIPES[loss]
+    per_16 = recipe.lr_one_stage if detector in train_detector.ONE_STAGE else recipe.lr_two_stage
     return per_16 * batch_size / 16
 
 
@@ -292,11 +292,11 @@ def parse_args(argv=None):
     parser.add_argument("--progress", action="store_true",
                         help="print the finished runs of the study in --out as a table, and train nothing")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="passed on to finetune_fasterrcnn.py (after everything else)")
+                        help="passed on to train_detector.py (after everything else)")
     args = parser.parse_args(argv)
-    unknown = set(args.losses) - set(finetune_fasterrcnn.RECIPES)
+    unknown = set(args.losses) - set(train_detector.RECIPES)
     if unknown:
-        parser.error(f"--losses: unknown {sorted(unknown)}; choose from {list(finetune_fasterrcnn.RECIPES)}")
+        parser.error(f"--losses: unknown {sorted(unknown)}; choose from {list(train_detector.RECIPES)}")
     return args
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("efficientnet_lite_pytorch")
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "examples"))
 import digits_dataset  # noqa: E402
-import finetune_fasterrcnn  # noqa: E402
+import train_detector  # noqa: E402
 
 
 def test_digits_dataset_is_deterministic_with_boxes_and_masks_inside_images(tmp_path):
@@ -67,7 +67,7 @@ def _args(tmp_path, *extra, out="run"):
     ("fcos", "effnet_lite0", "rs"), ("fasterrcnn", "mobilenet_v3", "ce"),
 ])
 def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, model, loss):
-    summary = finetune_fasterrcnn.main(_args(tmp_path, "--detector", detector, "--model", model, "--loss", loss))
+    summary = train_detector.main(_args(tmp_path, "--detector", detector, "--model", model, "--loss", loss))
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["mAP50"] <= 1.0 and 0.0 <= summary["mAP75"] <= 1.0
     assert summary["seconds_per_iteration"] > 0 and summary["classification_loss_ms_per_iteration"] > 0
     if detector == "maskrcnn":
@@ -90,22 +90,22 @@ def test_coco_ap_reports_ap_over_iou_thresholds_at_050_and_at_075():
                                      "area": 10000, "iscrowd": 0}]}
     coco.createIndex()
     detection = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 62], "score": 0.9}
-    ap, ap50, ap75 = finetune_fasterrcnn._coco_ap(coco, [detection], "bbox")
+    ap, ap50, ap75 = train_detector._coco_ap(coco, [detection], "bbox")
     assert (ap, ap50, ap75) == pytest.approx((0.3, 1.0, 0.0))
 
 
 def test_example_resumes_a_partial_and_a_finished_checkpoint(tmp_path):
     """Regression: resuming from a finished checkpoint raised UnboundLocalError (no batch)."""
-    first = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs"))
+    first = train_detector.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs"))
     checkpoint = str(tmp_path / "run" / "checkpoint.pt")
-    finished = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs",
+    finished = train_detector.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs",
                                               "--checkpoint", checkpoint, out="finished"))
     assert finished["iterations"] == 2 and finished["mAP"] == pytest.approx(first["mAP"])
     assert finished["mAP75"] == pytest.approx(first["mAP75"])
     assert [e["iteration"] for e in finished["evaluations"]] == [2]  # evaluated again, not listed twice
     assert finished["seconds_per_iteration"] == pytest.approx(first["seconds_per_iteration"])
     assert finished["classification_loss_ms_per_iteration"] > 0
-    resumed = finetune_fasterrcnn.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "3",
+    resumed = train_detector.main(_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "3",
                                              "--checkpoint", checkpoint, out="resumed"))
     assert resumed["iterations"] == 3
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
@@ -116,7 +116,7 @@ def test_an_interrupted_study_run_resumes_from_its_last_evaluation(tmp_path, mon
     """A run checkpoints at every evaluation; the study resumes it there instead of starting over."""
     import compare_losses
 
-    evaluate = finetune_fasterrcnn.evaluate
+    evaluate = train_detector.evaluate
     calls = []
 
     def interrupted(*args):
@@ -126,14 +126,14 @@ def test_an_interrupted_study_run_resumes_from_its_last_evaluation(tmp_path, mon
         return evaluate(*args)
 
     argv = [*_args(tmp_path, "--detector", "retinanet", "--loss", "brs", "--iters", "4", "--eval-every", "1")]
-    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", interrupted)
+    monkeypatch.setattr(train_detector, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        finetune_fasterrcnn.main(argv)
+        train_detector.main(argv)
     run = tmp_path / "run"
     assert torch.load(run / "checkpoint.pt", weights_only=False)["iteration"] == 2
     assert not (run / "metrics.json").exists()
     calls.clear()
-    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", lambda *args: calls.append(1) or evaluate(*args))
+    monkeypatch.setattr(train_detector, "evaluate", lambda *args: calls.append(1) or evaluate(*args))
     study = compare_losses.parse_args(["--detectors", "retinanet", "--batch-size", "2", "--image-size", "96",
                                        "--num-train", "4", "--num-val", "2", "--data", str(tmp_path / "data"),
                                        "--extra", "--timing-repeats", "0"])
@@ -189,14 +189,14 @@ def test_classification_loss_timing_leaves_batchnorm_statistics_and_gradients_al
     model = _BatchNormDetector().train()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     images = [torch.randn(3) * 5 + 2 for _ in range(4)]
-    finetune_fasterrcnn.classification_loss_ms(model, images, [{}] * 4, repeats=2)
+    train_detector.classification_loss_ms(model, images, [{}] * 4, repeats=2)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
     assert all(p.grad is None for p in model.parameters())
 
 
 def _recipe(*argv):
-    return finetune_fasterrcnn.training_recipe(finetune_fasterrcnn.parse_args(list(argv)))
+    return train_detector.training_recipe(train_detector.parse_args(list(argv)))
 
 
 def test_each_loss_trains_with_its_own_recipe():
@@ -208,7 +208,7 @@ def test_each_loss_trains_with_its_own_recipe():
     assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.002)
     assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.012)
     assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
-    assert set(finetune_fasterrcnn.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
+    assert set(train_detector.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
 
 
 def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int, timing_iters: int = 0) -> list:
@@ -314,7 +314,7 @@ def test_compare_losses_evaluates_again_the_seed_runs_made_before_map75(tmp_path
         total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
         return {"mAP": total % 1, "mAP50": total % 0.5, "mAP75": total % 0.25, "detections_per_image": 1.0}
 
-    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", weights_score)
+    monkeypatch.setattr(train_detector, "evaluate", weights_score)
     argv = _study_argv(tmp_path, "brs", tune_iters=2, timing_repeats=0)
     argv[argv.index("--clips") + 1] = clip  # an unclipped run's metrics say clip None
     (summary,) = compare_losses.main(argv)
@@ -328,7 +328,7 @@ def test_compare_losses_evaluates_again_the_seed_runs_made_before_map75(tmp_path
         assert reported[run.name] > 0
         (run / "metrics.json").write_text(json.dumps(metrics))
     calls = []
-    monkeypatch.setattr(finetune_fasterrcnn, "evaluate", lambda *a: calls.append(1) or weights_score(*a))
+    monkeypatch.setattr(train_detector, "evaluate", lambda *a: calls.append(1) or weights_score(*a))
     (again,) = compare_losses.main(argv)
     assert len(calls) == 2  # nothing trained: one evaluation per seed
     assert again["mAP75"] == pytest.approx(sum(reported.values()) / 2)
@@ -387,13 +387,13 @@ def test_a_diverging_run_stops_and_scores_zero(tmp_path, loss, iters):
     ranks it last instead of crashing; resuming it from its checkpoint gives the same."""
     argv = _args(tmp_path, "--loss", loss, "--lr", "1e30", "--clip", "0", "--warmup", "1")
     argv[argv.index("--iters") + 1] = str(iters)
-    summary = finetune_fasterrcnn.main(argv)
+    summary = train_detector.main(argv)
     assert summary["diverged_at"] is not None and 1 <= summary["diverged_at"] <= iters
     assert summary["mAP"] == summary["mAP50"] == summary["mAP75"] == summary["detections_per_image"] == 0.0
     written = (tmp_path / "run" / "metrics.json").read_text()
     assert json.loads(written)["diverged_at"] == summary["diverged_at"] and "Infinity" not in written
     (tmp_path / "run" / "metrics.json").unlink()
-    resumed = finetune_fasterrcnn.main(argv + ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")])
+    resumed = train_detector.main(argv + ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")])
     assert resumed["diverged_at"] == summary["diverged_at"] and resumed["mAP"] == 0.0
 
 
@@ -457,6 +457,6 @@ def test_a_committed_study_run_is_the_run_its_folder_names_and_the_readme_report
         assert f"{run['lr']:.4g}" == f"{lr:.4g}"
     assert run["evaluations"][-1]["mAP"] == run["mAP"] and "mAP75" in run
     name = {"fasterrcnn": "Faster R-CNN", "fcos": "FCOS"}[detector]
-    label = "focal" if loss == "ce" and detector in finetune_fasterrcnn.ONE_STAGE else loss
+    label = "focal" if loss == "ce" and detector in train_detector.ONE_STAGE else loss
     row = _readme_study_rows()[f"{name}, {label}"]
     assert f"{run['mAP']:.3f}" in row

@@ -1,9 +1,9 @@
 """Fine-tune a torchvision detector with a ranking loss (or the unchanged baseline) and report COCO mAP.
 
-    python examples/finetune_fasterrcnn.py --loss brs --iters 300          # offline: digits dataset, EfficientNet-Lite0
-    python examples/finetune_fasterrcnn.py --loss ce --iters 300           # torchvision's unchanged losses
-    python examples/finetune_fasterrcnn.py --detector retinanet --loss rs  # also: maskrcnn, fcos
-    python examples/finetune_fasterrcnn.py --model mobilenet_v3 --weights DEFAULT \\
+    python examples/train_detector.py --loss brs --iters 300          # offline: digits dataset, EfficientNet-Lite0
+    python examples/train_detector.py --loss ce --iters 300           # torchvision's unchanged losses
+    python examples/train_detector.py --detector retinanet --loss rs  # also: maskrcnn, fcos
+    python examples/train_detector.py --model mobilenet_v3 --weights DEFAULT \\
         --coco-images DIR --coco-annotations train.json --coco-val-annotations val.json
 
 Data: any COCO-format dataset, or by default the offline digits dataset of
