@@ -42,12 +42,25 @@ def test_wheel_installs_in_a_fresh_venv_and_passes_a_smoke_test(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "brl_triton/py.typed" in names and any(n.endswith("LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
-    # a fresh environment that sees this one's torch (system site packages) but not brl_triton's source
+    # a fresh environment that sees this one's torch but not brl_triton's source. Not
+    # system_site_packages: run from inside a virtual environment, that would see the base
+    # interpreter's packages, not this environment's (where torch is)
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True, system_site_packages=True)
+    venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    Path(site_packages, "outer_environment.pth").write_text("\n".join(_package_directories()) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True, text=True)
     result = subprocess.run([str(python), "-c", SMOKE], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "smoke ok" in result.stdout and str(env_dir) in result.stdout  # the wheel's copy, not the source tree
+
+
+def _package_directories() -> list[str]:
+    """This interpreter's package directories (where torch and its dependencies live), as plain
+    path entries: a directory named in a .pth file has its own .pth files (e.g. an editable
+    install of brl_triton) left unprocessed, and comes after the new environment's own packages."""
+    return [entry for entry in sys.path
+            if entry and Path(entry).is_dir() and Path(entry).name in ("site-packages", "dist-packages")]
