@@ -65,6 +65,8 @@ def run_once(args, detector: str, loss: str, seed: int, iters: int, lr: float, c
     metrics, checkpoint = out / "metrics.json", out / "checkpoint.pt"
     if metrics.exists():
         return json.loads(metrics.read_text())
+    if args.no_train:
+        raise FileNotFoundError(f"{out}: this run has not finished (--no-train trains nothing)")
     # an interrupted run goes on from its last evaluation (the batch order restarts there)
     resume = ["--checkpoint", str(checkpoint)] if checkpoint.exists() else []
     return train_detector.main([*_run_argv(args, detector, loss, seed, iters, lr, clip, out), *resume,
@@ -166,7 +168,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
                     tune(scale, clip)
                 _, scale, clip = max(scores, key=_ranking)
                 best = (scale * base_lr, clip)
-            results = []
+            results, folders = [], []
             for seed in args.seeds:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
                 out = seed_folder(args, detector, loss, seed, *best)
@@ -178,8 +180,9 @@ def study(args) -> tuple[list[dict], list[dict]]:
                 result = with_map75(args, detector, loss, seed, out, result)
                 runs.append(_row("study", detector, loss, seed, result))
                 results.append(result)
+                folders.append(out)
                 bar.update()
-            summary.append(_summary(detector, loss, best, results))
+            summary.append(_summary(args, detector, loss, best, results, folders))
     if args.timing_iters > 0:
         # every loss timed in one stretch, after the accuracy runs, so that the step times compare
         # losses under the same load (the accuracy runs may share the machine or be paused)
@@ -202,15 +205,18 @@ def _row(phase, detector, loss, seed, result) -> dict:
             "curve": json.dumps([(e["iteration"], e["mAP"]) for e in result["evaluations"]])}
 
 
-def _summary(detector, loss, best, results) -> dict:
+def _summary(args, detector, loss, best, results, folders) -> dict:
+    """One row of summary.csv: means and spreads over the seeds' runs, and the runs' folders
+    (relative to --out, ``;``-separated), from which every number of the row follows."""
     maps, map50s, map75s = ([r[key] for r in results] for key in ("mAP", "mAP50", "mAP75"))
     step = statistics.mean(r["seconds_per_iteration"] for r in results)
     loss_ms = [r["classification_loss_ms_per_iteration"] for r in results
                if r["classification_loss_ms_per_iteration"] is not None]
-    return {"detector": detector, "loss": loss, "seeds": len(results), "lr": best[0], "clip": best[1],
-            "mAP": statistics.mean(maps), "mAP_spread": spread(maps), "mAP50": statistics.mean(map50s),
-            "mAP50_spread": spread(map50s), "mAP75": statistics.mean(map75s), "mAP75_spread": spread(map75s),
-            **_timing(step, statistics.mean(loss_ms) if loss_ms else None)}
+    return {"detector": detector, "loss": loss, "iters": results[0]["iterations"], "seeds": len(results),
+            "lr": best[0], "clip": best[1], "map": statistics.mean(maps), "map_spread": spread(maps),
+            "map50": statistics.mean(map50s), "map50_spread": spread(map50s), "map75": statistics.mean(map75s),
+            "map75_spread": spread(map75s), **_timing(step, statistics.mean(loss_ms) if loss_ms else None),
+            "runs": ";".join(folder.relative_to(args.out).as_posix() for folder in folders)}
 
 
 def _timing(step: float, loss_ms: float | None) -> dict:
@@ -234,8 +240,8 @@ def markdown(summary: list[dict], args) -> str:
              "| detector | loss | mAP | mAP50 | mAP75 | s / iter | loss ms / iter (share) | LR | clip |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['detector']} | {s['loss']} | {s['mAP']:.3f} ± {s['mAP_spread']:.3f} | "
-                     f"{s['mAP50']:.3f} ± {s['mAP50_spread']:.3f} | {s['mAP75']:.3f} ± {s['mAP75_spread']:.3f} | "
+        lines.append(f"| {s['detector']} | {s['loss']} | {s['map']:.3f} ± {s['map_spread']:.3f} | "
+                     f"{s['map50']:.3f} ± {s['map50_spread']:.3f} | {s['map75']:.3f} ± {s['map75_spread']:.3f} | "
                      f"{s['seconds_per_iteration']:.2f} | "
                      f"{s['loss_ms_per_iteration']:.1f} ({100 * s['loss_share']:.1f} %) | {s['lr']:.4g} | "
                      f"{s['clip'] or 'none'} |")
@@ -289,6 +295,10 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache" / "brl_triton" / "digits")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_losses"))
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: write the tables from the finished runs in --out, or fail on a missing one")
+    parser.add_argument("--table", type=Path,
+                        help="also write the study table into this markdown file, between its study-table markers")
     parser.add_argument("--progress", action="store_true",
                         help="print the finished runs of the study in --out as a table, and train nothing")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -391,8 +401,46 @@ def main(argv=None):
     (args.out / "summary.md").write_text(markdown(summary, args)
                                          + (f"\nThe search (tuning runs' mAP):\n\n{search}" if search else ""))
     plot(runs, args.out / "map_curves.png")
+    if args.table is not None:
+        write_table(args.table, study_table(read_summary(args.out / "summary.csv")))
     print((args.out / "summary.md").read_text())
     return summary
+
+
+TABLE_START = "<!-- study table: generated by examples/compare_losses.py --table, do not edit -->"
+TABLE_END = "<!-- end of study table -->"
+DETECTOR_NAMES = {"fasterrcnn": "Faster R-CNN", "fcos": "FCOS", "retinanet": "RetinaNet", "maskrcnn": "Mask R-CNN",
+                  "rtdetr": "RT-DETR", "dfine": "D-FINE"}
+
+
+def read_summary(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def study_table(rows: list[dict]) -> str:
+    """The study's results as a markdown table, from the rows of summary.csv: each loss at its
+    tuned setting, mAP as mean ± half the range over the seeds, and the runs it comes from."""
+    lines = ["| detector | loss | iterations | seeds | mAP | mAP50 | mAP75 | LR | clip | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        label = "focal" if row["loss"] == "ce" and row["detector"] in train_detector.ONE_STAGE else row["loss"]
+        clip = float(row["clip"] or 0)  # 0 or empty: no clipping
+        lines.append(f"| {DETECTOR_NAMES.get(row['detector'], row['detector'])} | {label} | {row['iters']} | "
+                     f"{row['seeds']} | {float(row['map']):.3f} ± {float(row['map_spread']):.3f} | "
+                     f"{float(row['map50']):.3f} | {float(row['map75']):.3f} | {float(row['lr']):.4g} | "
+                     f"{f'{clip:g}' if clip else 'none'} | {len(row['runs'].split(';'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: Path, table: str) -> None:
+    """Replace what stands between the study-table markers of ``path`` with ``table``."""
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{path} has no study-table markers ({TABLE_START} ... {TABLE_END})")
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    path.write_text(f"{before}{TABLE_START}\n{table}{TABLE_END}{after}")
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     summary = compare_losses.main(argv)
     assert [(s["detector"], s["loss"], s["seeds"]) for s in summary] == [("fasterrcnn", "alrp", 2)]
     for s in summary:
-        assert 0 <= s["mAP"] <= 1 and s["mAP_spread"] >= 0 and s["seconds_per_iteration"] > 0
+        assert 0 <= s["map"] <= 1 and s["map_spread"] >= 0 and s["seconds_per_iteration"] > 0
         assert s["lr"] in (compare_losses.recipe_lr("fasterrcnn", s["loss"], 2) * k for k in (1, 0.5))
     study = tmp_path / "study"
     runs = (study / "runs.csv").read_text().splitlines()
@@ -251,11 +251,26 @@ def test_compare_losses_tunes_runs_seeds_and_writes_its_tables(tmp_path):
     assert "| fasterrcnn | alrp |" in (study / "summary.md").read_text()
     assert "| detector | loss | LR × 0.5 | LR × 1 |" in (study / "summary.md").read_text()  # the search table
     assert (study / "map_curves.png").read_bytes()[:4] == b"\x89PNG"
-    # finished runs are reused: a second call trains nothing
+    # summary.csv: the means over the seeds of the runs it names, which a table is made from
+    (row,) = compare_losses.read_summary(study / "summary.csv")
+    assert {"detector", "loss", "iters", "seeds", "map", "map50", "map75", "runs"} <= set(row)
+    named = [json.loads((study / folder / "metrics.json").read_text()) for folder in row["runs"].split(";")]
+    assert [r["provenance"]["arguments"]["seed"] for r in named] == [0, 1] and row["iters"] == "2"
+    for key, metric in (("map", "mAP"), ("map50", "mAP50"), ("map75", "mAP75")):
+        assert float(row[key]) == pytest.approx(sum(r[metric] for r in named) / 2)
+    # finished runs are reused: a second call trains nothing, and writes the table into a page
     (seed1,) = (study / "fasterrcnn" / "alrp").glob("seed1_*")
     stamp = (seed1 / "metrics.json").stat().st_mtime_ns
-    compare_losses.main(argv)
+    page = tmp_path / "page.md"
+    page.write_text(f"before\n{compare_losses.TABLE_START}\nstale\n{compare_losses.TABLE_END}\nafter\n")
+    extra = argv.index("--extra")
+    compare_losses.main(argv[:extra] + ["--no-train", "--table", str(page)] + argv[extra:])
     assert (seed1 / "metrics.json").stat().st_mtime_ns == stamp
+    written = page.read_text()
+    assert "stale" not in written and written.startswith("before\n") and written.endswith("after\n")
+    assert f"| Faster R-CNN | alrp | 2 | 2 | {float(row['map']):.3f} ± " in written
+    with pytest.raises(FileNotFoundError, match="has not finished"):  # --no-train never trains
+        compare_losses.main(argv[:extra] + ["--no-train", "--seeds", "0", "1", "2"] + argv[extra:])
     # but not by a study with other settings: more iterations are new runs (the tuning is reused)
     longer = list(argv)
     longer[longer.index("--iters") + 1] = "3"
