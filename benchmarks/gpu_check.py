@@ -29,8 +29,8 @@ non-zero if any step failed):
    (``triton_backend.TRITON_SWEEP_FROM``, an estimate until this runs): the P from which the sweeps
    win, to put into ``TRITON_SWEEP_FROM``. Written to ``crossover.csv`` and ``results.md``.
 
-Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table, ready for the
-README, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
+Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table for
+benchmarks/README.md, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
 (default ``benchmarks/results/gpu_check/``, git-ignored).
 
 Without CUDA it stops at once with a one-line message, unless ``--dry-run``: then it runs on the
@@ -521,7 +521,7 @@ def write_csv(rows: list, path: Path) -> None:
 
 
 def timing_table(rows: list, environment: str, bandwidth: Bandwidth | None, stand_in: bool) -> str:
-    """The README table: Triton next to the torch backend and the two floors."""
+    """The results table: Triton next to the torch backend and the two floors."""
     timer = "`torch.utils.benchmark` on the CPU" if stand_in else "`triton.testing.do_bench`"
     lines = [f"Forward+backward, float32 logits and targets, median ms ({timer}). {environment}.",
              "Bandwidth: " + (bandwidth_text(bandwidth) if bandwidth else "not measured (the timing step failed)") + ".",

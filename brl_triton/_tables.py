@@ -23,7 +23,7 @@ from ._sweeps import DominanceSums, SortedSums, Windows
 # Elements (float64) of one positives x columns tile: 8 MiB, a few of them alive at once.
 PAIR_BLOCK = 1 << 20
 # From this many positives on, their terms are summed by sweeps (O(p log p)) instead of tiles
-# (O(p^2)). On the CPU at N = 10^6 (BRS, RS and BAP timed with each path forced; README) the
+# (O(p^2)). On the CPU at N = 10^6 (BRS, RS and BAP timed with each path forced; CHANGELOG.md) the
 # tiles are up to 10 % faster at 512 positives, the two are level at about 1,000 and the sweeps
 # are well ahead at 2,000: from 512 on, the sweeps lose little and their memory stays O(p).
 SWEEP_FROM = 512

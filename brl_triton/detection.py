@@ -9,7 +9,7 @@ coder, proposal counts, inference thresholds) to those of the official RS config
 - RPN: no sampling, every non-ignored anchor of the batch in one ranking; the positive target
   is the IoU of the (detached) decoded box with its ground truth; box loss: GIoU of positives,
   weighted by their detached scores (of the ground-truth class; the official code takes the
-  highest over the classes, which did no better in the README's study), normalised by the sum of
+  highest over the classes, which did no better in a probe: docs/localisation.md), normalised by the sum of
   weights, scaled by
   ``lambda = classification loss / box loss`` (detached), so no loss weight is tuned; both
   multiplied by ``rpn_weight`` (0.2).

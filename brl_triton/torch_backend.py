@@ -6,16 +6,15 @@ It supplies the steps of ``pipeline`` (M logits, p positives, E bin edges, E <= 
 
 forward
     1. ``find_positives``: compact (``nonzero``) and sort only their p logits.
-    2. ``reduce_bins``: the edges of ``_bins.bin_edges``, then one pass over M: each logit's bin ``key = #{edges <= s}`` (``BinLookup``: a uniform grid
-       over the edges, exact by construction; ``torch.searchsorted`` when edges cluster), 0 for
-       anything but a relevant negative; ``bincount`` of count and of the offset from the bin's
-       lower edge (offsets, not raw logits, so that large logits do not cancel).
-    3. ``gradient_tables``: FP, rank+, the sorting sums, the errors, and per bin the gradient
+    2. ``reduce_bins``: the edges of ``_edges.bin_edges``, then one pass over M: each logit's
+       bin ``key = #{edges <= s}`` (``BinLookup``: a uniform grid over the edges, exact by
+       construction; ``torch.searchsorted`` when edges cluster), 0 for anything but a relevant
+       negative; ``bincount`` of count and of the offset from the bin's lower edge (offsets, not
+       raw logits, so that large logits do not cancel).
+    3. ``gradient_tables``: ``_tables.gradient_tables`` (shared with the Triton backend's many-
+       positives path): FP, rank+, the sorting sums, the errors, and per bin the gradient
        ``grad[j] = const[bin] + slope[bin] * (s_j - lower_edge[bin])`` (slope only for the exact
-       losses, from prefix sums over the positives). Below ``SWEEP_FROM`` positives by tiles
-       (positives x occupied bins and positives x positives, in row tiles of at most
-       ``PAIR_BLOCK`` float64 elements, O(p (p + E))); from there on by the sweeps of ``_sweeps``
-       (prefix sums and a wavelet matrix, O((p + E) log p)). Only O(p + E) tables are kept.
+       losses), by tiles or by sweeps. Only O(p + E) tables are kept.
 
 backward
     4. ``distribute``: one pass over M: the bins again (recomputed, not saved) and one gather, scaled by the
