@@ -58,6 +58,8 @@ EXPERIMENTS = [
                (*NORMAL_INIT, "--box-weighting", "uniform"), losses=("brs",)),
     Experiment("init_unit_uniform", "init, box loss scaled to 1 and positives weighted alike",
                (*NORMAL_INIT, "--box-balance", "unit", "--box-weighting", "uniform"), losses=("brs",)),
+    Experiment("init_3000it", "(d) with init, 3000 iterations: does the gap close with the budget?",
+               (*NORMAL_INIT, "--eval-every", "750"), iters=3000),
 ]
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 
