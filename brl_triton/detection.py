@@ -105,9 +105,11 @@ class RankBasedRPN(RegionProposalNetwork):
     """torchvision's RPN with the ranking loss of RS-R-CNN (see the module docstring).
 
     Its buffer ``box_coder_weights`` says which box coder the regression layer's outputs are
-    for. A state dict without it (saved before conversion, for ``unconverted_box_coder_weights``)
-    or saved for other weights has the layer rescaled as it loads, so that loading before or
-    after :func:`convert_to_rank_based` gives the same model."""
+    for. A state dict saved for other weights, or without it and saved before conversion (for
+    ``unconverted_box_coder_weights``), has the layer rescaled as it loads, so that loading
+    before or after :func:`convert_to_rank_based` gives the same model. A whole converted
+    model's state dict saved before the buffer existed is told apart by its RoI classifier
+    (:func:`_mark_converted_rpn`)."""
 
     ranking: RankingLoss
     loss_weight: float
@@ -320,6 +322,25 @@ def _rank_based(head: torch.nn.Module, cls, ranking: RankingLoss, **settings):
     return converted
 
 
+def _mark_converted_rpn(model, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
+    """A converted Faster/Mask R-CNN's load pre-hook: a state dict of a converted model saved
+    before ``RankBasedRPN`` had its ``box_coder_weights`` (its RoI classifier has the background
+    row that conversion zeroed; a trained or freshly initialised one is never all zero) gets that
+    key, so that its RPN layer is not rescaled as if it were unconverted. The RPN alone sees only
+    its own keys, hence a hook of the whole model."""
+    key = prefix + "rpn.box_coder_weights"
+    if key not in state_dict and _background_row_is_zero(state_dict, prefix + "roi_heads."):
+        state_dict[key] = model.rpn.box_coder_weights.clone()
+
+
+def _background_row_is_zero(state_dict, roi_heads_prefix: str) -> bool:
+    """Whether the state dict's RoI classifier has the all-zero background row that conversion
+    leaves (``_foreground_against_background``)."""
+    weight = state_dict.get(roi_heads_prefix + "box_predictor.cls_score.weight")
+    return weight is not None and weight.dim() == 2 and not bool(weight[0].any())
+
+
 def _rescaled_rpn_regression(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The RPN regression layer's weight or bias with its outputs, (anchor, dx/dy/dw/dh) in that
     order, multiplied by ``scale`` (4,)."""
@@ -476,6 +497,7 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
         if isinstance(cls_score, nn.Linear):
             _foreground_against_background(cls_score)
+            model._register_load_state_dict_pre_hook(_mark_converted_rpn, with_module=True)  # idempotent
     elif isinstance(model, RetinaNet):
         model.head = _rank_based(model.head, RankBasedRetinaNetHead, ranking)
         _set_dense_inference(model)
