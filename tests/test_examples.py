@@ -346,7 +346,7 @@ def test_compare_losses_evaluates_again_the_seed_runs_made_before_map75(tmp_path
     monkeypatch.setattr(train_detector, "evaluate", lambda *a: calls.append(1) or weights_score(*a))
     (again,) = compare_losses.main(argv)
     assert len(calls) == 2  # nothing trained: one evaluation per seed
-    assert again["mAP75"] == pytest.approx(sum(reported.values()) / 2)
+    assert again["map75"] == pytest.approx(sum(reported.values()) / 2)
     for run in chosen:
         assert not (run / "evaluated_again" / "checkpoint.pt").exists()
         assert json.loads((run / "evaluated_again" / "metrics.json").read_text())["mAP75"] == reported[run.name]
