@@ -58,6 +58,8 @@ EXPERIMENTS = [
                (*NORMAL_INIT, "--box-weighting", "uniform"), losses=("brs",)),
     Experiment("init_unit_uniform", "init, box loss scaled to 1 and positives weighted alike",
                (*NORMAL_INIT, "--box-balance", "unit", "--box-weighting", "uniform"), losses=("brs",)),
+    Experiment("init_unit_lr_x4", "init, box loss scaled to 1, at twice the study's best rate (LR 0.012)",
+               (*NORMAL_INIT, "--box-balance", "unit", "--lr", "0.012"), losses=("brs",)),
     Experiment("init_3000it", "(d) with init, 3000 iterations: does the gap close with the budget?",
                (*NORMAL_INIT, "--eval-every", "750"), iters=3000),
 ]
