@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_detector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "study" / "localisation"
-# the study's best setting of each loss on Faster R-CNN (examples/README.md)
-SETTINGS = {"ce": ["--lr", "0.08", "--clip", "10"], "brs": ["--lr", "0.006", "--clip", "0"]}
-COMMON = ["--detector", "fasterrcnn", "--eval-every", "250", "--batch-size", "4", "--image-size", "256",
-          "--num-train", "600", "--num-val", "150"]
+# the study's best setting of each loss (before these experiments; CHANGELOG.md)
+SETTINGS = {"fasterrcnn": {"ce": ["--lr", "0.08", "--clip", "10"], "brs": ["--lr", "0.006", "--clip", "0"]},
+            "fcos": {"ce": ["--lr", "0.01", "--clip", "10"], "brs": ["--lr", "0.004", "--clip", "10"]}}
+COMMON = ["--eval-every", "250", "--batch-size", "4", "--image-size", "256", "--num-train", "600", "--num-val", "150"]
 NORMAL_INIT = ["--predictor-init", "normal"]
 
 
@@ -38,6 +38,7 @@ class Experiment:
     arguments: tuple[str, ...] = ()
     losses: tuple[str, ...] = ("ce", "brs")
     iters: int = 1000
+    detector: str = "fasterrcnn"
 
 
 EXPERIMENTS = [
@@ -60,6 +61,10 @@ EXPERIMENTS = [
                (*NORMAL_INIT, "--box-balance", "unit", "--box-weighting", "uniform"), losses=("brs",)),
     Experiment("init_unit_lr_x4", "init, box loss scaled to 1, at twice the study's best rate (LR 0.012)",
                (*NORMAL_INIT, "--box-balance", "unit", "--lr", "0.012"), losses=("brs",)),
+    Experiment("fcos_baseline", "FCOS (no RoI head, GIoU for every loss), as the study trained it",
+               detector="fcos"),
+    Experiment("fcos_unit", "FCOS, the box loss scaled to 1", ("--box-balance", "unit"), losses=("brs",),
+               detector="fcos"),
     Experiment("init_3000it", "(d) with init, 3000 iterations: does the gap close with the budget?",
                (*NORMAL_INIT, "--eval-every", "750"), iters=3000),
 ]
@@ -71,8 +76,9 @@ def run_folder(experiment: Experiment, loss: str, seed: int = 0) -> Path:
 
 
 def run_arguments(experiment: Experiment, loss: str, seed: int = 0) -> list[str]:
-    return ["--loss", loss, "--iters", str(experiment.iters), "--seed", str(seed), *COMMON, *SETTINGS[loss],
-            *experiment.arguments, "--out", str(run_folder(experiment, loss, seed))]
+    return ["--loss", loss, "--iters", str(experiment.iters), "--seed", str(seed), "--detector", experiment.detector,
+            *COMMON, *SETTINGS[experiment.detector][loss], *experiment.arguments,
+            "--out", str(run_folder(experiment, loss, seed))]
 
 
 def run(experiment: Experiment) -> None:
@@ -92,17 +98,18 @@ TABLE_END = "<!-- end of localisation table -->"
 def table() -> str:
     """One row per finished run: the experiment, the loss, COCO AP and the box refinement of the
     validation proposals (``diagnostics.RefinementProbe``) at the last evaluation."""
-    lines = ["| experiment | loss | mAP | AP50 | AP75 | refined IoU | refined IoU >= 0.75 | proposal IoU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | detector | loss | mAP | AP50 | AP75 | refined IoU | refined IoU >= 0.75 | proposal IoU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for experiment in EXPERIMENTS:
         for loss in experiment.losses:
             path = run_folder(experiment, loss) / "metrics.json"
             if not path.exists():
                 continue
             final = json.loads(path.read_text())["evaluations"][-1]
-            lines.append(f"| {experiment.name} | {loss} | {final['mAP']:.3f} | {final['mAP50']:.3f} | "
-                         f"{final['mAP75']:.3f} | {final['refined_iou']:.3f} | {final['refined_iou75']:.3f} | "
-                         f"{final['proposal_iou']:.3f} |")
+            refinement = " | ".join(f"{final[key]:.3f}" if key in final else "—"  # two-stage detectors only
+                                    for key in ("refined_iou", "refined_iou75", "proposal_iou"))
+            lines.append(f"| {experiment.name} | {experiment.detector} | {loss} | {final['mAP']:.3f} | "
+                         f"{final['mAP50']:.3f} | {final['mAP75']:.3f} | {refinement} |")
     return "\n".join(lines) + "\n"
 
 
