@@ -19,6 +19,13 @@ from brl_triton import registry
 from brl_triton.reference import alrp_localisation_reference, reference_for
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "official_cases.pt"  # provenance: tests/data/README.md
+# loss name -> (golden key, logits key, targets key, delta key) in each case of GOLDEN
+GOLDEN_KEYS = {
+    "bucketed_rank_sort": ("brs", "logits", "targets", "delta_rs"),
+    "rank_sort": ("rs", "logits", "targets", "delta_rs"),
+    "bucketed_ap": ("bap", "logits_bin", "targets_bin", "delta_ap"),
+    "interpolated_ap": ("ap_interp", "logits_bin", "targets_bin", "delta_ap"),
+}
 
 
 
@@ -65,8 +72,26 @@ class OpOutputs(TorchDispatchMode):
         return out
 
 
+def hypothesis_examples(thorough: int) -> int:
+    """A property test's example budget: all of ``thorough`` with HYPOTHESIS_PROFILE=thorough, a
+    quarter of it in the default run (the edit-test loop)."""
+    return thorough if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else max(4, thorough // 4)
+
+
 def needs_smoothing(name: str) -> bool:
     return LOSSES[name][2].needs_smoothing
+
+
+def accepts(name: str, delta: float) -> bool:
+    """The one rule by which a test leaves out a loss and delta: aLRP and the interpolated AP
+    need delta > 0 (the others take the hard step, delta == 0, too)."""
+    return delta > 0 or not needs_smoothing(name)
+
+
+def loss_delta_cases(deltas, names=None) -> list:
+    """``(name, delta)`` parameters: every loss (or ``names``) with every delta it accepts."""
+    return [pytest.param(name, delta, id=f"{name}-{delta:g}") for name in (names or LOSSES) for delta in deltas
+            if accepts(name, delta)]
 
 # upstream gradients other than 1, and different for the two Rank & Sort outputs
 UPSTREAM = (0.7, -1.3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import LOSSES, assert_close, expected, make_case, needs_smoothing, run_loss
+from conftest import LOSSES, assert_close, expected, loss_delta_cases, make_case, run_loss
 
 # (id, number of logits, number of positives, make_case options)
 CASES = [
@@ -21,16 +21,10 @@ CASES = [
 DELTAS = [0.0, 0.25, 0.5, 1.0]
 
 
-def _skip_invalid(name, delta):
-    if needs_smoothing(name) and delta == 0:
-        pytest.skip("interpolated AP needs delta > 0")
 
-
-@pytest.mark.parametrize("delta", DELTAS)
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name,delta", loss_delta_cases(DELTAS))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_torch_backend_float64(case, name, delta):
-    _skip_invalid(name, delta)
     _, n, p, options = case
     logits, targets = make_case(n, p, seed=n + p, **options)
     want_losses, want_grad = expected(name, logits, targets, delta)
@@ -42,11 +36,9 @@ def test_torch_backend_float64(case, name, delta):
     assert_close(grad, want_grad, atol=1e-10 * scale, rtol=1e-8, what=f"{name} grad")
 
 
-@pytest.mark.parametrize("delta", [0.0, 0.5])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name,delta", loss_delta_cases([0.0, 0.5]))
 @pytest.mark.parametrize("case", CASES[3:8], ids=[c[0] for c in CASES[3:8]])
 def test_torch_backend_float32(case, name, delta):
-    _skip_invalid(name, delta)
     _, n, p, options = case
     logits, targets = make_case(n, p, seed=7 * n + p, dtype=torch.float32, **options)
     want_losses, want_grad = expected(name, logits, targets, delta)

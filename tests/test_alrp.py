@@ -36,15 +36,27 @@ def test_golden_file_has_all_cases(alrp_cases):
     assert {"classification", "localisation", "logits_grad", "regression_grad", "rank"} <= set(alrp_cases[0])
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("index", range(NUM_CASES))
+def _official_cases() -> list:
+    """(index, backend, deterministic) of every official case: the reference has no deterministic
+    mode of its own; the Triton interpreter takes minutes on the N = 50,000 cases (a GPU runs
+    them), and the reference seconds (the slow tier)."""
+    sizes = [case["logits"].numel() for case in torch.load(GOLDEN_ALRP, weights_only=False)["cases"]]
+    cases = []
+    for index, n in enumerate(sizes):
+        large = n > INTERPRETED_MAX_N
+        cases.append(pytest.param(index, "reference", False, id=f"{index}-reference",
+                                  marks=[pytest.mark.slow] if large else []))
+        for deterministic in (False, True):
+            cases.append(pytest.param(index, "torch", deterministic, id=f"{index}-torch-{deterministic}"))
+            if not large or torch.cuda.is_available():
+                cases.append(pytest.param(index, "triton", deterministic, id=f"{index}-triton-{deterministic}",
+                                          marks=pytest.mark.triton))
+    return cases
+
+
+@pytest.mark.parametrize("index,backend,deterministic", _official_cases())
 def test_matches_official(alrp_cases, index, backend, deterministic):
     case = alrp_cases[index]
-    if backend == "reference" and deterministic:
-        pytest.skip("the reference has no deterministic mode of its own")
-    if backend == "triton" and not torch.cuda.is_available() and case["logits"].numel() > INTERPRETED_MAX_N:
-        pytest.skip("N = 50,000 takes minutes in the Triton interpreter")
     classification, localisation, logits_grad, regression_grad = _run(
         brl_triton.alrp_loss, case, backend, deterministic=deterministic)
     assert_close(classification, torch.tensor(case["classification"]), atol=1e-7, rtol=1e-6, what="classification")

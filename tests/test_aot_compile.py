@@ -16,7 +16,7 @@ import triton.language as tl
 from benchmarks import kernel_resources as kr
 
 MISSING = kr.missing_tools()
-pytestmark = [pytest.mark.aot, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+pytestmark = [pytest.mark.aot, pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 
 @triton.jit

@@ -9,6 +9,8 @@ from benchmarks import losses as bench
 from benchmarks.sort_based import sort_based_bucketed_loss
 from conftest import assert_close, expected, make_case
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves these out
+
 
 def test_tiny_preset_writes_csv_table_and_plots(tmp_path):
     bench.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])

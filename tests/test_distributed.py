@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import brl_triton
-from conftest import LOSSES, assert_close, make_case, needs_smoothing, run_loss
+from conftest import LOSSES, accepts, assert_close, make_case, run_loss
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 WORLD = 2
 N = 3001
@@ -46,7 +46,7 @@ def _worker(rank, world, init_file, out_dir, backend):
             logits, targets = _case(case)
             for name, (fn, extra, _) in LOSSES.items():
                 for delta, deterministic in [(0.0, False), (0.5, False), (0.5, True)]:
-                    if needs_smoothing(name) and delta == 0:
+                    if not accepts(name, delta):
                         continue
                     x = _shard(logits, rank).clone().requires_grad_(True)
                     out = fn(x, _shard(targets, rank), delta, backend=backend, process_group=dist.group.WORLD,
@@ -124,7 +124,7 @@ def _eight_worker(rank, world, init_file, out_dir):
         results = {}
         for name, (fn, extra, _) in LOSSES.items():
             for delta in (0.0, 0.5):
-                if needs_smoothing(name) and delta == 0:
+                if not accepts(name, delta):
                     continue
                 x = logits[share].clone().requires_grad_(True)
                 out = fn(x, targets[share], delta, process_group=dist.group.WORLD, **extra)

@@ -19,6 +19,8 @@ sys.path.insert(0, str(REPOSITORY / "examples"))
 import digits_dataset  # noqa: E402
 import train_detector  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (-m 'not slow') leaves these out
+
 
 def test_digits_dataset_is_deterministic_with_boxes_and_masks_inside_images(tmp_path):
     from pycocotools import mask as mask_util

@@ -32,6 +32,7 @@ def test_python_m_brl_triton_reports_versions_and_backends():
     assert "bucketed_alrp_loss" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import build"]).returncode != 0,
                     reason="needs the 'build' package (pip install build)")
 def test_wheel_installs_in_a_fresh_venv_and_passes_a_smoke_test(tmp_path):

@@ -105,7 +105,7 @@ def test_each_public_function_is_written_out_and_agrees_with_its_registry_entry(
     for name in positional + list(registry.variants(spec)):
         assert f"\n{name}: " in "\n" + textwrap.dedent(args), f"{spec.function_name}: {name} not in Args"
     assert "backend, process_group, deterministic, allow_targets_above_one" in args
-    assert f">>> " in doc and f"{spec.function_name}(" in doc.split("Example:")[1]
+    assert ">>> " in doc and f"{spec.function_name}(" in doc.split("Example:")[1]
 
 
 @pytest.mark.parametrize("spec", PUBLIC_SPECS, ids=lambda s: s.name)
@@ -152,6 +152,7 @@ error: type[ValueError] = brl_triton.NonFiniteError
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mypy") is None and not any(
     Path(p, "mypy").exists() for p in sys.path), reason="mypy is not installed (pip install brl_triton[dev])")
 def test_mypy_sees_the_public_api_in_a_user_script(tmp_path):

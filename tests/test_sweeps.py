@@ -6,7 +6,7 @@ import torch
 
 from brl_triton import _tables, torch_backend
 from brl_triton._sweeps import DominanceSums, SortedSums, dominance_sums
-from conftest import LOSSES, UPSTREAM, OpOutputs, assert_close, expected, make_case, needs_smoothing, run_loss
+from conftest import LOSSES, OpOutputs, UPSTREAM, assert_close, expected, loss_delta_cases, make_case, run_loss
 
 
 def _step(x: torch.Tensor, smooth: bool) -> torch.Tensor:
@@ -88,17 +88,11 @@ def test_dominance_sums_for_a_slice_of_queries_walk_only_their_span(smooth):
         assert_close(got, (steps * allowed) @ weights, atol=1e-13 * scale, rtol=0, what=f"upward={upward}")
 
 
-def _skip_invalid(name, delta):
-    if needs_smoothing(name) and delta == 0:
-        pytest.skip("this loss needs delta > 0")
 
-
-@pytest.mark.parametrize("delta", [0.0, 0.5, 0.01])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name,delta", loss_delta_cases([0.0, 0.5, 0.01]))
 @pytest.mark.parametrize("case", ["grid", "heavy"])
 def test_swept_losses_match_the_reference(name, delta, case, monkeypatch):
     """The reference is the O(P N) oracle of the spec; ties on a grid, or Cauchy outliers."""
-    _skip_invalid(name, delta)
     monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
     options = dict(grid=0.125) if case == "grid" else dict(heavy=True)
     logits, targets = make_case(4001, 300, seed=5, **options)
@@ -109,11 +103,9 @@ def test_swept_losses_match_the_reference(name, delta, case, monkeypatch):
     assert_close(grad, want_grad, atol=1e-12, rtol=1e-8, what=f"{name} grad")
 
 
-@pytest.mark.parametrize("delta", [0.0, 0.5])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name,delta", loss_delta_cases([0.0, 0.5]))
 def test_sweeps_equal_tiles_at_thousands_of_positives(name, delta, monkeypatch):
     """Both paths of the torch backend at a size where both run: equal to float64 round-off."""
-    _skip_invalid(name, delta)
     logits, targets = make_case(30_000, 3000, seed=9, grid=1 / 64)
     results = {}
     for path, sweep_from in [("tiles", 10**9), ("sweeps", 1)]:

@@ -12,8 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import LOSSES, assert_close, expected, make_case, needs_smoothing, run_loss
-from test_golden import GOLDEN_KEYS
+from conftest import LOSSES, assert_close, expected, loss_delta_cases, make_case, run_loss
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
@@ -44,12 +43,9 @@ def _check(name, logits, targets, delta, *, loss_tol=(1e-6, 1e-5), grad_tol=1e-5
     return losses, grad
 
 
-@pytest.mark.parametrize("delta", [0.0, 0.25, 0.5, 1.0])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name,delta", loss_delta_cases([0.0, 0.25, 0.5, 1.0]))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_against_reference(case, name, delta):
-    if needs_smoothing(name) and delta == 0:
-        pytest.skip("interpolated AP needs delta > 0")
     _, n, p, options = case
     logits, targets = make_case(n, p, seed=n + 3 * p, dtype=torch.float32, **options)
     _check(name, logits, targets, delta)
@@ -122,23 +118,6 @@ def test_non_finite_input_fails_in_the_streaming_passes(bad):
     targets[17] = bad
     with pytest.raises(brl_triton.NonFiniteError, match="targets contain NaN or Inf"):
         brl_triton.bucketed_ap_loss(torch.randn(5000, device=DEVICE), targets.to(DEVICE), backend="triton")
-
-
-SMALL_GOLDEN = [i for i in range(21) if i not in (5, 12, 19)]  # the N = 50,000 cases take minutes here
-
-
-@pytest.mark.parametrize("name", list(GOLDEN_KEYS))
-@pytest.mark.parametrize("index", SMALL_GOLDEN)
-def test_matches_official(golden_cases, index, name):
-    case = golden_cases[index]
-    key, logits_key, targets_key, delta_key = GOLDEN_KEYS[name]
-    if key not in case:
-        pytest.skip("the official interpolated AP loss needs delta > 0")
-    losses, grad = run_loss(name, *_on_device(case[logits_key], case[targets_key]), case[delta_key], "triton",
-                            upstream=(1.0, 1.0))
-    assert_close(torch.stack([v.cpu() for v in losses]), torch.tensor([float(v) for v in case[key]]),
-                 atol=1e-7, rtol=1e-5, what=f"case {index} {name} losses")
-    assert_close(grad, case[key + "_grad"], atol=1e-6, rtol=0, what=f"case {index} {name} grad")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error without a GPU")
