@@ -14,6 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (-n auto) the workers share the cores instead of each taking all of them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import brl_triton
 from brl_triton import registry
 from brl_triton.reference import alrp_localisation_reference, reference_for
@@ -70,6 +74,17 @@ class OpOutputs(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.outputs.append((str(func), t.numel(), t.dtype))
         return out
+
+
+# The Triton interpreter runs cases up to this many logits in the fast tier (seconds each above it)
+FAST_INTERPRETED_N = 2000
+
+
+def triton_case_marks(n: int) -> list:
+    """Marks of a Triton-backend case of ``n`` logits: ``triton``, plus ``slow`` where the
+    interpreter would take seconds (on a GPU every case is fast)."""
+    slow = n > FAST_INTERPRETED_N and not torch.cuda.is_available()
+    return [pytest.mark.triton, pytest.mark.slow] if slow else [pytest.mark.triton]
 
 
 def hypothesis_examples(thorough: int) -> int:

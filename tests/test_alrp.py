@@ -11,7 +11,7 @@ import torch
 import brl_triton
 from brl_triton import registry
 from brl_triton.reference import alrp_localisation_reference, reference_for
-from conftest import assert_close, make_case
+from conftest import assert_close, make_case, triton_case_marks
 
 GOLDEN_ALRP = Path(__file__).resolve().parent / "data" / "official_alrp_cases.pt"  # provenance: tests/data/README.md
 NUM_CASES = 14
@@ -50,7 +50,7 @@ def _official_cases() -> list:
             cases.append(pytest.param(index, "torch", deterministic, id=f"{index}-torch-{deterministic}"))
             if not large or torch.cuda.is_available():
                 cases.append(pytest.param(index, "triton", deterministic, id=f"{index}-triton-{deterministic}",
-                                          marks=pytest.mark.triton))
+                                          marks=triton_case_marks(n)))
     return cases
 
 

@@ -49,6 +49,7 @@ def _run(step, layer, features, targets, regression):
                                                                                       for r in regression)
 
 
+@pytest.mark.slow  # Inductor builds C++ kernels: tens of seconds on a cold cache
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_training_step_compiles_whole_and_matches_eager(name):
     torch._dynamo.reset()

@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from conftest import GOLDEN_KEYS, assert_close, run_loss
+from conftest import GOLDEN, GOLDEN_KEYS, assert_close, run_loss, triton_case_marks
 
 NUM_CASES = 21
 LARGE = (5, 12, 19)  # N = 50,000: minutes in the Triton interpreter, so on a GPU only
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [pytest.param(index, backend, id=f"{index}-{backend}") for backend in ("torch", "reference")
          for index in range(NUM_CASES)]
-CASES += [pytest.param(index, "triton", id=f"{index}-triton", marks=pytest.mark.triton) for index in range(NUM_CASES)
-          if DEVICE == "cuda" or index not in LARGE]
+SIZES = [case["logits"].numel() for case in torch.load(GOLDEN, weights_only=False)["cases"]]
+CASES += [pytest.param(index, "triton", id=f"{index}-triton", marks=triton_case_marks(SIZES[index]))
+          for index in range(NUM_CASES) if DEVICE == "cuda" or index not in LARGE]
 
 
 def test_golden_file_has_all_cases(golden_cases):

@@ -13,6 +13,8 @@ import torch
 from benchmarks import gpu_check
 from benchmarks.losses import LOSSES
 
+pytestmark = pytest.mark.slow  # the dry run is the whole script through the interpreter
+
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):

@@ -152,6 +152,7 @@ def test_the_counter_sees_torch_launches_and_syncs():
     assert ops.ops == ["mul", "sum", "gt"] and ops.syncs == ["_local_scalar_dense"]
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_autotuning_benchmark_launches_do_not_change_results():
     """On a GPU, autotuning launches every config several times on the real arguments, at every
@@ -189,6 +190,7 @@ def test_autotuning_benchmark_launches_do_not_change_results():
     assert benchmarks >= 3 * 2 * 3, result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.parametrize("name", ["bucketed_rank_sort", "rank_sort", "interpolated_ap"])
 def test_deterministic_mode_is_bit_identical_for_every_tile_config(name, monkeypatch):
@@ -233,7 +235,9 @@ FIRST_CALL_VARIANTS = 8
 
 @pytest.mark.triton
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow),
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.slow), torch.float32,
+                                   pytest.param(torch.float64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_first_call_compiles_at_most_8_kernel_variants(name, dtype, deterministic):
     """Each distinct (kernel, signature, constexprs, specialization) of a call is one compile on a

@@ -90,7 +90,7 @@ def test_dominance_sums_for_a_slice_of_queries_walk_only_their_span(smooth):
 
 
 @pytest.mark.parametrize("name,delta", loss_delta_cases([0.0, 0.5, 0.01]))
-@pytest.mark.parametrize("case", ["grid", "heavy"])
+@pytest.mark.parametrize("case", ["grid", pytest.param("heavy", marks=pytest.mark.slow)])
 def test_swept_losses_match_the_reference(name, delta, case, monkeypatch):
     """The reference is the O(P N) oracle of the spec; ties on a grid, or Cauchy outliers."""
     monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
