@@ -272,8 +272,12 @@ def machine_description(device: str) -> str:
     return text
 
 
-def run(preset_name: str, out: Path, device: str, losses: list[str] | None = None, memory: bool = True):
+def run(preset_name: str, out: Path, device: str, losses: list[str] | None = None, memory: bool = True,
+        command: str = ""):
+    """Time every problem of the preset; write results.csv (one row per problem, loss and backend,
+    with the machine and ``command``), results.md and the plots to ``out``."""
     preset = PRESETS[preset_name]
+    machine = machine_description(device)
     losses = losses or preset["losses"]
     rows = []
     problems = plan(preset)
@@ -299,14 +303,15 @@ def run(preset_name: str, out: Path, device: str, losses: list[str] | None = Non
                     "x_sort": median / sort_ms, "x_read": median / read_ms,
                     "peak_extra_mib": peak_extra_mib(step, device) if memory else None,
                     "sweeps_vs_tiles": parity if backend == "torch" else None,
+                    "machine": machine, "command": command,
                 })
                 bar.update()
         del logits, targets
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(markdown_table(rows, machine_description(device)))
-    plot(rows, out, machine_description(device))
+    (out / "results.md").write_text(markdown_table(rows))
+    plot(rows, out, machine)
     return rows
 
 
@@ -317,10 +322,47 @@ def write_csv(rows, path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown_table(rows, machine: str) -> str:
-    """One line per problem and loss: the floors, then each backend as ms (x torch.sort)."""
+_INTEGER_COLUMNS = ("N", "P")
+_TEXT_COLUMNS = ("group", "problem", "loss", "backend", "machine", "command")
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a results.csv as :func:`run` made them (numbers as numbers, empty cells None)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key in _INTEGER_COLUMNS:
+                row[key] = int(value)
+            elif key not in _TEXT_COLUMNS:
+                row[key] = float(value) if value else None
+    return rows
+
+
+TABLE_END = "<!-- end of benchmark table -->"
+
+
+def table_start(csv_path: Path) -> str:
+    return f"<!-- benchmark table: generated from {csv_path.as_posix()} by python -m benchmarks.losses --table, do not edit -->"
+
+
+def write_table(page: Path, csv_path: Path) -> None:
+    """Replace what stands between ``page``'s markers for ``csv_path`` with that run's table."""
+    start = table_start(csv_path)
+    text = page.read_text()
+    if start not in text or TABLE_END not in text.split(start, 1)[1]:
+        raise ValueError(f"{page} has no table markers for {csv_path}: {start} ... {TABLE_END}")
+    before, rest = text.split(start, 1)
+    page.write_text(f"{before}{start}\n{markdown_table(read_csv(csv_path))}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+
+
+def markdown_table(rows) -> str:
+    """One line per problem and loss: the floors, then each backend as ms (x torch.sort); headed by
+    the machine and the command that produced the rows."""
     backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in rows)]
-    lines = [f"Forward+backward, median ms (and × `torch.sort` of the same logits). {machine}.", ""]
+    command = f" `{rows[0]['command']}`." if rows[0].get("command") else ""
+    lines = [f"Forward+backward, median ms (and × `torch.sort` of the same logits). {rows[0]['machine']}.{command}",
+             ""]
     parity = any(r.get("sweeps_vs_tiles") is not None for r in rows)
     header = (["problem", "N", "P", "loss", "sort ms", "read ms"] + backends + ["torch peak MiB"]
               + (["torch vs tiles (max rel. diff)"] if parity else []))
@@ -386,14 +428,25 @@ def main(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--losses", help=f"comma-separated subset of {', '.join(LOSSES)}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--table", type=Path, metavar="PAGE",
+                        help="write the table of --out/results.csv into this markdown page, between its markers")
+    parser.add_argument("--no-run", action="store_true", help="time nothing: only --table, from the CSV already there")
     args = parser.parse_args(argv)
+    if args.no_run:
+        if args.table is None:
+            parser.error("--no-run: give --table PAGE")
+        write_table(args.table, args.out / "results.csv")
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     losses = args.losses.split(",") if args.losses else None
     if losses and set(losses) - set(LOSSES):
         parser.error(f"--losses: unknown {sorted(set(losses) - set(LOSSES))}; choose from {list(LOSSES)}")
     start = time.perf_counter()
     print(machine_description(device))
-    rows = run(args.preset, args.out, device, losses, memory=not args.no_memory)
+    command = "python -m benchmarks.losses " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = run(args.preset, args.out, device, losses, memory=not args.no_memory, command=command.strip())
+    if args.table is not None:
+        write_table(args.table, args.out / "results.csv")
     if device == "cuda":
         print("triton configs:", triton_configs())
     print((args.out / "results.md").read_text())

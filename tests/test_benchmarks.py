@@ -22,6 +22,15 @@ def test_tiny_preset_writes_csv_table_and_plots(tmp_path):
     assert "| problem |" in table and "torch.sort" in table
     for name in ("time_vs_n.png", "time_vs_p.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert {r["command"] for r in rows} == {f"python -m benchmarks.losses --preset tiny --out {tmp_path} --device cpu"}
+
+    # --table --no-run: the page's table is rebuilt from the CSV alone, the rest of the page kept
+    page = tmp_path / "page.md"
+    start = bench.table_start(tmp_path / "results.csv")
+    page.write_text(f"before\n{start}\nstale\n{bench.TABLE_END}\nafter\n")
+    (tmp_path / "results.md").unlink()
+    bench.main(["--out", str(tmp_path), "--table", str(page), "--no-run"])
+    assert page.read_text() == f"before\n{start}\n{table}{bench.TABLE_END}\nafter\n"
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.5])
@@ -44,9 +53,10 @@ def test_the_benchmark_measures_the_sweeps_against_the_tiles(monkeypatch):
     assert bench.sweeps_against_tiles(bench.LOSSES["brs"], logits, targets) < 1e-6  # float32 outputs
     rows = [{"group": "P sweep", "problem": "P=1", "loss": "brs", "backend": b, "N": 1, "P": 1, "median_ms": 1.0,
              "x_sort": 1.0, "sort_ms": 1.0, "read_ms": 1.0, "peak_extra_mib": None,
-             "sweeps_vs_tiles": 3e-8 if b == "torch" else None} for b in ("torch", "torch_tiles")]
-    assert "| torch vs tiles (max rel. diff) |" in bench.markdown_table(rows, "cpu") and "3.0e-08" in \
-        bench.markdown_table(rows, "cpu")
+             "sweeps_vs_tiles": 3e-8 if b == "torch" else None, "machine": "cpu", "command": ""}
+            for b in ("torch", "torch_tiles")]
+    assert "| torch vs tiles (max rel. diff) |" in bench.markdown_table(rows) and "3.0e-08" in \
+        bench.markdown_table(rows)
     doubled = _tables._TiledSums.bin_gradient
     monkeypatch.setattr(_tables._TiledSums, "bin_gradient", lambda self, weight: 2 * doubled(self, weight))
     assert bench.sweeps_against_tiles(bench.LOSSES["brs"], logits, targets) > 0.1
