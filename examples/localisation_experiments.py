@@ -105,7 +105,12 @@ def table() -> str:
             path = run_folder(experiment, loss) / "metrics.json"
             if not path.exists():
                 continue
-            final = json.loads(path.read_text())["evaluations"][-1]
+            metrics = json.loads(path.read_text())
+            if metrics.get("diverged_at") is not None:
+                lines.append(f"| {experiment.name} | {experiment.detector} | {loss} | diverged at iteration "
+                             f"{metrics['diverged_at']} | | | | | |")
+                continue
+            final = metrics["evaluations"][-1]
             refinement = " | ".join(f"{final[key]:.3f}" if key in final else "—"  # two-stage detectors only
                                     for key in ("refined_iou", "refined_iou75", "proposal_iou"))
             lines.append(f"| {experiment.name} | {experiment.detector} | {loss} | {final['mAP']:.3f} | "
