@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import brl_triton
 
-from .losses import detector_like_case
+from .losses import detector_like_case, machine_description
 
 
 def _cpu_ms(step, repeats: int) -> float:
@@ -94,14 +95,18 @@ def run(world: int, loss_name: str, n_per_rank: int, totals: list[int], repeats:
     return summary
 
 
-def write(summary: list[dict], out: Path, loss_name: str) -> None:
+def write(summary: list[dict], out: Path, loss_name: str, command: str) -> None:
+    """distributed.csv (with the machine and ``command`` on every row), distributed.md, distributed.png."""
+    machine = machine_description("cpu")
+    summary = [{**row, "machine": machine, "command": command} for row in summary]
     out.mkdir(parents=True, exist_ok=True)
     with (out / "distributed.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
     world = summary[0]["world"]
-    lines = [f"`{loss_name}`, {world} gloo ranks on one machine, one thread each; CPU ms per call, slowest rank.", "",
+    lines = [f"`{loss_name}`, {world} gloo ranks on one machine, one thread each; CPU ms per call, slowest rank. "
+             f"{machine}. `{command}`.", "",
              "| P total | P per rank | N per rank | local loss ms | global ranking ms | ratio |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['P_total']:,} | {r['P_rank']:,} | {r['N_rank']:,} | {r['local_ms']:.0f} | {r['global_ms']:.0f} | "
               f"{r['ratio']:.2f} |" for r in summary]
@@ -136,7 +141,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     totals = [int(t) for t in args.totals.split(",")]
     summary = run(args.world, args.loss, args.n_per_rank, totals, args.repeats)
-    write(summary, args.out, args.loss)
+    command = "python -m benchmarks.distributed " + " ".join(argv if argv is not None else sys.argv[1:])
+    write(summary, args.out, args.loss, command.strip())
     print((args.out / "distributed.md").read_text())
 
 

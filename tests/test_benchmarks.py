@@ -60,3 +60,17 @@ def test_the_benchmark_measures_the_sweeps_against_the_tiles(monkeypatch):
     doubled = _tables._TiledSums.bin_gradient
     monkeypatch.setattr(_tables._TiledSums, "bin_gradient", lambda self, weight: 2 * doubled(self, weight))
     assert bench.sweeps_against_tiles(bench.LOSSES["brs"], logits, targets) > 0.1
+
+
+def test_distributed_benchmark_writes_its_rows_with_machine_and_command(tmp_path):
+    from benchmarks import distributed
+
+    distributed.main(["--world", "2", "--n-per-rank", "2000", "--totals", "20,40", "--repeats", "1",
+                      "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "distributed.csv").open()))
+    assert [int(r["P_total"]) for r in rows] == [20, 40]
+    assert all(float(r["local_ms"]) > 0 and float(r["global_ms"]) > 0 for r in rows)
+    assert {r["command"] for r in rows} == {f"python -m benchmarks.distributed --world 2 --n-per-rank 2000 "
+                                            f"--totals 20,40 --repeats 1 --out {tmp_path}"}
+    assert rows[0]["machine"] in (tmp_path / "distributed.md").read_text()
+    assert (tmp_path / "distributed.png").read_bytes()[:4] == b"\x89PNG"
