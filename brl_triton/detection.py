@@ -62,6 +62,7 @@ __all__ = [
     "RankBasedFCOSHead",
     "RankBasedFCOS",
     "convert_to_rank_based",
+    "init_box_predictor",
     "iou_from_deltas",
     "paired_box_iou",
 ]
@@ -386,6 +387,47 @@ def _foreground_against_background(cls_score: nn.Linear):
     cls_score.weight.copy_(_against_background(cls_score.weight))
     if cls_score.bias is not None:
         cls_score.bias.copy_(_against_background(cls_score.bias))
+
+
+# mmdetection's (and Detectron's) initialisation of the RoI head's last layers
+PREDICTOR_INIT_STD = {"cls_score": 0.01, "bbox_pred": 0.001}
+
+
+@torch.no_grad()
+def init_box_predictor(predictor: nn.Module) -> nn.Module:
+    """Initialise a freshly built RoI box predictor as mmdetection and the official RS-R-CNN do:
+    classification weights from N(0, 0.01), box-regression weights from N(0, 0.001), zero biases.
+
+    torchvision's ``FastRCNNPredictor`` keeps ``nn.Linear``'s default (uniform within
+    1 / sqrt(fan_in)), whose box deltas start far from zero: the example's ground-truth boxes,
+    fed in as proposals, came out at a mean IoU of 0.674 with their own box at step 0, against
+    0.987 with this init, and a ranking loss's low learning rate takes long to undo that
+    (docs/localisation.md: +5.9 AP for BRS, +1.6 AP for cross-entropy, 1000 iterations). Use it
+    on a new predictor (training from scratch or for new classes), before
+    :func:`convert_to_rank_based`; a pretrained predictor keeps its weights.
+
+    Args:
+        predictor: a module with ``cls_score`` and ``bbox_pred`` ``nn.Linear`` layers, e.g.
+            ``torchvision``'s ``FastRCNNPredictor`` (``model.roi_heads.box_predictor``).
+
+    Returns:
+        The same module, initialised in place.
+
+    Example::
+
+        >>> from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+        >>> predictor = init_box_predictor(FastRCNNPredictor(1024, 11))
+        >>> bool(predictor.bbox_pred.bias.eq(0).all()), round(predictor.bbox_pred.weight.detach().std().item(), 4)
+        (True, 0.001)
+    """
+    for name, std in PREDICTOR_INIT_STD.items():
+        layer = getattr(predictor, name, None)
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"predictor: expected a module with nn.Linear layers cls_score and bbox_pred (such as "
+                            f"torchvision's FastRCNNPredictor), got {type(predictor).__name__} without {name!r}")
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    return predictor
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",

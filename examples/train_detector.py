@@ -57,7 +57,7 @@ from cpu_roi_align import OneSampleMultiScaleRoIAlign  # noqa: E402
 from diagnostics import RefinementProbe, StepDiagnostics, box_regression_layer  # noqa: E402
 
 from brl_triton import NonFiniteError, registry  # noqa: E402
-from brl_triton.detection import convert_to_rank_based  # noqa: E402
+from brl_triton.detection import convert_to_rank_based, init_box_predictor  # noqa: E402
 
 # the top-level ops of each classification loss, forward and backward, for the profiler timing
 _CLASSIFICATION_OPS = (
@@ -175,20 +175,10 @@ def build_model(args, num_classes: int):
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
     if args.predictor_init == "normal" and args.detector not in ONE_STAGE:
-        normal_init(model.roi_heads.box_predictor)
+        init_box_predictor(model.roi_heads.box_predictor)
     if args.loss != "ce":
         convert_to_rank_based(model, args.loss, box_balance=args.box_balance, box_weighting=args.box_weighting)
     return model
-
-
-@torch.no_grad()
-def normal_init(predictor: FastRCNNPredictor) -> None:
-    """mmdetection's (and Detectron's) initialisation of the RoI head's last layers: weights from
-    N(0, 0.01) for classification and N(0, 0.001) for box regression, zero biases. torchvision's
-    default (uniform within 1 / sqrt(fan_in)) starts the regression far from the identity."""
-    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
-        torch.nn.init.normal_(layer.weight, std=std)
-        torch.nn.init.zeros_(layer.bias)
 
 
 def load_datasets(args):

@@ -23,6 +23,7 @@ from brl_triton.detection import (  # noqa: E402
     RankBasedRoIHeads,
     RankBasedRPN,
     convert_to_rank_based,
+    init_box_predictor,
     iou_from_deltas,
 )
 
@@ -449,3 +450,24 @@ def test_a_checkpoint_saved_before_conversion_loads_into_the_converted_model(nam
            if key != "rpn.box_coder_weights" and not key.endswith("_extra_state")}
     again.load_state_dict(old, strict=False)
     torch.testing.assert_close(again.rpn.head.bbox_pred.weight, want["rpn.head.bbox_pred.weight"], rtol=0, atol=0)
+
+
+def test_init_box_predictor_starts_the_roi_regression_at_the_identity():
+    """mmdetection's init: ground-truth boxes fed in as proposals come out (almost) unchanged."""
+    torch.manual_seed(0)
+    model = _two_stage().eval()
+    predictor = init_box_predictor(model.roi_heads.box_predictor)
+    assert predictor is model.roi_heads.box_predictor
+    with torch.no_grad():
+        images, targets = model.transform(_images(), _targets())
+        features = model.backbone(images.tensors)
+        boxes, labels = targets[0]["boxes"], targets[0]["labels"]
+        pooled = model.roi_heads.box_roi_pool(features, [boxes], images.image_sizes)
+        _, deltas = predictor(model.roi_heads.box_head(pooled))
+        refined = model.roi_heads.box_coder.decode(deltas, [boxes]).reshape(len(boxes), -1, 4)[
+            torch.arange(len(boxes)), labels]
+    assert box_iou(refined, boxes).diagonal().min() > 0.995  # torchvision's default init: 0.965 here
+    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+        assert not layer.bias.any() and 0.7 * std < layer.weight.std() < 1.3 * std
+    with pytest.raises(TypeError, match="predictor: expected a module with nn.Linear layers"):
+        init_box_predictor(nn.Linear(3, 3))
