@@ -80,8 +80,10 @@ def run_folder(experiment: Experiment, loss: str, seed: int = 0) -> Path:
 
 
 def run_arguments(experiment: Experiment, loss: str, seed: int = 0) -> list[str]:
+    # the experiments without NORMAL_INIT ran with torchvision's init, the example's default then
+    init = [] if "--predictor-init" in experiment.arguments else ["--predictor-init", "torchvision"]
     return ["--loss", loss, "--iters", str(experiment.iters), "--seed", str(seed), "--detector", experiment.detector,
-            *COMMON, *SETTINGS[experiment.detector][loss], *experiment.arguments,
+            *COMMON, *SETTINGS[experiment.detector][loss], *init, *experiment.arguments,
             "--out", str(run_folder(experiment, loss, seed))]
 
 

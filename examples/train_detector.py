@@ -400,9 +400,9 @@ def parse_args(argv=None):
     parser.add_argument("--clip", type=float, default=None, help="max gradient norm, 0: none; default: the recipe's")
     parser.add_argument("--box-head-width", type=int, default=256,
                         help="Faster/Mask R-CNN on effnet_lite0: width of the RoI box head's two layers")
-    parser.add_argument("--predictor-init", choices=["torchvision", "normal"], default="torchvision",
-                        help="Faster/Mask R-CNN: the RoI predictor's initialisation (normal: N(0, 0.01) for "
-                             "classification, N(0, 0.001) for regression, as mmdetection)")
+    parser.add_argument("--predictor-init", choices=["torchvision", "normal"], default="normal",
+                        help="Faster/Mask R-CNN: the RoI predictor's initialisation (normal: "
+                             "brl_triton.detection.init_box_predictor, as mmdetection; torchvision: nn.Linear's)")
     parser.add_argument("--box-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the box-regression layer (the RoI head's, or FCOS's)")
     parser.add_argument("--box-balance", choices=["classification", "unit"], default="classification",
