@@ -30,10 +30,11 @@ class RankingLoss:
     loss: str = "brs"
     delta: float | None = None
     backend: str = "auto"
-    # the box loss's value: the classification loss's (RS-R-CNN's lambda = cls / box), or 1
-    box_balance: str = "classification"
-    # the positives' weights in the box loss: their detached scores (RS-R-CNN), or all equal
-    box_weighting: str = "score"
+    # the box loss's value: 1, or the classification loss's (RS-R-CNN's lambda = cls / box), which
+    # localised worse on the example (docs/localisation.md)
+    box_balance: str = "unit"
+    # the positives' weights in the box loss: all equal, or their detached scores (RS-R-CNN)
+    box_weighting: str = "uniform"
     # aLRP: the weight of the localisation part, per head (``dataclasses.replace`` makes a fresh one)
     balance: SelfBalancingWeight = field(init=False, repr=False, compare=False,
                                          default_factory=lambda: SelfBalancingWeight(ALRP_BALANCE_PERIOD))
@@ -82,8 +83,9 @@ def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 
 def balanced_giou_loss(pred_boxes, target_boxes, scores, value) -> torch.Tensor:
-    """Score-weighted GIoU loss of the positives, scaled to ``value`` (the classification loss's,
-    as RS-R-CNN balances them; or 1)."""
+    """GIoU loss of the positives, weighted by ``scores`` (detached; all ones for uniform weights),
+    scaled to ``value`` (1, or the classification loss's as RS-R-CNN balances them) by a detached
+    factor."""
     if pred_boxes.numel() == 0:
         return pred_boxes.sum() * 0.0
     weight = scores.detach()

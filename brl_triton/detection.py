@@ -7,12 +7,12 @@ subclasses that use a ranking loss of this library, and sets the model's recipe 
 coder, proposal counts, inference thresholds) to those of the official RS configs:
 
 - RPN: no sampling, every non-ignored anchor of the batch in one ranking; the positive target
-  is the IoU of the (detached) decoded box with its ground truth; box loss: GIoU of positives,
-  weighted by their detached scores (of the ground-truth class; the official code takes the
-  highest over the classes, which did no better in a probe: docs/localisation.md), normalised by the sum of
-  weights, scaled by
-  ``lambda = classification loss / box loss`` (detached), so no loss weight is tuned; both
-  multiplied by ``rpn_weight`` (0.2).
+  is the IoU of the (detached) decoded box with its ground truth; box loss: the mean GIoU loss
+  of the positives, scaled to 1 by a detached factor, so no loss weight is tuned; both multiplied
+  by ``rpn_weight`` (0.2). RS-R-CNN instead weights the positives by their detached scores and
+  scales the box loss to the classification loss's value (``box_weighting="score"``,
+  ``box_balance="classification"``), which localised worse on the example
+  (docs/localisation.md).
 - RoI head: sigmoid classification over the foreground classes (the predictor's background
   column is left unused), all proposals (no 512-RoI subsampling), one ranking over all RoIs x
   classes of the batch with IoU targets; class-specific GIoU with the same weighting and
@@ -431,7 +431,7 @@ def init_box_predictor(predictor: nn.Module) -> nn.Module:
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                          rpn_weight: float = 0.2, box_balance: str = "classification", box_weighting: str = "score"):
+                          rpn_weight: float = 0.2, box_balance: str = "unit", box_weighting: str = "uniform"):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
     version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
     Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
@@ -451,10 +451,14 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
         rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
-        box_balance: the value the score-weighted GIoU box loss is scaled to: ``"classification"``
-            (the classification loss's, RS-R-CNN's ``lambda = cls / box``) or ``"unit"`` (1).
-        box_weighting: the positives' weights in the box loss: ``"score"`` (their detached
-            scores for the ground-truth class, RS-R-CNN) or ``"uniform"``.
+        box_balance: the value the GIoU box loss is scaled to (by a detached factor, so there is
+            no loss weight to tune): ``"unit"`` (1, default) or ``"classification"`` (the
+            classification loss's, RS-R-CNN's ``lambda = cls / box``).
+        box_weighting: the positives' weights in the box loss: ``"uniform"`` (default) or
+            ``"score"`` (their detached scores for the ground-truth class, RS-R-CNN's).
+            RS-R-CNN's pair localised worse than cross-entropy on the example: its box loss
+            weakens as the classification loss falls and where scores are low. The defaults
+            closed most of that gap (docs/localisation.md).
 
     Returns:
         The same model object. Its training losses keep torchvision's names (FCOS loses

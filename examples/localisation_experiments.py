@@ -87,10 +87,12 @@ def run_folder(experiment: Experiment, loss: str, seed: int = 0) -> Path:
 
 
 def run_arguments(experiment: Experiment, loss: str, seed: int = 0) -> list[str]:
-    # the experiments without NORMAL_INIT ran with torchvision's init, the example's default then
-    init = [] if "--predictor-init" in experiment.arguments else ["--predictor-init", "torchvision"]
+    # what an experiment does not set, it ran with the example's defaults then: torchvision's init
+    # and RS-R-CNN's box loss
+    then = {"--predictor-init": "torchvision", "--box-balance": "classification", "--box-weighting": "score"}
+    defaults = [word for option, value in then.items() if option not in experiment.arguments for word in (option, value)]
     return ["--loss", loss, "--iters", str(experiment.iters), "--seed", str(seed), "--detector", experiment.detector,
-            *COMMON, *SETTINGS[experiment.detector][loss], *init, *experiment.arguments,
+            *COMMON, *SETTINGS[experiment.detector][loss], *defaults, *experiment.arguments,
             "--out", str(run_folder(experiment, loss, seed))]
 
 

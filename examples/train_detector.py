@@ -405,9 +405,9 @@ def parse_args(argv=None):
                              "brl_triton.detection.init_box_predictor, as mmdetection; torchvision: nn.Linear's)")
     parser.add_argument("--box-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the box-regression layer (the RoI head's, or FCOS's)")
-    parser.add_argument("--box-balance", choices=["classification", "unit"], default="classification",
+    parser.add_argument("--box-balance", choices=["unit", "classification"], default="unit",
                         help="rank-based heads: the value the box loss is scaled to (convert_to_rank_based)")
-    parser.add_argument("--box-weighting", choices=["score", "uniform"], default="score",
+    parser.add_argument("--box-weighting", choices=["uniform", "score"], default="uniform",
                         help="rank-based heads: the positives' weights in the box loss (convert_to_rank_based)")
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="profiled passes that time the classification loss at the end; 0: skip")

@@ -145,17 +145,22 @@ def test_detector_converts_trains_two_steps_and_predicts(name):
             assert bool(((det["masks"] >= 0) & (det["masks"] <= 1)).all())
 
 
+@pytest.mark.parametrize("box_balance", ["unit", "classification"])
 @pytest.mark.parametrize("loss", ["brs", "rs", "bap", "ap"])
-def test_faster_rcnn_losses_are_balanced_and_reach_every_head(loss):
-    model = _converted("fasterrcnn", loss)
+def test_faster_rcnn_losses_are_balanced_and_reach_every_head(loss, box_balance):
+    torch.manual_seed(0)
+    model = convert_to_rank_based(_two_stage(), loss, box_balance=box_balance)
     assert isinstance(model.rpn, RankBasedRPN) and isinstance(model.roi_heads, RankBasedRoIHeads)
     model.train()
     losses = model(_images(), _targets())
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(bool(torch.isfinite(v)) for v in losses.values())
-    # the box losses are balanced to the classification losses' values (lambda = cls / box)
-    torch.testing.assert_close(losses["loss_box_reg"], losses["loss_classifier"])
-    torch.testing.assert_close(losses["loss_rpn_box_reg"], losses["loss_objectness"])
+    if box_balance == "classification":  # RS-R-CNN: scaled to the classification losses' values
+        torch.testing.assert_close(losses["loss_box_reg"], losses["loss_classifier"])
+        torch.testing.assert_close(losses["loss_rpn_box_reg"], losses["loss_objectness"])
+    else:  # 1, times rpn_weight for the RPN
+        torch.testing.assert_close(losses["loss_box_reg"], torch.tensor(1.0))
+        torch.testing.assert_close(losses["loss_rpn_box_reg"], torch.tensor(0.2))
     sum(losses.values()).backward()
     for param in (model.roi_heads.box_predictor.cls_score.weight, model.rpn.head.cls_logits.weight,
                   model.roi_heads.box_predictor.bbox_pred.weight):
@@ -471,3 +476,33 @@ def test_init_box_predictor_starts_the_roi_regression_at_the_identity():
         assert not layer.bias.any() and 0.7 * std < layer.weight.std() < 1.3 * std
     with pytest.raises(TypeError, match="predictor: expected a module with nn.Linear layers"):
         init_box_predictor(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("box_weighting", ["uniform", "score"])
+@pytest.mark.parametrize("box_balance", ["unit", "classification"])
+def test_box_loss_is_the_weighted_mean_giou_scaled_to_its_value(box_balance, box_weighting):
+    """The oracle: torchvision's GIoU loss of each positive, averaged with weights 1 (uniform) or
+    the detached scores, times a detached factor that sets its value to 1 or to the
+    classification loss's."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    from brl_triton.detection import RankingLoss
+
+    g = torch.Generator().manual_seed(0)
+    target_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 25.0], [2.0, 3.0, 8.0, 9.0]])
+    pred_boxes = (target_boxes + torch.randn(3, 4, generator=g)).requires_grad_()
+    scores = torch.tensor([0.9, 0.2, 0.5], requires_grad=True)
+    targets = torch.zeros(3, 4)
+    targets[torch.arange(3), torch.tensor([0, 1, 3])] = torch.tensor([0.7, 0.4, 0.9])
+    ranking = RankingLoss("brs", box_balance=box_balance, box_weighting=box_weighting)
+    classification, box = ranking(torch.randn(3, 4, generator=g), targets, pred_boxes, target_boxes, scores)
+
+    weights = scores.detach() if box_weighting == "score" else torch.ones(3)
+    giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+    mean = (weights * giou).sum() / weights.sum()
+    value = classification.detach() if box_balance == "classification" else torch.tensor(1.0)
+    want_grad, = torch.autograd.grad(mean * value / mean.detach(), pred_boxes)
+    torch.testing.assert_close(box, value)
+    box.backward()
+    torch.testing.assert_close(pred_boxes.grad, want_grad)
+    assert scores.grad is None  # the weights are detached
