@@ -480,3 +480,21 @@ def test_the_study_table_is_generated_from_summary_csv_whose_runs_are_committed(
                    for r in runs)
         for key, metric in (("map", "mAP"), ("map50", "mAP50"), ("map75", "mAP75")):
             assert float(row[key]) == pytest.approx(sum(r[metric] for r in runs) / len(runs), abs=1e-12)
+
+def test_the_localisation_table_is_generated_from_the_committed_experiments():
+    """docs/localisation.md's table is what localisation_experiments.py --table writes from the
+    runs under examples/study/localisation, and every run there is one of its experiments'."""
+    import localisation_experiments as experiments
+
+    page = (REPOSITORY / "docs" / "localisation.md").read_text()
+    table = page.split(experiments.TABLE_START, 1)[1].split(experiments.TABLE_END, 1)[0]
+    assert table.strip() == experiments.table().strip()
+    by_folder = {experiments.run_folder(experiment, loss, seed): (experiment, loss, seed)
+                 for experiment in experiments.EXPERIMENTS for loss, seed in experiment.runs()}
+    for metrics in experiments.ROOT.glob("*/*/metrics.json"):
+        assert metrics.parent in by_folder, metrics
+        # the run was made with the arguments its experiment gives it now (options it predates aside)
+        recorded = json.loads(metrics.read_text())["provenance"]["arguments"]
+        wanted = vars(experiments.train_detector.parse_args(experiments.run_arguments(*by_folder[metrics.parent])))
+        for key in set(recorded) & set(wanted) - {"out", "data", "checkpoint", "device"}:
+            assert recorded[key] == wanted[key], (metrics, key)
