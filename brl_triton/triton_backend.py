@@ -45,7 +45,7 @@ from ._checks import NON_FINITE_LOGITS, NON_FINITE_TARGETS, TARGETS_ABOVE_ONE, N
 from ._common import compute_dtype
 from ._distributed import all_reduce_bins, gather_positives
 from .kernels import _math, positives, streaming, tiles
-from .kernels._config import read_host
+from .kernels._config import on_device, read_host
 from .kernels._layout import layout
 
 # From this many positives on, step 3 runs the torch backend's sweeps (O(p log p)) instead of the
@@ -133,6 +133,14 @@ class TritonBackend(pipeline.PipelineBackend):
     name = "triton"
     checks_finite = True  # the scan checks targets, the reduction logits
     inputs = staticmethod(triton_inputs)
+
+    def forward(self, s, y, delta, spec, settings, regression=None):
+        with on_device(s.device):
+            return pipeline.forward(self, s, y, delta, spec, settings, regression)
+
+    def backward(self, tables, s, y, grad_outputs):
+        with on_device(s.device):
+            return pipeline.backward(self, tables, s, y, grad_outputs)
 
     @staticmethod
     def find_positives(logits, targets, delta, spec, settings, regression=None):

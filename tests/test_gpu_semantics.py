@@ -255,3 +255,48 @@ def test_first_call_compiles_at_most_8_kernel_variants(name, dtype, deterministi
             first = set(variants)
     assert len(first) <= FIRST_CALL_VARIANTS, sorted(v.name for v in first)
     assert variants == first, sorted(v.name for v in variants - first)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("p", [40, pytest.param(700, id="sweeps")])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_launch_runs_under_the_tensors_device(name, p, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launch of a forward
+    and backward must happen inside the backend's guard for the logits' device."""
+    from brl_triton import triton_backend
+    from brl_triton.kernels._config import record_launches
+
+    if p > 40:  # the sweeps path for many positives, at a size the interpreter runs quickly
+        monkeypatch.setattr(triton_backend, "TRITON_SWEEP_FROM", 512)
+    fn, extra, spec = LOSSES[name]
+    logits, targets = make_case(3001, p, seed=3, dtype=torch.float32)
+    x = logits.to(DEVICE).requires_grad_(True)
+    args = ()
+    if spec.regression:
+        fn, args = getattr(brl_triton, spec.function_name), (regression_losses_for(targets.to(DEVICE)),)
+    with record_launches() as recorded:
+        out = fn(x, targets.to(DEVICE), *args, 0.5, backend="triton", **extra)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    assert recorded.launches
+    assert {launch.device for launch in recorded.launches} == {x.device}, \
+        [(launch.kernel.__name__, launch.device) for launch in recorded.launches if launch.device != x.device]
+
+
+def test_the_device_guard_enters_the_cuda_device_of_the_tensors(monkeypatch):
+    """For CUDA tensors the guard makes their device the current one (checked with
+    torch.cuda.device replaced, so that it runs without a GPU)."""
+    from brl_triton.kernels import _config
+
+    entered = []
+
+    @contextmanager
+    def current(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", current)
+    with _config.on_device(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)] and _config._guarded == [torch.device("cuda", 1)]
+    with _config.on_device(torch.device("cpu")):
+        assert entered == [torch.device("cuda", 1)]  # no CUDA device for CPU tensors
+    assert _config._guarded == []

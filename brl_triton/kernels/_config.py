@@ -19,6 +19,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
+import torch
 import triton
 
 # Read when the kernels are defined, which is when triton decides to interpret them.
@@ -54,6 +55,7 @@ class Launch:
     num_warps: int
     num_stages: int
     grid: tuple = ()
+    device: torch.device | None = None  # the device of the innermost on_device block; None: no guard
 
 
 @dataclass
@@ -64,6 +66,21 @@ class _Counters:
 
 _recorders: list[_Counters] = []
 _inside_launch = 0
+_guarded: list[torch.device] = []
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device):
+    """Launch the block's kernels on ``device``. Triton launches on the current CUDA device and
+    its current stream, not on the tensors' device: without this, tensors on ``cuda:1`` with
+    ``cuda:0`` current would be read from the wrong device (an illegal access, or a race with
+    ``cuda:1``'s stream under peer access). Launches record the guarded device."""
+    _guarded.append(torch.device(device))
+    try:
+        with torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
+            yield
+    finally:
+        _guarded.pop()
 
 
 @contextlib.contextmanager
@@ -91,7 +108,7 @@ def _jit_function(kernel):
 def _record(kernel, args, constexprs, num_warps, num_stages, grid):
     for counters in _recorders:
         counters.launches.append(Launch(_jit_function(kernel), tuple(args), dict(constexprs), num_warps,
-                                        num_stages, tuple(grid)))
+                                        num_stages, tuple(grid), _guarded[-1] if _guarded else None))
 
 
 def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **constexprs):
