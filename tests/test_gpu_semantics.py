@@ -258,7 +258,7 @@ def test_first_call_compiles_at_most_8_kernel_variants(name, dtype, deterministi
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("p", [40, pytest.param(700, id="sweeps")])
+@pytest.mark.parametrize("p", [40, pytest.param(700, id="sweeps", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_every_launch_runs_under_the_tensors_device(name, p, monkeypatch):
     """Triton launches on the current CUDA device, not the tensors': every launch of a forward
