@@ -105,3 +105,22 @@ def test_launch_chunks_cover_lengths_beyond_2_to_the_31():
     assert chunks[0][0] == 0 and chunks[-1][1] == n
     assert all(b - a <= _config.MAX_ELEMENTS_PER_LAUNCH for a, b in chunks)
     assert all(chunks[i][1] == chunks[i + 1][0] for i in range(len(chunks) - 1))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("scale", [10.0, 1000.0])
+@pytest.mark.parametrize("name", ["rank_sort", "bucketed_rank_sort"])
+def test_triton_deterministic_mode_holds_targets_above_one(name, scale):
+    """The fixed-point scales of the sorting sums come from the targets' real range: with
+    allow_targets_above_one the terms h * (1 - y) exceed the bound for targets <= 1, and an
+    int64 scale sized for that bound overflowed (sorting loss 21.5 for 237.9 at targets x 1000)."""
+    logits, targets = make_case(1500, 40, seed=9, dtype=torch.float32)
+    targets = torch.where(targets > 0, targets * scale, targets)
+    want_losses, want_grad = _run(name, logits, targets, "torch", allow_targets_above_one=True)
+    first = _run(name, logits.to(DEVICE), targets.to(DEVICE), "triton", deterministic=True,
+                 allow_targets_above_one=True)
+    second = _run(name, logits.to(DEVICE), targets.to(DEVICE), "triton", deterministic=True,
+                  allow_targets_above_one=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert_close(first[0].cpu(), want_losses, atol=1e-6 * scale, rtol=1e-5, what="losses")
+    assert_close(first[1].cpu(), want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")

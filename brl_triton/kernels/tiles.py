@@ -115,6 +115,18 @@ def _sum_bound(ptr, p, BLOCK: tl.constexpr):
     return total
 
 
+@triton.jit
+def _distance_from_one_bound(ptr, p, BLOCK: tl.constexpr):
+    """1 + sum of |1 - y| over the p targets at ptr (float64): a bound for fixed-point sums of
+    h * (1 - y) with h in [0, 1], which targets above one (``allow_targets_above_one``) push past p."""
+    total = p.to(tl.float64) * 0.0 + 1.0
+    for start in range(0, p, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        y = tl.load(ptr + k, mask=k < p, other=1.0).to(tl.float64)
+        total += tl.sum(tl.abs(1.0 - y), axis=0)
+    return total
+
+
 @triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "stride", "delta_bits", "p_class",
                                "bins_class"])
 def _per_positive_kernel(
@@ -152,6 +164,9 @@ def _per_positive_kernel(
     l_scale = p_scale
     if REGRESSION and DETERMINISTIC:
         l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
+    y_scale = p_scale
+    if SORTING and DETERMINISTIC:
+        y_scale = m.power_of_two_scale(_distance_from_one_bound(y_pos_ptr, p, BLOCK_COLS))
     for start in range(0, p, BLOCK_COLS):
         k = start + tl.arange(0, BLOCK_COLS)
         k_ok = k < p
@@ -165,8 +180,8 @@ def _per_positive_kernel(
             y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
             not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
             one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
-            current = m.fixed_sum(current, h * one_minus_y, p_scale, DETERMINISTIC)
-            target = m.fixed_sum(target, not_worse * one_minus_y, p_scale, DETERMINISTIC)
+            current = m.fixed_sum(current, h * one_minus_y, y_scale, DETERMINISTIC)
+            target = m.fixed_sum(target, not_worse * one_minus_y, y_scale, DETERMINISTIC)
             target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
             lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
     rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
@@ -190,7 +205,7 @@ def _per_positive_kernel(
         tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
     if SORTING:
         sorting_error, share = sorting_formulas(
-            rank_plus, m.fixed_value(current, p_scale, DETERMINISTIC), m.fixed_value(target, p_scale, DETERMINISTIC),
+            rank_plus, m.fixed_value(current, y_scale, DETERMINISTIC), m.fixed_value(target, y_scale, DETERMINISTIC),
             m.fixed_value(target_count, p_scale, DETERMINISTIC), m.fixed_value(lower_quality, p_scale, DETERMINISTIC))
         tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
         tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
@@ -245,7 +260,10 @@ def _finish_kernel(
         s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
         y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
         inv = inv64.to(s_i.dtype)
-        p_scale = m.power_of_two_scale(count_p + 1.0)
+        # shares are sorting errors (at most 1 each) unless targets exceed one: the real bound then
+        share_scale = m.power_of_two_scale(count_p + 1.0)
+        if DETERMINISTIC:
+            share_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_SHARE * stride, p, BLOCK_COLS))
         received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
         for start in range(0, p, BLOCK_COLS):
             k = start + tl.arange(0, BLOCK_COLS)
@@ -255,8 +273,8 @@ def _finish_kernel(
             share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
             h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
             h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
-            received = m.fixed_sum(received, h * share[None, :], p_scale, DETERMINISTIC)
-        received = m.fixed_value(received, p_scale, DETERMINISTIC)
+            received = m.fixed_sum(received, h * share[None, :], share_scale, DETERMINISTIC)
+        received = m.fixed_value(received, share_scale, DETERMINISTIC)
         share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
         gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
         tl.store(table_ptr + T_SORT_GRAD * stride + rows, (received - gives) / count_p, mask=row_ok)
@@ -270,9 +288,10 @@ def _finish_kernel(
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
         inv = inv64.to(lower.dtype)
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
-        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
+        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's, and the
+        # sorting terms' with targets above one, are not bounded
         w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
-        if REGRESSION and DETERMINISTIC:
+        if (REGRESSION or SORTING) and DETERMINISTIC:
             w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
         const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
         slope = tl.zeros_like(const)
