@@ -128,7 +128,7 @@ def test_every_public_loss_of_the_registry_has_a_function_and_a_module():
 USER_SCRIPT = '''
 import torch
 import brl_triton
-from brl_triton.detection import convert_to_rank_based
+from brl_triton.detection import convert_to_rank_based, init_box_predictor
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 logits = torch.randn(2, 100, 8, requires_grad=True)
@@ -147,7 +147,9 @@ pair2: tuple[torch.Tensor, torch.Tensor] = brl_triton.BucketedALRPLoss()(logits,
 balance = brl_triton.SelfBalancingWeight(period=10)
 total = balance(classification, localisation)
 weight: float = balance.weight
-model = convert_to_rank_based(fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3), "brs")
+detector = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3)
+predictor: torch.nn.Module = init_box_predictor(detector.roi_heads.box_predictor)
+model = convert_to_rank_based(detector, "brs", box_balance="unit", box_weighting="uniform")
 error: type[ValueError] = brl_triton.NonFiniteError
 '''
 
