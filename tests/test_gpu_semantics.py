@@ -300,3 +300,21 @@ def test_the_device_guard_enters_the_cuda_device_of_the_tensors(monkeypatch):
     with _config.on_device(torch.device("cpu")):
         assert entered == [torch.device("cuda", 1)]  # no CUDA device for CPU tensors
     assert _config._guarded == []
+
+
+def test_autotuning_keys_hold_every_variant_flag():
+    """A tuned config is cached per key: a key without a variant flag (SORTING, DETERMINISTIC, ...)
+    would reuse one variant's best config for another."""
+    import inspect
+
+    import triton.language as tl
+
+    from brl_triton.kernels import streaming, tiles
+
+    for tunable in (streaming.REDUCE, tiles.PER_POSITIVE, tiles.FINISH):
+        function = inspect.unwrap(tunable.kernel.fn)
+        flags = {name for name, parameter in inspect.signature(function).parameters.items()
+                 if parameter.annotation in (tl.constexpr, "tl.constexpr")}
+        config_names = {name for config in tunable.configs for name in config.kwargs}
+        assert flags - config_names, function.__name__  # the kernel has flags besides its config
+        assert flags - config_names <= set(tunable.key), (function.__name__, flags - config_names - set(tunable.key))

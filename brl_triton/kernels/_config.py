@@ -154,6 +154,7 @@ class Tunable:
 
     def __init__(self, kernel, default: triton.Config, alternatives=(), key=(), restore=()):
         self.kernel = kernel
+        self.key = tuple(key)
         self.default = default
         self.configs = [default, *alternatives]
         self.tuned = None

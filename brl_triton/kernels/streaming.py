@@ -108,7 +108,7 @@ REDUCE = Tunable(
     [triton.Config({"BLOCK": 1024, "PREAGGREGATE": True}, num_warps=4, num_stages=2),
      triton.Config({"BLOCK": 2048, "PREAGGREGATE": True}, num_warps=8, num_stages=2),
      triton.Config({"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=16, num_stages=2)],
-    key=["n_class", "S_NDIM", "Y_NDIM"],
+    key=["n_class", "S_NDIM", "Y_NDIM", "FIXED_POINT"],  # the size class and every variant flag
     restore=["status_ptr", "count_ptr", "offset_sum_ptr"],
 )
 

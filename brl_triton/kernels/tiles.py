@@ -343,8 +343,12 @@ _TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_wa
                       triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 128}, num_warps=8, num_stages=2)]
 # float64 tiles need twice the registers: narrower column blocks and more warps keep them unspilled (sm_80 too)
 TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=8, num_stages=2)
-PER_POSITIVE = Tunable(_per_positive_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
-FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES, key=["p_class", "bins_class"])
+# keys: the size classes and every variant flag, so that one variant's tuning is not reused for another
+_VARIANT_FLAGS = ["SMOOTH", "SORTING", "INTERPOLATED", "REGRESSION", "FIXED_POINT", "DETERMINISTIC"]
+PER_POSITIVE = Tunable(_per_positive_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
+                       key=["p_class", "bins_class", *_VARIANT_FLAGS])
+FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
+                 key=["p_class", "bins_class", "HAS_SLOPE", *_VARIANT_FLAGS])
 INTERPOLATED_BLOCK = 1024
 
 
