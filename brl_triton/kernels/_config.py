@@ -66,6 +66,7 @@ class _Counters:
 
 _recorders: list[_Counters] = []
 _inside_launch = 0
+_inside_host_read = 0
 _guarded: list[torch.device] = []
 
 
@@ -124,10 +125,21 @@ def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **const
 
 
 def read_host(tensor) -> list:
-    """The one way the backend waits for the device: a copy of ``tensor`` to host, as a list."""
+    """The one way the backend waits for the device: a copy of ``tensor`` to host, as a list.
+    The copy's own torch op (a CUDA tensor's ``_to_copy``) is this host read, not a launch."""
+    global _inside_host_read
     for counters in _recorders:
         counters.host_reads += 1
-    return tensor.tolist()
+    _inside_host_read += 1
+    try:
+        return tensor.tolist()
+    finally:
+        _inside_host_read -= 1
+
+
+def inside_host_read() -> bool:
+    """True during :func:`read_host`: the torch ops dispatched then are its copy to the host."""
+    return _inside_host_read > 0
 
 
 def _emulated_benchmark(kernel_call, quantiles):
