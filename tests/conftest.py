@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,35 @@ def golden_cases():
     if not GOLDEN.exists():
         pytest.fail(f"golden data not found at {GOLDEN}: it is part of the repository (git LFS is not used)")
     return torch.load(GOLDEN, weights_only=False)["cases"]
+
+
+@contextmanager
+def program_order(order: str, seed: int = 0):
+    """Run the programs of every interpreted Triton launch in ``order``: "reversed" or "shuffled"
+    (the interpreter runs them in grid order; a GPU runs them in any order, concurrently). The
+    interpreter walks its grid in order and names each program with ``set_grid_idx``; this maps
+    the k-th call to the k-th program of a permutation of the grid."""
+    from triton.runtime.interpreter import interpreter_builder
+
+    builder = type(interpreter_builder)
+    set_dim, set_index = builder.set_grid_dim, builder.set_grid_idx
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+
+    def permuted_dim(self, nx, ny, nz):
+        total = nx * ny * nz
+        permutation = range(total)[::-1] if order == "reversed" else torch.randperm(total, generator=generator).tolist()
+        state.update(dims=(nx, ny, nz), next=0, order=list(permutation))
+        set_dim(self, nx, ny, nz)
+
+    def permuted_index(self, x, y, z):
+        nx, ny, nz = state["dims"]
+        k = state["order"][state["next"]]
+        state["next"] += 1
+        set_index(self, k // (ny * nz), (k // nz) % ny, k % nz)
+
+    builder.set_grid_dim, builder.set_grid_idx = permuted_dim, permuted_index
+    try:
+        yield
+    finally:
+        builder.set_grid_dim, builder.set_grid_idx = set_dim, set_index

@@ -336,3 +336,46 @@ def test_autotuning_keys_hold_every_variant_flag():
         config_names = {name for config in tunable.configs for name in config.kwargs}
         assert flags - config_names, function.__name__  # the kernel has flags besides its config
         assert flags - config_names <= set(tunable.key), (function.__name__, flags - config_names - set(tunable.key))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_the_program_order_harness_reorders_the_programs(order):
+    """The instrument of the test below: programs take a ticket in the order they run."""
+    import triton
+    import triton.language as tl
+
+    from conftest import program_order
+
+    @triton.jit
+    def ticket_kernel(counter_ptr, out_ptr):
+        ticket = tl.atomic_add(counter_ptr, 1)
+        tl.store(out_ptr + ticket, tl.program_id(0) * 4 + tl.program_id(1))
+
+    counter, out = torch.zeros(1, dtype=torch.int32), torch.full((12,), -1, dtype=torch.int32)
+    with program_order(order, seed=1):
+        ticket_kernel[(3, 4)](counter, out)
+    ran = out.tolist()
+    assert sorted(ran) == list(range(12))
+    assert ran == list(range(12))[::-1] if order == "reversed" else ran != list(range(12))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_results_do_not_depend_on_the_programs_order(name, order):
+    """A GPU runs a launch's programs in any order: deterministic mode must stay bit-identical,
+    and the default mode equal to round-off (its float atomics sum in another order)."""
+    from conftest import program_order
+
+    logits, targets = make_case(3001, 40, seed=4, dtype=torch.float32)
+    want_deterministic = _losses_and_grad(name, logits, targets, "triton", deterministic=True)
+    want = _losses_and_grad(name, logits, targets, "triton")
+    with program_order(order):
+        got_deterministic = _losses_and_grad(name, logits, targets, "triton", deterministic=True)
+        got = _losses_and_grad(name, logits, targets, "triton")
+    assert torch.equal(got_deterministic[0], want_deterministic[0])
+    assert torch.equal(got_deterministic[1], want_deterministic[1])
+    assert_close(got[0], want[0], atol=1e-6, rtol=1e-6, what="losses")
+    assert_close(got[1], want[1], atol=1e-6 * want[1].abs().max().item(), rtol=1e-5, what="gradient")
