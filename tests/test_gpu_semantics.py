@@ -362,7 +362,7 @@ def test_the_program_order_harness_reorders_the_programs(order):
 
 @pytest.mark.triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
-@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+@pytest.mark.parametrize("order", ["reversed", pytest.param("shuffled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_results_do_not_depend_on_the_programs_order(name, order):
     """A GPU runs a launch's programs in any order: deterministic mode must stay bit-identical,
