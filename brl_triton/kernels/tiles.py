@@ -288,10 +288,9 @@ def _finish_kernel(
         lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
         inv = inv64.to(lower.dtype)
         delta = m.bits_to_float64(delta_bits).to(lower.dtype)
-        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's, and the
-        # sorting terms' with targets above one, are not bounded
+        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
         w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
-        if (REGRESSION or SORTING) and DETERMINISTIC:
+        if REGRESSION and DETERMINISTIC:
             w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
         const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
         slope = tl.zeros_like(const)
