@@ -106,24 +106,17 @@ def _bins(edges_ptr, count_ptr, offset_sum_ptr, b, ok, offset_scale, FIXED_POINT
 
 
 @triton.jit
-def _sum_bound(ptr, p, BLOCK: tl.constexpr):
-    """1 + sum of the p values >= 0 at ptr (float64): a bound for fixed-point sums of them."""
+def _sum_bound(ptr, p, BLOCK: tl.constexpr, FROM_ONE: tl.constexpr = False):
+    """1 + sum of |v| (FROM_ONE: of |1 - v|) over the p values at ptr (float64): a bound for
+    fixed-point sums of them (FROM_ONE: of h * (1 - y) with h in [0, 1], which targets above one,
+    ``allow_targets_above_one``, push past p)."""
     total = p.to(tl.float64) * 0.0 + 1.0
     for start in range(0, p, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        total += tl.sum(tl.abs(tl.load(ptr + k, mask=k < p, other=0.0).to(tl.float64)), axis=0)
-    return total
-
-
-@triton.jit
-def _distance_from_one_bound(ptr, p, BLOCK: tl.constexpr):
-    """1 + sum of |1 - y| over the p targets at ptr (float64): a bound for fixed-point sums of
-    h * (1 - y) with h in [0, 1], which targets above one (``allow_targets_above_one``) push past p."""
-    total = p.to(tl.float64) * 0.0 + 1.0
-    for start in range(0, p, BLOCK):
-        k = start + tl.arange(0, BLOCK)
-        y = tl.load(ptr + k, mask=k < p, other=1.0).to(tl.float64)
-        total += tl.sum(tl.abs(1.0 - y), axis=0)
+        v = tl.load(ptr + k, mask=k < p, other=1.0 if FROM_ONE else 0.0).to(tl.float64)
+        if FROM_ONE:
+            v = 1.0 - v
+        total += tl.sum(tl.abs(v), axis=0)
     return total
 
 
@@ -166,7 +159,7 @@ def _per_positive_kernel(
         l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
     y_scale = p_scale
     if SORTING and DETERMINISTIC:
-        y_scale = m.power_of_two_scale(_distance_from_one_bound(y_pos_ptr, p, BLOCK_COLS))
+        y_scale = m.power_of_two_scale(_sum_bound(y_pos_ptr, p, BLOCK_COLS, FROM_ONE=True))
     for start in range(0, p, BLOCK_COLS):
         k = start + tl.arange(0, BLOCK_COLS)
         k_ok = k < p
