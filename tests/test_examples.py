@@ -202,13 +202,15 @@ def _recipe(*argv):
 
 
 def test_each_loss_trains_with_its_own_recipe():
-    """--loss brs alone picks the RS-R-CNN rate scaled to the batch; ce keeps the old defaults."""
-    assert _recipe("--loss", "brs") == {"lr": pytest.approx(0.003), "warmup": 60, "clip": 10.0}  # 300 iterations
+    """--loss brs alone picks the ranking recipe's rate (twice the official RS-R-CNN / RS-ATSS one)
+    scaled to the batch, ce its own; warm-up is at most a fifth of the run."""
+    assert _recipe("--loss", "brs") == {"lr": pytest.approx(0.006), "warmup": 60, "clip": 10.0}  # 300 iterations
     assert _recipe("--loss", "brs", "--iters", "5000")["warmup"] == 500
-    assert _recipe("--loss", "ce") == {"lr": pytest.approx(0.02), "warmup": 60, "clip": 10.0}
+    assert _recipe("--loss", "ce") == {"lr": pytest.approx(0.08), "warmup": 60, "clip": 10.0}
     assert _recipe("--loss", "ce", "--iters", "1000")["warmup"] == 100
-    assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.002)
-    assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.012)
+    assert _recipe("--loss", "ce", "--detector", "fcos")["lr"] == pytest.approx(0.01)
+    assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.004)
+    assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.024)
     assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
     assert set(train_detector.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
 
