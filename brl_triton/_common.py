@@ -15,11 +15,15 @@ class Settings:
     ``deterministic``: bit-identical results across runs (no order-dependent float atomics).
     ``allow_targets_above_one``: accept quality targets > 1 (refused by default: class indices
     passed by mistake look like them).
+    ``validate``: raise for bad values (NaN/Inf, targets above one, logits too far apart), which
+    the Triton backend finds on the device and the host reads once per call. ``False``: no host
+    sync at all; a call with bad values returns NaN losses and gradients instead.
     """
 
     process_group: object = None
     deterministic: bool = False
     allow_targets_above_one: bool = False
+    validate: bool = True
 
 
 # Devices without float64 tensors (Apple MPS): the torch backend keeps its O(P + E) tables in

@@ -34,13 +34,14 @@ def _implementation(backend: str, logits):
 
 @torch.library.custom_op("brl_triton::ranking_forward", mutates_args=())
 def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: torch.Tensor | None, delta: float,
-                    loss: str, backend: str, deterministic: bool, allow_targets_above_one: bool
+                    loss: str, backend: str, deterministic: bool, allow_targets_above_one: bool, validate: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses (ranking outputs, stacked) and, for aLRP, the localisation weights."""
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
-    check_values(spec, logits, targets, delta, regression, allow_targets_above_one, implementation.checks_finite)
-    settings = Settings(None, deterministic, allow_targets_above_one)
+    check_values(spec, logits, targets, delta, regression, allow_targets_above_one,
+                 implementation.checks_finite or not validate)
+    settings = Settings(None, deterministic, allow_targets_above_one, validate)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())
     out_dtype = compute_dtype(logits.dtype)
@@ -55,7 +56,7 @@ def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: tor
 
 
 @ranking_forward.register_fake
-def _(logits, targets, regression, delta, loss, backend, deterministic, allow_targets_above_one):
+def _(logits, targets, regression, delta, loss, backend, deterministic, allow_targets_above_one, validate):
     losses = logits.new_empty(registry.BY_NAME[loss].ranking_outputs, dtype=compute_dtype(logits.dtype))
     return losses, logits.new_empty(regression.shape if regression is not None else (0,), dtype=wide_dtype(logits.device))
 
@@ -63,11 +64,11 @@ def _(logits, targets, regression, delta, loss, backend, deterministic, allow_ta
 @torch.library.custom_op("brl_triton::ranking_backward", mutates_args=())
 def ranking_backward(logits: torch.Tensor, targets: torch.Tensor, regression: torch.Tensor | None,
                      grad_losses: torch.Tensor, delta: float, loss: str, backend: str, deterministic: bool,
-                     allow_targets_above_one: bool) -> torch.Tensor:
+                     allow_targets_above_one: bool, validate: bool) -> torch.Tensor:
     """The logits' gradient for the upstream gradients of the stacked losses."""
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
-    settings = Settings(None, deterministic, allow_targets_above_one)
+    settings = Settings(None, deterministic, allow_targets_above_one, validate)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, regression)
     if result is None:
@@ -77,7 +78,8 @@ def ranking_backward(logits: torch.Tensor, targets: torch.Tensor, regression: to
 
 
 @ranking_backward.register_fake
-def _(logits, targets, regression, grad_losses, delta, loss, backend, deterministic, allow_targets_above_one):
+def _(logits, targets, regression, grad_losses, delta, loss, backend, deterministic, allow_targets_above_one,
+      validate):
     return torch.empty_like(logits)
 
 
@@ -91,16 +93,17 @@ def _backward(ctx, grad_losses, _grad_weight):
     logits, targets, regression = ctx.saved_tensors
     regression = None if regression is None else regression.detach()
     grad = ranking_backward(logits.detach(), targets, regression, grad_losses, *ctx.settings)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("brl_triton::ranking_forward", _backward, setup_context=_setup_context)
 
 
-def compiled_apply(spec, logits, targets, delta, backend, deterministic, regression_losses, allow_targets_above_one):
+def compiled_apply(spec, logits, targets, delta, backend, deterministic, regression_losses, allow_targets_above_one,
+                   validate=True):
     """The functions' path under ``torch.compile``: the same outputs as the eager path."""
     regression = None if regression_losses is None else regression_losses.detach()
     losses, weights = ranking_forward(logits, targets, regression, delta, spec.name, backend, bool(deterministic),
-                                      bool(allow_targets_above_one))
+                                      bool(allow_targets_above_one), bool(validate))
     ranking_losses = tuple(losses[i] for i in range(spec.ranking_outputs))
     return assemble_outputs(spec, logits, ranking_losses, regression_losses, weights)

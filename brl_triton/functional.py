@@ -33,6 +33,13 @@ Settings, keyword-only, the same for every loss:
   ``torch.use_deterministic_algorithms(True)``): the per-bucket offset sums, the only
   order-dependent float reductions (GPU atomics), are summed as int64 fixed point instead.
 - ``allow_targets_above_one``: use quality targets above 1 as given.
+- ``validate`` (default ``True``): raise the errors below for bad values. The Triton backend
+  finds them on the device, and the host waits for the device once per call to read them.
+  ``validate=False`` skips that read: with float16/bfloat16/float32 logits, up to 32767
+  positives and no ``process_group`` (aLRP excepted, whose regression losses are checked on the
+  host), a call then has no host sync at all, which lets the CPU queue ahead and CUDA graphs
+  capture it; a call with bad values (or more positives) returns NaN losses and NaN gradients
+  instead of raising. Shapes, dtypes, devices and ``delta`` are checked either way.
 
 Outputs: 0-d tensors, float32 (float64 for float64 logits). The logits' gradient is the paper's
 error-driven "identity update", not the derivative of the step-function loss, in the logits'
@@ -65,7 +72,7 @@ __all__ = ["bucketed_rank_sort_loss", "rank_sort_loss", "bucketed_ap_loss", "ap_
 
 
 def _apply(spec, logits, targets, delta, backend, process_group, deterministic, regression_losses=None,
-           allow_targets_above_one=False):
+           allow_targets_above_one=False, validate=True):
     """Every function's body: the host-side checks, then the eager autograd Function, or under
     ``torch.compile`` (and for meta tensors) the ``torch.library`` ops of ``_ops``."""
     delta = check_delta(delta, spec)
@@ -74,28 +81,29 @@ def _apply(spec, logits, targets, delta, backend, process_group, deterministic, 
     if spec.regression:
         check_regression_type(regression_losses, logits)
     arguments = (spec, logits, targets, delta, backend, process_group, deterministic, regression_losses,
-                 bool(allow_targets_above_one))
+                 bool(allow_targets_above_one), bool(validate))
     if process_group is not None and torch.compiler.is_compiling():
         return _apply_with_process_group(*arguments)
     if torch.compiler.is_compiling() or logits.device.type == "meta":
         # the ops that the compiler sees through (and whose fake kernels give meta tensors their
         # outputs' shapes)
         return compiled_apply(spec, logits, targets, delta, backend, deterministic, regression_losses,
-                              allow_targets_above_one)
+                              allow_targets_above_one, validate)
     return _apply_eagerly(*arguments)
 
 
 def _apply_eagerly(spec, logits, targets, delta, backend, process_group, deterministic, regression_losses,
-                   allow_targets_above_one):
+                   allow_targets_above_one, validate):
     implementation = resolve_backend(backend, logits)
     if process_group is not None:
         if implementation.name == "reference":
             raise ValueError("process_group is supported by the 'torch' and 'triton' backends, not 'reference'")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialized")
+    # without validate nothing reads the logits' values on the host (aLRP's regression losses still are)
     check_values(spec, logits, targets, delta, regression_losses, allow_targets_above_one,
-                 implementation.checks_finite)
-    settings = Settings(process_group, deterministic, allow_targets_above_one)
+                 implementation.checks_finite or not validate)
+    settings = Settings(process_group, deterministic, allow_targets_above_one, validate)
     *outputs, _state = RankingLossFunction.apply(logits, targets, delta, spec, implementation, settings,
                                                  None if regression_losses is None else regression_losses.detach())
     ranking_losses = tuple(outputs[:spec.ranking_outputs])
@@ -116,7 +124,7 @@ _apply_with_process_group = torch.compiler.disable(
 
 def bucketed_rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5, *, backend: str = "auto",
                             process_group=None, deterministic: bool = False,
-                            allow_targets_above_one: bool = False) -> tuple[Tensor, Tensor]:
+                            allow_targets_above_one: bool = False, validate: bool = True) -> tuple[Tensor, Tensor]:
     """Bucketed Rank & Sort (BRS, Yavuz et al., ECCV 2024).
 
     The negatives between two consecutive positives (in descending logit order) form a bucket
@@ -127,7 +135,7 @@ def bucketed_rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5,
         logits: ``(*)`` float16/bfloat16/float32/float64 classification logits, one ranking.
         targets: ``(*)``, any real dtype: ``> 0`` positive (IoU target), ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function H, ``>= 0`` (0: the hard step, and RS exactly).
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         ``(ranking_loss, sorting_loss)``, 0-d: the mean ranking error over the positives, in
@@ -141,12 +149,12 @@ def bucketed_rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5,
         >>> (ranking + sorting).backward()
     """
     return _apply(registry.BUCKETED_RANK_SORT, logits, targets, delta, backend, process_group, deterministic,
-                  None, allow_targets_above_one)
+                  None, allow_targets_above_one, validate)
 
 
 def rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5, *, backend: str = "auto",
                    process_group=None, deterministic: bool = False,
-                   allow_targets_above_one: bool = False) -> tuple[Tensor, Tensor]:
+                   allow_targets_above_one: bool = False, validate: bool = True) -> tuple[Tensor, Tensor]:
     """Rank & Sort (RS, Oksuz et al., ICCV 2021), exact, at bucketed cost.
 
     Every relevant negative counts with its own logit. H is piecewise linear with kinks at
@@ -157,7 +165,7 @@ def rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5, *, backe
         logits: ``(*)`` float16/bfloat16/float32/float64 classification logits, one ranking.
         targets: ``(*)``, any real dtype: ``> 0`` positive (IoU target), ``0`` negative, ``< 0`` ignored.
         delta: half-width of the ramp of H around each positive, ``>= 0`` (0: the hard step).
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         ``(ranking_loss, sorting_loss)``: the mean ranking error over the positives, in [0, 1],
@@ -172,12 +180,12 @@ def rank_sort_loss(logits: Tensor, targets: Tensor, delta: float = 0.5, *, backe
         >>> (ranking + 0.5 * sorting).backward()  # each output's upstream gradient is honoured
     """
     return _apply(registry.RANK_SORT, logits, targets, delta, backend, process_group, deterministic, None,
-                  allow_targets_above_one)
+                  allow_targets_above_one, validate)
 
 
 def bucketed_ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, backend: str = "auto",
                      process_group=None, deterministic: bool = False,
-                     allow_targets_above_one: bool = False) -> Tensor:
+                     allow_targets_above_one: bool = False, validate: bool = True) -> Tensor:
     """Bucketed AP loss (BAP, Yavuz et al., ECCV 2024).
 
     The mean bucketed ranking error over the positives (buckets as in
@@ -188,7 +196,7 @@ def bucketed_ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, bac
         logits: ``(*)`` float16/bfloat16/float32/float64 classification logits, one ranking.
         targets: ``(*)``, any real dtype: ``> 0`` positive (IoU target), ``0`` negative, ``< 0`` ignored.
         delta: smoothing width of the step function H, ``>= 0``; buckets as in BRS.
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         0-d tensor: the AP loss (1 - AP), in [0, 1].
@@ -200,12 +208,12 @@ def bucketed_ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, bac
         >>> loss.backward()
     """
     return _apply(registry.BUCKETED_AP, logits, targets, delta, backend, process_group, deterministic, None,
-                  allow_targets_above_one)
+                  allow_targets_above_one, validate)
 
 
 def ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, interpolated: bool = False,
             backend: str = "auto", process_group=None, deterministic: bool = False,
-            allow_targets_above_one: bool = False) -> Tensor:
+            allow_targets_above_one: bool = False, validate: bool = True) -> Tensor:
     """AP loss, exact (every negative with its own logit), at bucketed cost.
 
     The mean exact ranking error, 1 - AP with the smoothed step. ``interpolated=True`` gives the
@@ -217,7 +225,7 @@ def ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, interpolated
         targets: ``(*)``, any real dtype: ``> 0`` positive (IoU target), ``0`` negative, ``< 0`` ignored.
         delta: half-width of the ramp of H, ``>= 0``; ``> 0`` with ``interpolated=True``.
         interpolated: compute the interpolated AP loss (Chen et al.) instead.
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         0-d tensor: the AP loss (1 - AP), in [0, 1].
@@ -230,12 +238,13 @@ def ap_loss(logits: Tensor, targets: Tensor, delta: float = 1.0, *, interpolated
         >>> loss.backward()
     """
     spec = registry.INTERPOLATED_AP if interpolated else registry.AP
-    return _apply(spec, logits, targets, delta, backend, process_group, deterministic, None, allow_targets_above_one)
+    return _apply(spec, logits, targets, delta, backend, process_group, deterministic, None, allow_targets_above_one,
+                  validate)
 
 
 def alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tensor, delta: float = 1.0, *,
               backend: str = "auto", process_group=None, deterministic: bool = False,
-              allow_targets_above_one: bool = False) -> tuple[Tensor, Tensor]:
+              allow_targets_above_one: bool = False, validate: bool = True) -> tuple[Tensor, Tensor]:
     """aLRP loss (Oksuz et al., NeurIPS 2020), exact, at bucketed cost.
 
     Average Localisation-Recall-Precision: a positive's error counts the negatives above it and
@@ -250,7 +259,7 @@ def alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tensor, delta:
         regression_losses: ``(P,)`` float, one value >= 0 per positive in the flat order of
             ``logits[targets > 0]``, e.g. ``(1 - GIoU) / 2``.
         delta: smoothing width of the step function H, ``> 0`` (aLRP needs H(0) = 1/2).
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         ``(classification_loss, localisation_loss)``, 0-d: the mean of FP(i) / rank(i), in
@@ -265,12 +274,12 @@ def alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tensor, delta:
         >>> (classification + 10.0 * localisation).backward()
     """
     return _apply(registry.ALRP, logits, targets, delta, backend, process_group, deterministic, regression_losses,
-                  allow_targets_above_one)
+                  allow_targets_above_one, validate)
 
 
 def bucketed_alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tensor, delta: float = 1.0, *,
                        backend: str = "auto", process_group=None, deterministic: bool = False,
-                       allow_targets_above_one: bool = False) -> tuple[Tensor, Tensor]:
+                       allow_targets_above_one: bool = False, validate: bool = True) -> tuple[Tensor, Tensor]:
     """Bucketed aLRP loss (aLRP of Oksuz et al. with the buckets of Yavuz et al.).
 
     :func:`alrp_loss` with the negatives bucketed between consecutive positives, as in
@@ -282,7 +291,7 @@ def bucketed_alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tenso
         targets: ``(*)``, any real dtype: ``> 0`` positive (IoU target), ``0`` negative, ``< 0`` ignored.
         regression_losses: ``(P,)`` float, one value >= 0 per positive, as for :func:`alrp_loss`.
         delta: half-width of the ramp of H, ``> 0`` as for :func:`alrp_loss`.
-        backend, process_group, deterministic, allow_targets_above_one: see the module docstring.
+        backend, process_group, deterministic, allow_targets_above_one, validate: see the module docstring.
 
     Returns:
         ``(classification_loss, localisation_loss)``, 0-d, as :func:`alrp_loss`'s.
@@ -297,4 +306,4 @@ def bucketed_alrp_loss(logits: Tensor, targets: Tensor, regression_losses: Tenso
         >>> balance(classification, localisation).backward()
     """
     return _apply(registry.BUCKETED_ALRP, logits, targets, delta, backend, process_group, deterministic,
-                  regression_losses, allow_targets_above_one)
+                  regression_losses, allow_targets_above_one, validate)

@@ -17,24 +17,25 @@ __all__ = ["BucketedRankSortLoss", "RankSortLoss", "BucketedAPLoss", "APLoss", "
 class LossModule(nn.Module):
     """What every loss module holds: ``delta`` (None: the loss's default) and the settings of
     ``brl_triton.functional`` (``backend``, ``process_group``, ``deterministic``,
-    ``allow_targets_above_one``). A bad ``delta`` or ``backend`` raises here, not at the first
+    ``allow_targets_above_one``, ``validate``). A bad ``delta`` or ``backend`` raises here, not at the first
     call."""
 
     spec: registry.LossSpec
 
     def __init__(self, delta: float | None = None, *, backend: str = "auto", process_group=None,
-                 deterministic: bool = False, allow_targets_above_one: bool = False):
+                 deterministic: bool = False, allow_targets_above_one: bool = False, validate: bool = True):
         super().__init__()
         self.delta = check_delta(self.spec.delta if delta is None else delta, self.spec)
         self.backend = check_backend_name(backend)
         self.process_group = process_group
         self.deterministic = bool(deterministic)
         self.allow_targets_above_one = bool(allow_targets_above_one)
+        self.validate = bool(validate)
 
     def settings(self) -> dict:
         """The keyword arguments this module passes to its function."""
         return {"backend": self.backend, "process_group": self.process_group, "deterministic": self.deterministic,
-                "allow_targets_above_one": self.allow_targets_above_one}
+                "allow_targets_above_one": self.allow_targets_above_one, "validate": self.validate}
 
     def extra_repr(self) -> str:
         return f"delta={self.delta}, backend={self.backend!r}, deterministic={self.deterministic}"
@@ -116,12 +117,13 @@ class APLoss(LossModule):
     spec = registry.AP
 
     def __init__(self, delta: float | None = None, *, interpolated: bool = False, backend: str = "auto",
-                 process_group=None, deterministic: bool = False, allow_targets_above_one: bool = False):
+                 process_group=None, deterministic: bool = False, allow_targets_above_one: bool = False,
+                 validate: bool = True):
         self.interpolated = bool(interpolated)
         if self.interpolated:  # the variant's delta rule (> 0) is checked when the module is built
             self.spec = registry.INTERPOLATED_AP
         super().__init__(delta, backend=backend, process_group=process_group, deterministic=deterministic,
-                         allow_targets_above_one=allow_targets_above_one)
+                         allow_targets_above_one=allow_targets_above_one, validate=validate)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         return functional.ap_loss(logits, targets, self.delta, interpolated=self.interpolated, **self.settings())

@@ -101,6 +101,22 @@ def triton_inputs(logits: torch.Tensor, targets: torch.Tensor):
     return logits.detach(), _loadable(targets.detach())
 
 
+def _checked_status(status: torch.Tensor, delta, n: int, compute: torch.dtype) -> tuple[int, int]:
+    """The host's one read of the status words: p and the edge count, after raising for bad
+    targets or logits (the flags the scan and the reduction set) and logits too far apart."""
+    p, num_edges, bad_targets, bad_logits, _, largest, smallest_negated = read_host(
+        status[:_math.STATUS_LARGEST_NEGATED.value + 1])
+    if bad_targets == 2:
+        raise NonFiniteError(NON_FINITE_TARGETS)
+    if bad_targets == 1:
+        raise ValueError(TARGETS_ABOVE_ONE.format(""))
+    if bad_logits:
+        raise NonFiniteError(NON_FINITE_LOGITS)
+    if n:
+        check_logit_range(-_math.decode_code(smallest_negated), _math.decode_code(largest), delta, n, compute)
+    return p, num_edges
+
+
 def _host_offset_scale(status: torch.Tensor, edges: torch.Tensor, n: int) -> float:
     """The fixed-point scale ``_math.offset_scale`` computed on the device, here on the host."""
     code, low = int(status[_math.STATUS_MAX_NEGATIVE.value]), float(edges[0])
@@ -145,8 +161,11 @@ class TritonBackend(pipeline.PipelineBackend):
     @staticmethod
     def find_positives(logits, targets, delta, spec, settings, regression=None):
         """``logits``/``targets`` as :func:`triton_inputs` gives them. One pass finds the
-        positives; when one program can sort them, the edges are built and the bins reduced
-        before the one host sync (``TritonPositives.reduced``)."""
+        positives; when one program can sort them (up to ``capacity``, a bound the host knows
+        without reading p), the edges are built and the bins reduced on the device, and the
+        later kernels read p and the edge count there (``TritonPositives.reduced``). The host
+        reads the status words once, for the exceptions of bad values, only with ``validate``
+        (or where it needs p: aLRP, float64, a process group, more positives than ``capacity``)."""
         s, y = layout(logits), layout(targets)
         n, device = logits.numel(), logits.device
         compute = compute_dtype(logits.dtype)
@@ -154,30 +173,25 @@ class TritonBackend(pipeline.PipelineBackend):
         offset_dtype = torch.int64 if deterministic else compute
 
         status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
-        capacity = min(n, positives.SORT_BY_RANK_MAX)
+        capacity = min(n, positives.SORT_BY_RANK_MAX, TRITON_SWEEP_FROM - 1)
         check_above_one = not settings.allow_targets_above_one
         pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic,
                                     check_above_one=check_above_one)
-        num_edges_word = status[_math.STATUS_NUM_EDGES.value:_math.STATUS_NUM_EDGES.value + 1]
-        if group is None and compute == torch.float32 and n < 2**32 and capacity > 0:
+        on_device = group is None and compute == torch.float32 and n < 2**32 and capacity > 0
+        if on_device:
             edges_kind = positives.edges_kind(float(delta) + 0.0, spec.bucketed)
             s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
                 s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype)
         else:  # the reduction only checks finiteness (edge count 0)
             edges = torch.empty(1, dtype=compute, device=device)
             count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
-        streaming.reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic)
+        streaming.reduce(s, y, edges, status, count, offset_sum, deterministic)
 
-        p, bad_targets, bad_logits, _, num_edges, largest, smallest_negated = read_host(
-            status[:_math.STATUS_LARGEST_NEGATED.value + 1])
-        if bad_targets == 2:
-            raise NonFiniteError(NON_FINITE_TARGETS)
-        if bad_targets == 1:
-            raise ValueError(TARGETS_ABOVE_ONE.format(""))
-        if bad_logits:
-            raise NonFiniteError(NON_FINITE_LOGITS)
-        if n:
-            check_logit_range(-_math.decode_code(smallest_negated), _math.decode_code(largest), delta, n, compute)
+        if on_device and not settings.validate and regression is None:
+            # no host sync: buffers and grids for `capacity` positives; bad values give NaN outputs
+            reduced = KernelBins(edges, count, offset_sum, status, n, deterministic, n)
+            return TritonPositives(s_pos, y_pos, sorted_index, None, None, status=status, reduced=reduced)
+        p, num_edges = _checked_status(status, delta, n, compute)
         if p == 0 and group is None:
             return None
         if num_edges > 0:
@@ -187,7 +201,7 @@ class TritonBackend(pipeline.PipelineBackend):
                 l_pos = torch.empty(p, dtype=torch.float64, device=device)
                 l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
             reduced = KernelBins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
-                            deterministic, n)
+                                 deterministic, n)
             return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
@@ -210,8 +224,10 @@ class TritonBackend(pipeline.PipelineBackend):
         count = torch.zeros(edges.numel() + 1, dtype=torch.int64, device=device)
         offset_dtype = torch.int64 if deterministic else compute_dtype(logits.dtype)
         offset_sum = torch.zeros(edges.numel() + 1, dtype=offset_dtype, device=device)
-        edge_count = torch.full((1,), edges.numel(), dtype=torch.int64, device=device)
-        streaming.reduce(layout(logits), layout(targets), edges, edge_count, status, count, offset_sum, deterministic)
+        # the kernels read p (of all ranks) and the edge count from the status words
+        status[_math.STATUS_POSITIVES.value] = found.s.numel()
+        status[_math.STATUS_NUM_EDGES.value] = edges.numel()
+        streaming.reduce(layout(logits), layout(targets), edges, status, count, offset_sum, deterministic)
         fixed_point, fp_bound, group = deterministic, n, settings.process_group
         if group is not None:
             if deterministic:  # ranks scale their offsets differently: meet in float64
@@ -235,7 +251,7 @@ class TritonBackend(pipeline.PipelineBackend):
         table = tiles.per_positive(*common, reduced.fp_bound, delta_bits, sorting=spec.sorting,
                                      interpolated=spec.interpolated, l_pos=found.regression, **options)
         if spec.interpolated:
-            tiles.running_maximum(table, losses[0])
+            tiles.running_maximum(table, reduced.status, losses[0])
         const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=spec.sorting,
                                     has_slope=spec.has_slope(delta), interpolated=spec.interpolated,
                                     regression=spec.regression, **options)
@@ -246,7 +262,8 @@ class TritonBackend(pipeline.PipelineBackend):
     @staticmethod
     def distribute(tables: pipeline.SavedTables, logits, targets, grad_outputs) -> torch.Tensor:
         """Flat gradient in the logits' dtype, for the upstream gradients (read on the device)."""
-        return streaming.distribute(layout(logits), layout(targets), tables.bins.edges, tables.const, tables.slope,
+        return streaming.distribute(layout(logits), layout(targets), tables.bins.edges, tables.bins.status,
+                                    tables.const, tables.slope,
                                     tables.pos_index, tables.pos_rank_grad, tables.pos_sort_grad, grad_outputs,
                                     logits.dtype)
 

@@ -145,12 +145,13 @@ def make_case(n, p, seed, *, ignored=0.1, heavy=False, grid=None, shape=None, dt
     return logits.to(dtype), targets
 
 
-def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM):
-    """Losses (tuple) and the gradient w.r.t. logits for the given upstream gradients."""
+def run_loss(name, logits, targets, delta, backend="torch", upstream=UPSTREAM, **options):
+    """Losses (tuple) and the gradient w.r.t. logits for the given upstream gradients; ``options``
+    go to the loss function (``deterministic``, ``validate``)."""
     fn, kwargs, spec = LOSSES[name]
     x = logits.detach().clone().requires_grad_(True)
     # quality targets above one are part of the tested input space; their refusal is tested on its own
-    out = fn(x, targets, delta, backend=backend, allow_targets_above_one=True, **kwargs)
+    out = fn(x, targets, delta, backend=backend, allow_targets_above_one=True, **kwargs, **options)
     out = out if isinstance(out, tuple) else (out,)
     grads = [torch.tensor(g, dtype=o.dtype) for g, o in zip(upstream, out)]
     torch.autograd.backward(out, grads)

@@ -12,7 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import LOSSES, assert_close, expected, loss_delta_cases, make_case, run_loss
+import brl_triton
+from conftest import LOSSES, assert_close, expected, loss_delta_cases, make_case, regression_losses_for, run_loss
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
@@ -121,6 +122,77 @@ def test_non_finite_input_fails_in_the_streaming_passes(bad):
         brl_triton.bucketed_ap_loss(torch.randn(n, device=DEVICE), targets.to(DEVICE), backend="triton")
 
 
+def _losses_and_grad(name, logits, targets, **options):
+    fn, extra, spec = LOSSES[name]
+    x = logits.to(DEVICE).requires_grad_(True)
+    args = (regression_losses_for(targets).to(DEVICE).requires_grad_(),) if spec.regression else ()
+    fn = getattr(brl_triton, spec.function_name) if spec.regression else fn
+    out = fn(x, targets.to(DEVICE), *args, 0.5, backend="triton", validate=False, **extra, **options)
+    out = out if isinstance(out, tuple) else (out,)
+    sum(out).backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_without_validation_against_reference(case, name, deterministic):
+    """validate=False: the kernels read p and the edge count from device memory, and the grids
+    are sized for the most positives one program sorts; the results are the reference's."""
+    _, n, p, options = case
+    logits, targets = make_case(n, p, seed=n + 3 * p, dtype=torch.float32, **options)
+    want_losses, want_grad = expected(name, logits, targets, 0.5)
+    losses, grad = run_loss(name, *_on_device(logits, targets), 0.5, "triton", deterministic=deterministic,
+                            validate=False)
+    for got, want in zip(losses, want_losses):
+        assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"{name} loss")
+    assert_close(grad, want_grad, atol=1e-5 * want_grad.abs().max().item(), rtol=1e-4, what=f"{name} grad")
+
+
+def _bad_inputs(n=3000):
+    """(what, logits, targets): values the validation raises for."""
+    logits, targets = make_case(n, 30, seed=4, dtype=torch.float32)
+    nan_logit, nan_target, above_one, wide = logits.clone(), targets.clone(), targets.clone(), logits.clone()
+    nan_logit[1234] = float("nan")
+    nan_target[int(torch.nonzero(targets > 0)[0])] = float("nan")
+    above_one[int(torch.nonzero(targets > 0)[0])] = 3.0
+    wide[0], wide[1] = -3e37, 3e37
+    return [("nan logit", nan_logit, targets), ("nan target", logits, nan_target),
+            ("target above one", logits, above_one), ("logits too far apart", wide, targets)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+# aLRP reads p on the host to place its regression losses: it validates whatever validate says
+@pytest.mark.parametrize("name", [name for name, (_, _, spec) in LOSSES.items() if not spec.regression])
+def test_without_validation_bad_values_give_nan_outputs_and_gradient(name, deterministic):
+    """Without the host read nothing can raise: every output and every gradient entry is NaN."""
+    for what, logits, targets in _bad_inputs():
+        if LOSSES[name][2].regression and what == "nan target":
+            continue  # aLRP takes one regression loss per positive: a NaN target is no positive
+        out, grad = _losses_and_grad(name, logits, targets, deterministic=deterministic)
+        assert all(bool(o.isnan()) for o in out), (what, out)
+        assert bool(grad.isnan().all()), what
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_without_validation_no_positive_gives_zero(name):
+    for logits, targets in [(torch.randn(3000), -torch.ones(3000)), (torch.randn(3000), torch.zeros(3000))]:
+        out, grad = _losses_and_grad(name, logits, targets)
+        assert all(loss.item() == 0 and loss.requires_grad for loss in out)
+        assert not bool(grad.any())
+
+
+def test_without_validation_more_positives_than_one_program_sorts_give_nan(monkeypatch):
+    """The grids are sized for SORT_BY_RANK_MAX positives; more cannot be seen without a host
+    read, so the outputs say so with NaN (validate=True takes the other paths)."""
+    from brl_triton.kernels import positives
+
+    monkeypatch.setattr(positives, "SORT_BY_RANK_MAX", 32)
+    logits, targets = make_case(3001, 150, seed=5, dtype=torch.float32)
+    out, grad = _losses_and_grad("bucketed_rank_sort", logits, targets)
+    assert all(bool(o.isnan()) for o in out) and bool(grad.isnan().all())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error without a GPU")
 def test_cpu_without_interpreter_is_a_clear_error():
     code = textwrap.dedent("""
@@ -159,7 +231,7 @@ def test_bin_reduction_configs(config, num_edges):
     gives the counts and offset sums of a searchsorted/bincount oracle."""
     from brl_triton.kernels import streaming
     from brl_triton.kernels._layout import layout
-    from brl_triton.kernels._math import STATUS_WORDS
+    from brl_triton.kernels._math import STATUS_NUM_EDGES, STATUS_WORDS
 
     g = torch.Generator().manual_seed(num_edges)
     n = 5001
@@ -170,9 +242,9 @@ def test_bin_reduction_configs(config, num_edges):
     count = torch.zeros(num_edges + 1, dtype=torch.int64, device=DEVICE)
     offset_sum = torch.zeros(num_edges + 1, dtype=torch.float32, device=DEVICE)
     status = torch.zeros(STATUS_WORDS.value, dtype=torch.int64, device=DEVICE)
-    streaming.reduce(layout(s.to(DEVICE)), layout(y.to(DEVICE)), edges.to(DEVICE),
-                torch.full((1,), num_edges, device=DEVICE), status, count, offset_sum, False,
-                config=streaming.REDUCE.configs[config])
+    status[STATUS_NUM_EDGES.value] = num_edges  # the kernel reads the edge count from device memory
+    streaming.reduce(layout(s.to(DEVICE)), layout(y.to(DEVICE)), edges.to(DEVICE), status, count,
+                     offset_sum, False, config=streaming.REDUCE.configs[config])
     relevant = (y == 0) & (s >= edges[0])
     key = torch.where(relevant, torch.searchsorted(edges, s, right=True), 0)
     lower = torch.cat([edges[:1], edges])[key]

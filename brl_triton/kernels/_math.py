@@ -12,14 +12,17 @@ import struct
 import triton
 import triton.language as tl
 
-# status words of one loss call (int64); the host reads the first seven in its one sync
+# status words of one loss call (int64). The kernels after the scan read p and the edge count
+# here, so that the host never needs them to size a launch; with ``validate`` the host reads the
+# first seven once, for the exceptions of bad values.
 STATUS_POSITIVES = tl.constexpr(0)  # positives found (the compaction's slot counter)
-STATUS_BAD_TARGETS = tl.constexpr(1)  # 2 if a float target is NaN/Inf, else 1 if one is above one
-STATUS_BAD_LOGITS = tl.constexpr(2)  # 1 if a logit is NaN/Inf
-STATUS_MAX_NEGATIVE = tl.constexpr(3)  # largest negative logit, encoded by max_negative_code (deterministic mode)
-STATUS_NUM_EDGES = tl.constexpr(4)  # bin edges the reduction uses; 0: finiteness check only
+STATUS_NUM_EDGES = tl.constexpr(1)  # bin edges the reduction uses; 0: finiteness check only
+STATUS_BAD_TARGETS = tl.constexpr(2)  # 2 if a float target is NaN/Inf, else 1 if one is above one
+STATUS_BAD_LOGITS = tl.constexpr(3)  # 1 if a logit is NaN/Inf
+STATUS_MAX_NEGATIVE = tl.constexpr(4)  # largest negative logit, encoded by max_negative_code (deterministic mode)
 STATUS_LARGEST = tl.constexpr(5)  # the largest finite logit, encoded by max_negative_code
 STATUS_LARGEST_NEGATED = tl.constexpr(6)  # the largest finite -logit (the smallest logit), encoded alike
+STATUS_INVALID = tl.constexpr(7)  # 1: the call's values are bad (``finish`` decides; outputs are NaN)
 STATUS_WORDS = tl.constexpr(8)
 
 
@@ -142,3 +145,24 @@ def fixed_value(acc, scale, DETERMINISTIC: tl.constexpr):
         return acc.to(tl.float64) / scale
     else:
         return acc
+
+
+@triton.jit
+def bad_values(status_ptr, p_bound, n, delta, limit):
+    """True where the host's checks would raise, decided on the device (``validate=False``): a
+    bad target or logit, more positives than the launches were sized for (``p_bound``), or
+    logits too far apart for the compute dtype, whose largest value is ``limit``
+    (``_checks.check_logit_range``: ``n * ((high + delta) - (low - delta))`` must not overflow)."""
+    flags = tl.load(status_ptr + STATUS_BAD_TARGETS) | tl.load(status_ptr + STATUS_BAD_LOGITS)
+    high = decode_max_negative(tl.load(status_ptr + STATUS_LARGEST))
+    low = -decode_max_negative(tl.load(status_ptr + STATUS_LARGEST_NEGATED))
+    widest = ((high + delta) - (low - delta)) * n
+    return (flags != 0) | (tl.load(status_ptr + STATUS_POSITIVES) > p_bound) | ~(widest <= limit)
+
+
+@triton.jit
+def positives_and_edges(status_ptr, p_bound):
+    """p and the edge count of the call, as int32, from the status words (p at most ``p_bound``,
+    the positives the buffers hold; more is a bad call, which ``bad_values`` reports)."""
+    p = tl.minimum(tl.load(status_ptr + STATUS_POSITIVES), p_bound).to(tl.int32)
+    return p, tl.load(status_ptr + STATUS_NUM_EDGES).to(tl.int32)

@@ -7,9 +7,9 @@ one program.
   for the largest one, which bounds the fixed-point offsets.
 - ``prepare`` (p <= SORT_BY_RANK_MAX, float32 compute): sorts the positives by (logit,
   position) by counting ranks, writes their logits and targets in that order, the sorted bin
-  edges and their number, and zeroes the bin accumulators. It reads p from the device, so no
-  host sync is needed before the reduction pass; with more positives it leaves the edge count
-  at 0 and the host takes the torch path.
+  edges and their number, and zeroes the bin accumulators. It reads p from the device, and so do
+  the kernels after it: no launch needs the host to know p. With more positives than its
+  buffers hold it leaves the edge count at 0: the host, if it reads p, takes the torch path.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from . import _math as m
 from ._config import launch, launch_chunks
 from ._layout import element_address
 
-SORT_BY_RANK_MAX = 4096
+SORT_BY_RANK_MAX = 32768
 SCAN_BLOCK, SCAN_WARPS = 1024, 4
 PREPARE_ROWS, PREPARE_COLS = 64, 32
 
@@ -156,8 +156,9 @@ def scan(s, y, status, capacity: int, max_negative: bool, check_above_one: bool 
 def prepare(s, y, pos_index, status, delta: float, edges: int, offset_dtype):
     """Sorted positives and bin edges for up to ``len(pos_index)`` positives.
 
-    Returns buffers sized for that many: (s_pos, y_pos, sorted_index, edges, count, offset_sum);
-    the host trims them once it knows p and the edge count (its one sync)."""
+    Returns buffers sized for that many: (s_pos, y_pos, sorted_index, edges, count, offset_sum),
+    of which the first p and E (the status words) are written; the host trims them only if it
+    read p (``validate``)."""
     capacity = pos_index.numel()
     device = pos_index.device
     s_pos = torch.empty(capacity, dtype=torch.float32, device=device)

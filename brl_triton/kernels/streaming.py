@@ -55,7 +55,7 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 @triton.jit(do_not_specialize=["start", "stop", "n_total", "n_class"])
 def _reduce_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
-    edges_ptr, num_edges_ptr, status_ptr, count_ptr, offset_sum_ptr, start, stop, n_total, n_class,
+    edges_ptr, status_ptr, count_ptr, offset_sum_ptr, start, stop, n_total, n_class,
     S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -76,7 +76,7 @@ def _reduce_kernel(
                   sem="relaxed")
     tl.atomic_max(status_ptr + m.STATUS_LARGEST_NEGATED, m.max_negative_code(smallest_negated),
                   mask=smallest_negated > -float("inf"), sem="relaxed")
-    num_edges = tl.load(num_edges_ptr)
+    num_edges = tl.load(status_ptr + m.STATUS_NUM_EDGES)
     if num_edges > 0:
         y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
         relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
@@ -113,33 +113,41 @@ REDUCE = Tunable(
 )
 
 
-@triton.jit(do_not_specialize=["num_edges", "p", "start", "stop", "stream_programs", "scatter_programs"])
+@triton.jit(do_not_specialize=["p_bound", "start", "stop", "stream_programs", "scatter_programs"])
 def _distribute_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
-    edges_ptr, num_edges, const_ptr, slope_ptr, grad_ptr, pos_index_ptr, pos_rank_grad_ptr, pos_sort_grad_ptr, p,
-    upstream_rank_ptr, upstream_sort_ptr, start, stop, stream_programs, scatter_programs,
+    edges_ptr, status_ptr, const_ptr, slope_ptr, grad_ptr, pos_index_ptr, pos_rank_grad_ptr, pos_sort_grad_ptr,
+    p_bound, upstream_rank_ptr, upstream_sort_ptr, start, stop, stream_programs, scatter_programs,
     S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, HAS_SLOPE: tl.constexpr, SORTING: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """p and the edge count come from the status words; a call whose values are bad
+    (``STATUS_INVALID``, unchecked by the host) gets NaN gradients."""
     pid = tl.program_id(0)
+    p, num_edges = m.positives_and_edges(status_ptr, p_bound)
     g_rank = tl.load(upstream_rank_ptr).to(tl.float64)
+    invalid = tl.load(status_ptr + m.STATUS_INVALID) != 0
+    g_rank = tl.where(invalid, float("nan"), g_rank)
     if pid < stream_programs:
         offs = start + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < stop
         y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
         s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
         s = m.upcast(s, edges_ptr.dtype.element_ty)
-        relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
+        relevant = inside & (y == 0) & (num_edges > 0)
+        relevant &= s >= tl.load(edges_ptr, mask=num_edges > 0, other=0.0)
         key = _count_edges_at_or_below(edges_ptr, num_edges, s)
         grad = (tl.load(const_ptr + key, mask=relevant, other=0.0) * g_rank).to(s.dtype)
         if HAS_SLOPE:
             lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
             slope = (tl.load(slope_ptr + key, mask=relevant, other=0.0) * g_rank).to(s.dtype)
             grad += slope * (s - lower)
-        # positives are left to the scatter programs: the two sets of writes are disjoint
-        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside & (y <= 0))
+        # positives are left to the scatter programs: the two sets of writes are disjoint. In an
+        # invalid call (NaN targets, more positives than the buffers hold) these programs write
+        # every entry, NaN, and the scatter programs nothing: their positions may be unset
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=tl.where(invalid, inside, inside & ~(y > 0)))
     elif pid < stream_programs + scatter_programs:
         rows = (pid - stream_programs) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < p
+        ok = rows < tl.where(invalid, 0, p)
         grad = tl.load(pos_rank_grad_ptr + rows, mask=ok, other=0.0) * g_rank
         if SORTING:
             g_sort = tl.load(upstream_sort_ptr).to(tl.float64)
@@ -150,30 +158,31 @@ def _distribute_kernel(
         tl.store(grad_ptr + index, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
-def reduce(s, y, edges, num_edges_word, status, count, offset_sum, deterministic: bool, config=None):
+def reduce(s, y, edges, status, count, offset_sum, deterministic: bool, config=None):
     """Adds every relevant negative to its bin: ``count[key] += 1``, ``offset_sum[key] += s - lower``
     (int64 fixed point when deterministic); flags non-finite logits in ``status``. With an edge
-    count of 0 in ``num_edges_word`` it only checks finiteness. ``s``, ``y``: layouts.
+    count of 0 in the status words it only checks finiteness. ``s``, ``y``: layouts.
     ``config``: force one of ``REDUCE.configs`` (default: the heuristic one, or autotuned)."""
     n = s.tensor.numel()
     for start, stop in launch_chunks(n):
         REDUCE.launch(lambda config, n=stop - start: (triton.cdiv(n, config["BLOCK"]),),
-                       s.tensor, *s.args, y.tensor, *y.args, edges, num_edges_word, status, count, offset_sum,
+                       s.tensor, *s.args, y.tensor, *y.args, edges, status, count, offset_sum,
                        start, stop, n, size_class(stop - start), fixed=deterministic, config=config, S_NDIM=s.ndim,
                        Y_NDIM=y.ndim, FIXED_POINT=deterministic)
 
 
-def distribute(s, y, edges, const, slope, pos_index, pos_rank_grad, pos_sort_grad, upstream, out_dtype):
-    """The flat gradient of every element, in one launch per chunk of 2^30 elements."""
+def distribute(s, y, edges, status, const, slope, pos_index, pos_rank_grad, pos_sort_grad, upstream, out_dtype):
+    """The flat gradient of every element, in one launch per chunk of 2^30 elements. The
+    positives' programs cover ``len(pos_index)``, of which the first p (status words) are real."""
     n = s.tensor.numel()
     grad = torch.empty(n, dtype=out_dtype, device=edges.device)
-    p = pos_index.numel()
+    p_bound = pos_index.numel()
     for chunk, (start, stop) in enumerate(launch_chunks(n)):
         stream = triton.cdiv(stop - start, DISTRIBUTE_BLOCK)
-        scatter = triton.cdiv(p, DISTRIBUTE_BLOCK) if chunk == 0 else 0
-        launch(_distribute_kernel, (stream + scatter,), s.tensor, *s.args, y.tensor, *y.args, edges, edges.numel(),
+        scatter = triton.cdiv(p_bound, DISTRIBUTE_BLOCK) if chunk == 0 else 0
+        launch(_distribute_kernel, (stream + scatter,), s.tensor, *s.args, y.tensor, *y.args, edges, status,
                const, const if slope is None else slope, grad, pos_index, pos_rank_grad,
-               pos_rank_grad if pos_sort_grad is None else pos_sort_grad, p, upstream[0], upstream[-1], start, stop,
-               stream, scatter, num_warps=DISTRIBUTE_WARPS, S_NDIM=s.ndim, Y_NDIM=y.ndim,
+               pos_rank_grad if pos_sort_grad is None else pos_sort_grad, p_bound, upstream[0], upstream[-1], start,
+               stop, stream, scatter, num_warps=DISTRIBUTE_WARPS, S_NDIM=s.ndim, Y_NDIM=y.ndim,
                HAS_SLOPE=slope is not None, SORTING=pos_sort_grad is not None, BLOCK=DISTRIBUTE_BLOCK)
     return grad

@@ -120,88 +120,91 @@ def _sum_bound(ptr, p, BLOCK: tl.constexpr, FROM_ONE: tl.constexpr = False):
     return total
 
 
-@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "fp_bound", "stride", "delta_bits", "p_class",
-                               "bins_class"])
+@triton.jit(do_not_specialize=["p_bound", "n_total", "fp_bound", "stride", "delta_bits", "p_class", "bins_class"])
 def _per_positive_kernel(
-    s_pos_ptr, y_pos_ptr, l_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound,
+    s_pos_ptr, y_pos_ptr, l_pos_ptr, p_bound, edges_ptr, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound,
     table_ptr, stride, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, REGRESSION: tl.constexpr,
     FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < p
-    s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
-    y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
-    inv = _inverse_two_delta(delta_bits).to(s_i.dtype)
-    n_scale = m.power_of_two_scale(fp_bound.to(tl.float64) + 1.0)  # FP(i) <= relevant negatives
-    p_scale = m.power_of_two_scale(p.to(tl.float64) + 1.0)
-    offset_scale = 1.0
-    if FIXED_POINT:
-        offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
-    fp = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-    for start in range(0, num_edges, BLOCK_COLS):
-        b = start + tl.arange(0, BLOCK_COLS)
-        lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
-        x = lower[None, :] - s_i[:, None]
-        if SMOOTH:
-            x += mean.to(s_i.dtype)[None, :]
-        fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, DETERMINISTIC)
-    fp = m.fixed_value(fp, n_scale, DETERMINISTIC)
+    """The grid covers ``p_bound`` rows; p and the edge count come from the status words, and
+    the programs past p do nothing."""
+    p, num_edges = m.positives_and_edges(status_ptr, p_bound)
+    if tl.program_id(0) * BLOCK_ROWS < p:
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < p
+        s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
+        y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+        inv = _inverse_two_delta(delta_bits).to(s_i.dtype)
+        n_scale = m.power_of_two_scale(fp_bound.to(tl.float64) + 1.0)  # FP(i) <= relevant negatives
+        p_scale = m.power_of_two_scale(p.to(tl.float64) + 1.0)
+        offset_scale = 1.0
+        if FIXED_POINT:
+            offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
+        fp = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
+        for start in range(0, num_edges, BLOCK_COLS):
+            b = start + tl.arange(0, BLOCK_COLS)
+            lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
+            x = lower[None, :] - s_i[:, None]
+            if SMOOTH:
+                x += mean.to(s_i.dtype)[None, :]
+            fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, DETERMINISTIC)
+        fp = m.fixed_value(fp, n_scale, DETERMINISTIC)
 
-    rank_plus = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-    current = tl.zeros_like(rank_plus)
-    target = tl.zeros_like(rank_plus)
-    target_count = tl.zeros_like(rank_plus)
-    lower_quality = tl.zeros_like(rank_plus)
-    weighted = tl.zeros_like(rank_plus)
-    l_scale = p_scale
-    if REGRESSION and DETERMINISTIC:
-        l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
-    y_scale = p_scale
-    if SORTING and DETERMINISTIC:
-        y_scale = m.power_of_two_scale(_sum_bound(y_pos_ptr, p, BLOCK_COLS, FROM_ONE=True))
-    for start in range(0, p, BLOCK_COLS):
-        k = start + tl.arange(0, BLOCK_COLS)
-        k_ok = k < p
-        s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-        h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
-        rank_plus = m.fixed_sum(rank_plus, h, p_scale, DETERMINISTIC)
+        rank_plus = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
+        current = tl.zeros_like(rank_plus)
+        target = tl.zeros_like(rank_plus)
+        target_count = tl.zeros_like(rank_plus)
+        lower_quality = tl.zeros_like(rank_plus)
+        weighted = tl.zeros_like(rank_plus)
+        l_scale = p_scale
+        if REGRESSION and DETERMINISTIC:
+            l_scale = m.power_of_two_scale(_sum_bound(l_pos_ptr, p, BLOCK_COLS))
+        y_scale = p_scale
+        if SORTING and DETERMINISTIC:
+            y_scale = m.power_of_two_scale(_sum_bound(y_pos_ptr, p, BLOCK_COLS, FROM_ONE=True))
+        for start in range(0, p, BLOCK_COLS):
+            k = start + tl.arange(0, BLOCK_COLS)
+            k_ok = k < p
+            s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+            h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
+            rank_plus = m.fixed_sum(rank_plus, h, p_scale, DETERMINISTIC)
+            if REGRESSION:
+                l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
+                weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, DETERMINISTIC)
+            if SORTING:
+                y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
+                not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
+                one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
+                current = m.fixed_sum(current, h * one_minus_y, y_scale, DETERMINISTIC)
+                target = m.fixed_sum(target, not_worse * one_minus_y, y_scale, DETERMINISTIC)
+                target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
+                lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
+        rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
+        count_p = p.to(tl.float64)
         if REGRESSION:
-            l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
-            weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, DETERMINISTIC)
+            l_i = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+            error, rank, rank_grad, weight = alrp_formulas(fp, rank_plus, m.fixed_value(weighted, l_scale, DETERMINISTIC),
+                                                           l_i, count_p)
+            tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
+            tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
+            tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
+            tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
+        elif INTERPOLATED:  # the running maximum of precision follows in _interpolated_kernel
+            precision, rank = interpolated_precision(fp, rank_plus)
+            tl.store(table_ptr + T_ERROR * stride + rows, precision, mask=row_ok)
+            tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
+        else:
+            error, rank_grad, weight = ranking_formulas(fp, rank_plus, count_p)
+            tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
+            tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
+            tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
         if SORTING:
-            y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-            not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
-            one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
-            current = m.fixed_sum(current, h * one_minus_y, y_scale, DETERMINISTIC)
-            target = m.fixed_sum(target, not_worse * one_minus_y, y_scale, DETERMINISTIC)
-            target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
-            lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
-    rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
-    count_p = p.to(tl.float64)
-    if REGRESSION:
-        l_i = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-        error, rank, rank_grad, weight = alrp_formulas(fp, rank_plus, m.fixed_value(weighted, l_scale, DETERMINISTIC),
-                                                       l_i, count_p)
-        tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
-        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
-        tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
-        tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
-    elif INTERPOLATED:  # the running maximum of precision follows in _interpolated_kernel
-        precision, rank = interpolated_precision(fp, rank_plus)
-        tl.store(table_ptr + T_ERROR * stride + rows, precision, mask=row_ok)
-        tl.store(table_ptr + T_RANK * stride + rows, rank, mask=row_ok)
-    else:
-        error, rank_grad, weight = ranking_formulas(fp, rank_plus, count_p)
-        tl.store(table_ptr + T_ERROR * stride + rows, error, mask=row_ok)
-        tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=row_ok)
-        tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=row_ok)
-    if SORTING:
-        sorting_error, share = sorting_formulas(
-            rank_plus, m.fixed_value(current, y_scale, DETERMINISTIC), m.fixed_value(target, y_scale, DETERMINISTIC),
-            m.fixed_value(target_count, p_scale, DETERMINISTIC), m.fixed_value(lower_quality, p_scale, DETERMINISTIC))
-        tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
-        tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
+            sorting_error, share = sorting_formulas(
+                rank_plus, m.fixed_value(current, y_scale, DETERMINISTIC), m.fixed_value(target, y_scale, DETERMINISTIC),
+                m.fixed_value(target_count, p_scale, DETERMINISTIC), m.fixed_value(lower_quality, p_scale, DETERMINISTIC))
+            tl.store(table_ptr + T_SORT_ERROR * stride + rows, sorting_error, mask=row_ok)
+            tl.store(table_ptr + T_SHARE * stride + rows, share, mask=row_ok)
 
 
 @triton.jit
@@ -209,10 +212,11 @@ def _maximum(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit(do_not_specialize=["stride", "p"])
-def _interpolated_kernel(table_ptr, stride, p, loss_ptr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["stride", "p_bound"])
+def _interpolated_kernel(table_ptr, stride, status_ptr, p_bound, loss_ptr, BLOCK: tl.constexpr):
     """Running maximum of precision in ascending logit order (best_i), its factor, the gradient
-    tables and the loss ``1 - mean_i best_i``, in one program."""
+    tables and the loss ``1 - mean_i best_i`` (0 without positives), in one program."""
+    p, _ = m.positives_and_edges(status_ptr, p_bound)
     count_p = p.to(tl.float64)
     carry = count_p * 0.0
     total = count_p * 0.0
@@ -227,106 +231,124 @@ def _interpolated_kernel(table_ptr, stride, p, loss_ptr, BLOCK: tl.constexpr):
         tl.store(table_ptr + T_RANK_GRAD * stride + rows, rank_grad, mask=ok)
         tl.store(table_ptr + T_WEIGHT * stride + rows, weight, mask=ok)
         total += tl.sum(tl.where(ok, best, 0.0), axis=0)
-    tl.store(loss_ptr, (1 - total / count_p).to(loss_ptr.dtype.element_ty))
+    tl.store(loss_ptr, tl.where(p > 0, 1 - total / tl.maximum(count_p, 1.0), 0.0).to(loss_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["p", "num_edges", "n_total", "stride", "delta_bits", "p_class", "bins_class"])
+@triton.jit(do_not_specialize=["p_bound", "e_bound", "n_total", "stride", "delta_bits", "p_class", "bins_class"])
 def _finish_kernel(
-    s_pos_ptr, y_pos_ptr, p, edges_ptr, num_edges, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
+    s_pos_ptr, y_pos_ptr, p_bound, edges_ptr, e_bound, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
     stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, HAS_SLOPE: tl.constexpr, INTERPOLATED: tl.constexpr,
     REGRESSION: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
+    """The grid is sized by the host's bounds (``p_bound`` positives, ``e_bound`` edges); p and
+    the edge count come from the status words, and programs past them do nothing."""
     pid = tl.program_id(0)
+    p, num_edges = m.positives_and_edges(status_ptr, p_bound)
     count_p = p.to(tl.float64)
     inv64 = _inverse_two_delta(delta_bits)
     if SORTING:
-        sort_programs = tl.cdiv(p, BLOCK_ROWS)
+        sort_programs = tl.cdiv(p_bound, BLOCK_ROWS)
     else:
         sort_programs = 0
-    bin_programs = tl.cdiv(num_edges, BLOCK_ROWS)
+    bin_programs = tl.cdiv(e_bound, BLOCK_ROWS)
     if pid < sort_programs:
-        # sorting gradient of positives i: what they receive from better-target positives k above
-        rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < p
-        s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
-        y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
-        inv = inv64.to(s_i.dtype)
-        # shares are sorting errors (at most 1 each) unless targets exceed one: the real bound then
-        share_scale = m.power_of_two_scale(count_p + 1.0)
-        if DETERMINISTIC:
-            share_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_SHARE * stride, p, BLOCK_COLS))
-        received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-        for start in range(0, p, BLOCK_COLS):
-            k = start + tl.arange(0, BLOCK_COLS)
-            k_ok = k < p
-            s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-            y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-            share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
-            h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
-            h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
-            received = m.fixed_sum(received, h * share[None, :], share_scale, DETERMINISTIC)
-        received = m.fixed_value(received, share_scale, DETERMINISTIC)
-        share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
-        gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
-        tl.store(table_ptr + T_SORT_GRAD * stride + rows, (received - gives) / count_p, mask=row_ok)
+        if pid * BLOCK_ROWS < p:
+            # sorting gradient of positives i: what they receive from better-target positives k above
+            rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < p
+            s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
+            y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+            inv = inv64.to(s_i.dtype)
+            # shares are sorting errors (at most 1 each) unless targets exceed one: the real bound then
+            share_scale = m.power_of_two_scale(count_p + 1.0)
+            if DETERMINISTIC:
+                share_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_SHARE * stride, p, BLOCK_COLS))
+            received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
+            for start in range(0, p, BLOCK_COLS):
+                k = start + tl.arange(0, BLOCK_COLS)
+                k_ok = k < p
+                s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+                y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
+                share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
+                h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
+                h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
+                received = m.fixed_sum(received, h * share[None, :], share_scale, DETERMINISTIC)
+            received = m.fixed_value(received, share_scale, DETERMINISTIC)
+            share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
+            gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
+            tl.store(table_ptr + T_SORT_GRAD * stride + rows, (received - gives) / count_p, mask=row_ok)
     elif pid < sort_programs + bin_programs:
-        # per bin: the negatives' gradient sum_i w_i H(value_b - s_i), at the lower edge
-        b = (pid - sort_programs) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        b_ok = b < num_edges
-        offset_scale = 1.0
-        if FIXED_POINT:
-            offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
-        lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
-        inv = inv64.to(lower.dtype)
-        delta = m.bits_to_float64(delta_bits).to(lower.dtype)
-        # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
-        w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
-        if REGRESSION and DETERMINISTIC:
-            w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
-        const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-        slope = tl.zeros_like(const)
-        for start in range(0, p, BLOCK_COLS):
-            i = start + tl.arange(0, BLOCK_COLS)
-            i_ok = i < p
-            s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
-            w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
-            x = lower[:, None] - s_i[None, :]
-            if SMOOTH:
-                x += mean.to(lower.dtype)[:, None]
-            const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+        if (pid - sort_programs) * BLOCK_ROWS < num_edges:
+            # per bin: the negatives' gradient sum_i w_i H(value_b - s_i), at the lower edge
+            b = (pid - sort_programs) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            b_ok = b < num_edges
+            offset_scale = 1.0
+            if FIXED_POINT:
+                offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
+            lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b_ok, offset_scale, FIXED_POINT)
+            inv = inv64.to(lower.dtype)
+            delta = m.bits_to_float64(delta_bits).to(lower.dtype)
+            # sum_i w_i <= 2, as w_i = 1 / (rank+(i) + FP(i)) / p and rank+ >= 1/2; aLRP's are not bounded
+            w_scale = m.power_of_two_scale(count_p * 0.0 + 4.0)
+            if REGRESSION and DETERMINISTIC:
+                w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
+            const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
+            slope = tl.zeros_like(const)
+            for start in range(0, p, BLOCK_COLS):
+                i = start + tl.arange(0, BLOCK_COLS)
+                i_ok = i < p
+                s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
+                w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
+                x = lower[:, None] - s_i[None, :]
+                if SMOOTH:
+                    x += mean.to(lower.dtype)[:, None]
+                const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+                if HAS_SLOPE:
+                    # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
+                    # breakpoints exactly as ``prepare`` built the edges
+                    low = m.rounded_up_sum(s_i, -delta)
+                    high = m.rounded_up_sum(s_i, delta)
+                    inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
+                    slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
+            const = m.fixed_value(const, w_scale, DETERMINISTIC)
+            slope = m.fixed_value(slope, w_scale, DETERMINISTIC)
             if HAS_SLOPE:
-                # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
-                # breakpoints exactly as ``prepare`` built the edges
-                low = m.rounded_up_sum(s_i, -delta)
-                high = m.rounded_up_sum(s_i, delta)
-                inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
-                slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
-        const = m.fixed_value(const, w_scale, DETERMINISTIC)
-        slope = m.fixed_value(slope, w_scale, DETERMINISTIC)
-        if HAS_SLOPE:
-            slope = slope * inv64
-            const -= slope * mean  # from the bin's mean to its lower edge
-            tl.store(slope_ptr + 1 + b, slope, mask=b_ok)
-        tl.store(const_ptr + 1 + b, const, mask=b_ok)
-        if pid == sort_programs:  # key 0: no bin
-            tl.store(const_ptr, 0.0)
-            tl.store(slope_ptr, 0.0)
+                slope = slope * inv64
+                const -= slope * mean  # from the bin's mean to its lower edge
+                tl.store(slope_ptr + 1 + b, slope, mask=b_ok)
+            tl.store(const_ptr + 1 + b, const, mask=b_ok)
     else:
+        # the loss outputs: means over the positives, 0 without any; NaN for a call whose values
+        # the host did not check and are bad (validate=False), which also marks the status words
+        # so that the distribution writes NaN gradients
+        if s_pos_ptr.dtype.element_ty == tl.float64:
+            limit = 1.7976931348623157e308
+        else:
+            limit = 3.4028234663852886e38
+        bad = m.bad_values(status_ptr, p_bound, n_total.to(tl.float64), m.bits_to_float64(delta_bits), limit)
+        tl.store(status_ptr + m.STATUS_INVALID, bad.to(tl.int64))
+        tl.store(const_ptr, 0.0)  # key 0: no bin
+        tl.store(slope_ptr, 0.0)
         lanes = tl.arange(0, LOSS_BLOCK)
-        if not INTERPOLATED:
+        divisor = tl.maximum(count_p, 1.0)
+        if INTERPOLATED:  # running_maximum wrote the loss
+            tl.store(rank_loss_ptr, float("nan"), mask=bad)
+        else:
             total = count_p * 0.0
             for start in range(0, p, LOSS_BLOCK):
                 errors = tl.load(table_ptr + T_ERROR * stride + start + lanes, mask=start + lanes < p, other=0.0)
                 total += tl.sum(errors, axis=0)
-            tl.store(rank_loss_ptr, (total / count_p).to(rank_loss_ptr.dtype.element_ty))
+            total = tl.where(bad, float("nan"), total / divisor)
+            tl.store(rank_loss_ptr, total.to(rank_loss_ptr.dtype.element_ty))
         if SORTING:
             total = count_p * 0.0
             for start in range(0, p, LOSS_BLOCK):
                 errors = tl.load(table_ptr + T_SORT_ERROR * stride + start + lanes, mask=start + lanes < p, other=0.0)
                 total += tl.sum(errors, axis=0)
-            tl.store(sort_loss_ptr, (total / count_p).to(sort_loss_ptr.dtype.element_ty))
+            total = tl.where(bad, float("nan"), total / divisor)
+            tl.store(sort_loss_ptr, total.to(sort_loss_ptr.dtype.element_ty))
 
 
 _TILE_DEFAULT = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=4, num_stages=2)
@@ -347,26 +369,27 @@ INTERPOLATED_BLOCK = 1024
 def per_positive(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
                    sorting: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
                    l_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """The (TABLE_ROWS, p) float64 table of per-positive terms (a view: rows are padded to a
-    multiple of TABLE_ALIGN, so that every row starts aligned whatever p; an unaligned row would
-    be a differently specialized kernel variant on a GPU). ``n_total``: the elements the
-    reduction saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives;
+    """The (TABLE_ROWS, P) float64 table of per-positive terms, P = ``len(s_pos)`` rows of which
+    the first p (the status words') are written (a view: rows are padded to a multiple of
+    TABLE_ALIGN, so that every row starts aligned whatever P; an unaligned row would be a
+    differently specialized kernel variant on a GPU). ``n_total``: the elements the reduction
+    saw (its fixed-point scale); ``fp_bound``: at least the number of relevant negatives;
     ``l_pos``: aLRP's regression losses, sorted like the positives (float64), or None."""
-    p, num_edges = s_pos.numel(), edges.numel()
-    stride = -(-p // TABLE_ALIGN) * TABLE_ALIGN
-    table = torch.empty(TABLE_ROWS, stride, dtype=torch.float64, device=s_pos.device)[:, :p]
+    p_bound, e_bound = s_pos.numel(), edges.numel()
+    stride = -(-p_bound // TABLE_ALIGN) * TABLE_ALIGN
+    table = torch.empty(TABLE_ROWS, stride, dtype=torch.float64, device=s_pos.device)[:, :p_bound]
     PER_POSITIVE.launch(
-        lambda config: (triton.cdiv(p, config["BLOCK_ROWS"]),), s_pos, y_pos, y_pos if l_pos is None else l_pos, p,
-        edges, num_edges, count, offset_sum, status, n_total, fp_bound, table, table.stride(0), delta_bits,
-        size_class(p), size_class(num_edges), fixed=deterministic, config=_float64_config(s_pos),
-        SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated, REGRESSION=l_pos is not None,
-        FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
+        lambda config: (triton.cdiv(p_bound, config["BLOCK_ROWS"]),), s_pos, y_pos,
+        y_pos if l_pos is None else l_pos, p_bound, edges, count, offset_sum, status, n_total, fp_bound, table,
+        table.stride(0), delta_bits, size_class(p_bound), size_class(e_bound), fixed=deterministic,
+        config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated,
+        REGRESSION=l_pos is not None, FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
     )
     return table
 
 
-def running_maximum(table, loss) -> None:
-    launch(_interpolated_kernel, (1,), table, table.stride(0), table.shape[1], loss, num_warps=4,
+def running_maximum(table, status, loss) -> None:
+    launch(_interpolated_kernel, (1,), table, table.stride(0), status, table.shape[1], loss, num_warps=4,
            BLOCK=INTERPOLATED_BLOCK)
 
 
@@ -374,21 +397,22 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
            sorting: bool, has_slope: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
            regression: bool = False):
     """Sorting gradient (table row T_SORT_GRAD), per-key gradient constant and slope (float64,
-    E + 1 each, key 0 = no bin) and the loss outputs, in one launch."""
-    p, num_edges = s_pos.numel(), edges.numel()
-    const = torch.empty(num_edges + 1, dtype=torch.float64, device=s_pos.device)
+    ``len(edges) + 1`` each, key 0 = no bin; the first E + 1 written) and the loss outputs, in
+    one launch; it also decides whether the call's values are bad (``STATUS_INVALID``)."""
+    p_bound, e_bound = s_pos.numel(), edges.numel()
+    const = torch.empty(e_bound + 1, dtype=torch.float64, device=s_pos.device)
     slope = torch.empty_like(const) if has_slope else None
 
     def grid(config):  # sorting rows, bins, and the loss program
         rows = config["BLOCK_ROWS"]
-        return ((triton.cdiv(p, rows) if sorting else 0) + triton.cdiv(num_edges, rows) + 1,)
+        return ((triton.cdiv(p_bound, rows) if sorting else 0) + triton.cdiv(e_bound, rows) + 1,)
 
     FINISH.launch(
-        grid, s_pos, y_pos, p, edges, num_edges, count, offset_sum, status, n_total, table, table.stride(0), const,
-        const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p), size_class(num_edges),
-        fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
-        HAS_SLOPE=has_slope, INTERPOLATED=interpolated, REGRESSION=regression, FIXED_POINT=fixed_point,
-        DETERMINISTIC=deterministic,
+        grid, s_pos, y_pos, p_bound, edges, e_bound, count, offset_sum, status, n_total, table, table.stride(0),
+        const, const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p_bound),
+        size_class(e_bound), fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits),
+        SORTING=sorting, HAS_SLOPE=has_slope, INTERPOLATED=interpolated, REGRESSION=regression,
+        FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
     )
     return const, slope
 
