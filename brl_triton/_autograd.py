@@ -8,7 +8,7 @@ A backend is an object with
 - ``forward(s, y, delta, spec, settings, regression) -> (losses, state) | None``: ``None`` when
   there is no positive (in the whole process group). ``spec`` is the ``registry.LossSpec``;
   ``regression`` its regression losses or None. For a regression loss the outputs are the
-  classification loss and ``pipeline.localisation_terms`` (not differentiable).
+  classification loss and ``pipeline.localisation_terms``: value and weights (not differentiable).
 - ``backward(state, s, y, grad_outputs) -> grad``: the flat gradient for the upstream gradients.
 
 The no-positive / empty path lives here, once: zero losses, still attached to the graph, and
@@ -23,8 +23,9 @@ from ._common import Settings, compute_dtype, wide_dtype
 
 
 class RankingLossFunction(torch.autograd.Function):
-    """Outputs: the ranking losses (and, for aLRP, the localisation weights and the other ranks'
-    part), then the backend's state for backward (not a tensor; ``apply``'s caller drops it).
+    """Outputs: the ranking losses (and, for aLRP, the localisation part's value and weights, not
+    differentiable here: ``_outputs.localisation`` attaches them to the regression losses), then
+    the backend's state for backward (not a tensor; ``apply``'s caller drops it).
     ``forward`` and ``setup_context`` are separate, as ``torch.func`` transforms require."""
 
     @staticmethod
@@ -34,9 +35,9 @@ class RankingLossFunction(torch.autograd.Function):
         out_dtype = compute_dtype(logits.dtype)
         if result is None:
             outputs = tuple(logits.new_zeros((), dtype=out_dtype) for _ in range(spec.ranking_outputs))
-            if spec.regression:  # no localisation weight, nothing from other ranks
-                outputs += (logits.new_zeros(regression.numel(), dtype=wide_dtype(logits.device)),
-                            logits.new_zeros((), dtype=wide_dtype(logits.device)))
+            if spec.regression:  # no localisation part, no weight
+                outputs += (logits.new_zeros((), dtype=wide_dtype(logits.device)),
+                            logits.new_zeros(regression.numel(), dtype=wide_dtype(logits.device)))
             return (*outputs, None)
         losses = result[0]
         outputs = tuple(loss.to(device=logits.device, dtype=out_dtype) for loss in losses[:spec.ranking_outputs])
@@ -48,6 +49,9 @@ class RankingLossFunction(torch.autograd.Function):
         ctx.backend, ctx.delta, ctx.spec = backend, delta, spec
         ctx.state = output[-1]
         ctx.save_for_backward(logits, targets)
+        # an output without upstream gradient gets None, not a tensor of zeros (a launch each, and
+        # aLRP's value and weights never have one here)
+        ctx.set_materialize_grads(False)
         if spec.regression:
             ctx.mark_non_differentiable(*output[spec.ranking_outputs:-1])
 
@@ -70,6 +74,8 @@ class RankingLossFunction(torch.autograd.Function):
             grad = torch.zeros_like(logits)
         else:
             s, y = ctx.backend.inputs(logits, targets)
-            grad = ctx.backend.backward(ctx.state, s, y, grad_outputs[:-1])
+            upstream = [logits.new_zeros((), dtype=compute_dtype(logits.dtype)) if g is None else g
+                        for g in grad_outputs[:ctx.spec.ranking_outputs]]
+            grad = ctx.backend.backward(ctx.state, s, y, upstream)
             grad = grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape)
         return grad, None, None, None, None, None, None

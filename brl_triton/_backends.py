@@ -38,7 +38,7 @@ class ReferenceBackend:
             return result
         (classification, rank), grads = result
         weights = localisation_weights(s, y, rank).to(s.device)
-        return (classification, weights, weights.new_zeros(())), grads
+        return (classification, torch.dot(weights, regression.reshape(-1).to(weights)), weights), grads
 
     @staticmethod
     def backward(state, s, y, grad_outputs):

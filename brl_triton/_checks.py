@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -88,12 +89,14 @@ def check_regression_type(regression_losses, logits) -> None:
 
 
 def check_values(spec, logits, targets, delta: float, regression_losses, allow_targets_above_one: bool,
-                 backend_checks_finite: bool) -> None:
+                 backend_checks_finite: bool, check_regression: bool = True) -> None:
     """The value checks of a call, the same on the eager and the compiled path: the logits and
-    targets (unless the backend checks them in a pass of its own), and aLRP's regression losses."""
+    targets (unless the backend checks them in a pass of its own), and aLRP's regression losses
+    (unless ``check_regression`` is False: the Triton backend without validation checks them on
+    the device)."""
     if not backend_checks_finite:
         check_finite(logits, targets, allow_targets_above_one, delta)
-    if spec.regression:
+    if spec.regression and check_regression:
         check_regression_losses(regression_losses, logits, targets)
 
 
@@ -148,6 +151,13 @@ def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_abov
     check_logit_range(low, high, delta, logits.numel(), compute_dtype(logits.dtype))
 
 
+def _read_host(tensor) -> list:
+    """``tensor.tolist()``, counted as the host read it is when the kernels' launch recorder is
+    loaded (``kernels._config.read_host``; without Triton nothing records)."""
+    config = sys.modules.get("brl_triton.kernels._config")
+    return tensor.tolist() if config is None else config.read_host(tensor)
+
+
 def check_regression_losses(regression_losses, logits, targets) -> None:
     """Finite values >= 0 on the logits' device, one per positive of ``targets`` (of this
     process, with a process group)."""
@@ -159,7 +169,7 @@ def check_regression_losses(regression_losses, logits, targets) -> None:
         inf = float("inf")  # NaN fails both comparisons
         checks += [(low > -inf) & (high < inf), low >= 0]
     # one host read for all checks
-    positives, *finite_and_non_negative = torch.stack([c.to(torch.int64) for c in checks]).tolist()
+    positives, *finite_and_non_negative = _read_host(torch.stack([c.to(torch.int64) for c in checks]))
     if finite_and_non_negative:
         finite, non_negative = finite_and_non_negative
         if not finite:  # a diverged model's boxes, as its logits

@@ -4,8 +4,8 @@ Under ``torch.compile`` the functions call ``brl_triton::ranking_forward`` inste
 autograd Function; ``brl_triton::ranking_backward`` gives the logits' gradient, and
 ``torch.library.register_autograd`` ties the two. Both run the same backends (torch, Triton).
 
-Every output has a shape known from the inputs' shapes (the losses; aLRP's localisation weights,
-one per regression loss), so a compiled graph has no graph break and is not recompiled when the
+Every output has a shape known from the inputs' shapes (the losses, aLRP's localisation part
+among them; its weights, one per regression loss), so a compiled graph has no graph break and is not recompiled when the
 number of positives changes from batch to batch. The price: forward's tables, whose sizes
 depend on the data (p positives, E bin edges), are not kept; the backward op finds the
 positives and reduces the bins again before it writes the gradient, about one more forward of
@@ -36,28 +36,30 @@ def _implementation(backend: str, logits):
 def ranking_forward(logits: torch.Tensor, targets: torch.Tensor, regression: torch.Tensor | None, delta: float,
                     loss: str, backend: str, deterministic: bool, allow_targets_above_one: bool, validate: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The losses (ranking outputs, stacked) and, for aLRP, the localisation weights."""
+    """The losses (ranking outputs, then aLRP's localisation part, stacked) and, for aLRP, the
+    localisation weights."""
     spec = registry.BY_NAME[loss]
     implementation = _implementation(backend, logits)
     check_values(spec, logits, targets, delta, regression, allow_targets_above_one,
-                 implementation.checks_finite or not validate)
+                 implementation.checks_finite or not validate,
+                 check_regression=validate or implementation.name != "triton")
     settings = Settings(None, deterministic, allow_targets_above_one, validate)
     s, y = implementation.inputs(logits, targets)
     result = implementation.forward(s, y, delta, spec, settings, None if regression is None else regression.detach())
     out_dtype = compute_dtype(logits.dtype)
     weight = logits.new_zeros(0 if regression is None else regression.shape, dtype=wide_dtype(logits.device))
     if result is None:
-        return logits.new_zeros(spec.ranking_outputs, dtype=out_dtype), weight
+        return logits.new_zeros(len(spec.outputs), dtype=out_dtype), weight
     outputs = result[0]
-    losses = torch.stack([o.to(device=logits.device, dtype=out_dtype) for o in outputs[:spec.ranking_outputs]])
+    losses = torch.stack([o.to(device=logits.device, dtype=out_dtype) for o in outputs[:len(spec.outputs)]])
     if spec.regression:
-        weight = outputs[spec.ranking_outputs].to(logits.device)
+        weight = outputs[len(spec.outputs)].to(logits.device)
     return losses, weight
 
 
 @ranking_forward.register_fake
 def _(logits, targets, regression, delta, loss, backend, deterministic, allow_targets_above_one, validate):
-    losses = logits.new_empty(registry.BY_NAME[loss].ranking_outputs, dtype=compute_dtype(logits.dtype))
+    losses = logits.new_empty(len(registry.BY_NAME[loss].outputs), dtype=compute_dtype(logits.dtype))
     return losses, logits.new_empty(regression.shape if regression is not None else (0,), dtype=wide_dtype(logits.device))
 
 
@@ -73,7 +75,7 @@ def ranking_backward(logits: torch.Tensor, targets: torch.Tensor, regression: to
     result = implementation.forward(s, y, delta, spec, settings, regression)
     if result is None:
         return torch.zeros_like(logits)
-    grad = implementation.backward(result[1], s, y, [g for g in grad_losses])
+    grad = implementation.backward(result[1], s, y, [g for g in grad_losses[:spec.ranking_outputs]])
     return grad.to(device=logits.device, dtype=logits.dtype).view(logits.shape).clone()
 
 
@@ -106,4 +108,5 @@ def compiled_apply(spec, logits, targets, delta, backend, deterministic, regress
     losses, weights = ranking_forward(logits, targets, regression, delta, spec.name, backend, bool(deterministic),
                                       bool(allow_targets_above_one), bool(validate))
     ranking_losses = tuple(losses[i] for i in range(spec.ranking_outputs))
-    return assemble_outputs(spec, logits, ranking_losses, regression_losses, weights)
+    value = losses[spec.ranking_outputs] if spec.regression else None
+    return assemble_outputs(spec, logits, ranking_losses, regression_losses, value, weights)

@@ -34,12 +34,14 @@ Settings, keyword-only, the same for every loss:
   order-dependent float reductions (GPU atomics), are summed as int64 fixed point instead.
 - ``allow_targets_above_one``: use quality targets above 1 as given.
 - ``validate`` (default ``True``): raise the errors below for bad values. The Triton backend
-  finds them on the device, and the host waits for the device once per call to read them.
-  ``validate=False`` skips that read: with float16/bfloat16/float32 logits, up to 32767
-  positives and no ``process_group`` (aLRP excepted, whose regression losses are checked on the
-  host), a call then has no host sync at all, which lets the CPU queue ahead and CUDA graphs
-  capture it; a call with bad values (or more positives) returns NaN losses and NaN gradients
-  instead of raising. Shapes, dtypes, devices and ``delta`` are checked either way.
+  finds them on the device, and the host waits for the device once per call to read them (aLRP:
+  twice, its regression losses are checked before). ``validate=False`` skips those reads: with
+  float16/bfloat16/float32 logits, up to 32767 positives and no ``process_group``, a Triton call
+  then has no host sync at all, which lets the CPU queue ahead and CUDA graphs capture it; a
+  call with bad values (NaN/Inf, targets above one, logits too far apart, for aLRP regression
+  losses that are negative or not one per positive), or with more positives, returns NaN losses
+  and NaN gradients instead of raising. Shapes, dtypes, devices and ``delta`` are checked either
+  way; the torch backend syncs anyway and with ``validate=False`` checks no values.
 
 Outputs: 0-d tensors, float32 (float64 for float64 logits). The logits' gradient is the paper's
 error-driven "identity update", not the derivative of the step-function loss, in the logits'
@@ -102,14 +104,15 @@ def _apply_eagerly(spec, logits, targets, delta, backend, process_group, determi
             raise ValueError("process_group was given but torch.distributed is not initialized")
     # without validate nothing reads the logits' values on the host (aLRP's regression losses still are)
     check_values(spec, logits, targets, delta, regression_losses, allow_targets_above_one,
-                 implementation.checks_finite or not validate)
+                 implementation.checks_finite or not validate,
+                 check_regression=validate or implementation.name != "triton")
     settings = Settings(process_group, deterministic, allow_targets_above_one, validate)
     *outputs, _state = RankingLossFunction.apply(logits, targets, delta, spec, implementation, settings,
                                                  None if regression_losses is None else regression_losses.detach())
     ranking_losses = tuple(outputs[:spec.ranking_outputs])
     if spec.regression:
-        weights, other = outputs[spec.ranking_outputs:]
-        return assemble_outputs(spec, logits, ranking_losses, regression_losses, weights, other)
+        value, weights = outputs[spec.ranking_outputs:]
+        return assemble_outputs(spec, logits, ranking_losses, regression_losses, value, weights)
     return assemble_outputs(spec, logits, ranking_losses)
 
 

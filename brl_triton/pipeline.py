@@ -61,6 +61,7 @@ class GradientTables:
     const: torch.Tensor
     slope: torch.Tensor | None
     rank: torch.Tensor | None = None
+    localisation: tuple | None = None  # aLRP's (value, weights) when the backend computed them
 
 
 @dataclass
@@ -91,7 +92,7 @@ def forward(backend, s, y, delta: float, spec, settings, regression=None):
         pos_sort_grad = None if pos_sort_grad is None else pos_sort_grad[positives.mine]
     losses = terms.losses
     if spec.regression:
-        losses = losses + localisation_terms(terms.rank, positives)
+        losses = losses + (terms.localisation or localisation_terms(terms.rank, positives))
     return losses, SavedTables(bins, terms.const, terms.slope, positives.index, pos_rank_grad, pos_sort_grad)
 
 
@@ -105,18 +106,16 @@ def localisation_terms(rank: torch.Tensor, positives: Positives):
     rank(i)`` (descending logits, ties in flat order) as ``sum_k c_k l_k`` with
     ``c_k = (1/p) sum_{i ranked at or below k} 1 / rank(i)``: a suffix sum after an O(p log p)
     sort of the positives, with no pass over all elements. ``c`` is the gradient in the regression
-    losses. Returns (``c`` of this process's positives in flat order (float64), the other ranks'
-    part of the value (0-d; 0 in a single process))."""
+    losses. Returns (the value over all positives (0-d float64, every rank's part with a process
+    group), ``c`` of this process's positives in flat order (float64))."""
     # ascending with ties in flat (rank, position) order: a stable descending sort keeps that tie order
     order = stable_sort(positives.s, descending=True)[1]
     share = rank.index_select(0, order).reciprocal().flip(0).cumsum(0).flip(0).div_(rank.numel())
     weights = torch.empty_like(share).index_put_((order,), share)
-    other = weights.new_zeros(())
+    value = torch.dot(weights, positives.regression)
     if positives.mine is not None:
-        own = weights[positives.mine]
-        other = torch.dot(weights, positives.regression) - torch.dot(own, positives.regression[positives.mine])
-        weights = own
-    return weights[torch.argsort(positives.index)], other
+        weights = weights[positives.mine]
+    return value, weights[torch.argsort(positives.index)]
 
 
 def positive_gradient(pos_rank_grad, pos_sort_grad, grad_outputs) -> torch.Tensor:

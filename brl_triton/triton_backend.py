@@ -1,30 +1,33 @@
-"""Triton backend: the losses of ``docs/losses.md`` as a handful of Triton
-launches with one host sync, reading inputs of any layout in place (``brl_triton.kernels``).
+"""Triton backend: the losses of ``docs/losses.md`` as a handful of Triton launches and at
+most one host sync, reading inputs of any layout in place (``brl_triton.kernels``).
 
-It supplies the steps of ``pipeline`` (N elements, p positives, E <= 2p edges); for p <= 4096
-and float32 compute:
+It supplies the steps of ``pipeline`` (N elements, p positives, E <= 2p edges); for p below
+``min(N, 32768)`` and float32 compute:
 
 forward
-    ``find_positives`` (fused with the bin reduction, so that one host sync serves both)
-    1. ``torch.zeros`` of the status words (positives found, error flags, edge count).
+    ``find_positives`` (fused with the bin reduction)
+    1. ``torch.zeros`` of the status words (positives found, edge count, error flags).
     2. ``positives.scan``: one pass over the targets compacts the positives' positions.
-    3. ``positives.prepare`` (one program): sorts them, builds the bin edges, zeroes the bins.
+    3. ``positives.prepare`` (one program per block of positives): sorts them by counting ranks,
+       builds the bin edges, zeroes the bins; aLRP: places the regression losses.
     4. ``streaming.reduce``: one pass over logits and targets: count and offset sum per bin, and the
        finiteness check of the logits. It reads the edge count from the device.
-    5. the one host sync: p, the error flags and E, in one read of the status words.
+    5. with ``validate`` only: the one host sync, the status words, to raise for bad values.
     ``reduce_bins``: hands on the bins of step 4.
     ``gradient_tables``
     6. ``tiles.per_positive``: FP, rank+, sorting sums and the per-positive formulas.
-       (``tiles.running_maximum`` for the interpolated AP.)
+       (``tiles.running_maximum`` for the interpolated AP; ``tiles.localisation`` for aLRP.)
     7. ``tiles.finish``: sorting gradient, per-bin gradient tables and the loss outputs.
 backward
     8. ``distribute``, ``streaming.distribute``: one pass writes every element's gradient, scaled by the upstream
        gradients read on the device; extra programs of the same launch write the positives'.
 
-That is 7 launches for forward+backward (8 for the interpolated AP) and one sync. More
-positives than one program sorts (p > 4096), float64 logits, and ``process_group`` take a
-slower path with torch ops for the positives (sort, edges, all-gather) and more launches; a
-second compaction pass runs when p > 4096.
+That is 7 launches for forward+backward (8 for the interpolated AP, 9 for aLRP with the
+multiply of its regression losses' gradient), and one host sync with ``validate``, none
+without: the grids are sized by bounds the host knows, and the kernels read p and the edge
+count from the status words. More positives than one program sorts, float64 logits, and
+``process_group`` take a slower path with torch ops for the positives (sort, edges, all-gather),
+more launches and the host read; a second compaction pass runs when p exceeds the first's room.
 
 Streaming traffic per element (float32 logits and targets): scan 4 B, reduction 8 B,
 distribution 12 B, 24 B in all; deterministic mode reads the logits in the scan too (28 B).
@@ -90,6 +93,7 @@ class TritonPositives(pipeline.Positives):
 
     status: torch.Tensor | None = None
     reduced: KernelBins | None = None
+    flat_rank: torch.Tensor | None = None  # aLRP, when ``prepare`` placed the regression losses
 
 
 def _loadable(targets: torch.Tensor) -> torch.Tensor:
@@ -174,35 +178,48 @@ class TritonBackend(pipeline.PipelineBackend):
 
         status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
         capacity = min(n, positives.SORT_BY_RANK_MAX, TRITON_SWEEP_FROM - 1)
+        if regression is not None and group is None:
+            # aLRP: one regression loss per positive, so the host knows p (the kernels check it)
+            regression = regression.reshape(-1).contiguous()
+            if regression.numel() <= capacity:
+                capacity = regression.numel()
         check_above_one = not settings.allow_targets_above_one
         pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic,
                                     check_above_one=check_above_one)
         on_device = group is None and compute == torch.float32 and n < 2**32 and capacity > 0
+        l_pos = flat_rank = None
         if on_device:
             edges_kind = positives.edges_kind(float(delta) + 0.0, spec.bucketed)
-            s_pos, y_pos, sorted_index, edges, count, offset_sum = positives.prepare(
-                s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype)
+            s_pos, y_pos, sorted_index, edges, count, offset_sum, l_pos, flat_rank = positives.prepare(
+                s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype,
+                regression if regression is not None and regression.numel() == capacity else None)
         else:  # the reduction only checks finiteness (edge count 0)
             edges = torch.empty(1, dtype=compute, device=device)
             count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
         streaming.reduce(s, y, edges, status, count, offset_sum, deterministic)
 
-        if on_device and not settings.validate and regression is None:
+        if on_device and not settings.validate and (regression is None or flat_rank is not None):
             # no host sync: buffers and grids for `capacity` positives; bad values give NaN outputs
             reduced = KernelBins(edges, count, offset_sum, status, n, deterministic, n)
-            return TritonPositives(s_pos, y_pos, sorted_index, None, None, status=status, reduced=reduced)
+            return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced,
+                                   flat_rank=flat_rank)
         p, num_edges = _checked_status(status, delta, n, compute)
+        if regression is not None and group is None and regression.numel() != p:  # unchecked: validate=False
+            raise ValueError(f"regression_losses must hold one value per positive target ({p}, in the flat order "
+                             f"of targets > 0), got {regression.numel()}")
         if p == 0 and group is None:
             return None
         if num_edges > 0:
             s_pos, y_pos, sorted_index = s_pos[:p], y_pos[:p], sorted_index[:p]
-            l_pos = None
-            if regression is not None:  # positives in flat order are their positions sorted
+            if regression is not None and flat_rank is None:  # positives in flat order are their positions sorted
                 l_pos = torch.empty(p, dtype=torch.float64, device=device)
                 l_pos[torch.argsort(sorted_index)] = regression.reshape(-1).double()
+            elif flat_rank is not None:
+                l_pos, flat_rank = l_pos[:p], flat_rank[:p]
             reduced = KernelBins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
                                  deterministic, n)
-            return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced)
+            return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced,
+                                   flat_rank=flat_rank)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
             pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic, check_above_one=False)
@@ -252,12 +269,18 @@ class TritonBackend(pipeline.PipelineBackend):
                                      interpolated=spec.interpolated, l_pos=found.regression, **options)
         if spec.interpolated:
             tiles.running_maximum(table, reduced.status, losses[0])
+        localisation = None
+        if found.flat_rank is not None:  # aLRP's localisation part in a kernel, its value from finish
+            losses += (torch.empty((), dtype=found.s.dtype, device=found.s.device),)
+            weights = tiles.localisation(found.s, found.index, found.flat_rank, found.regression, table,
+                                         reduced.status, reduced.n, delta_bits)
+            localisation = (losses[-1], weights)
         const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=spec.sorting,
                                     has_slope=spec.has_slope(delta), interpolated=spec.interpolated,
-                                    regression=spec.regression, **options)
-        return pipeline.GradientTables(losses, table[tiles.T_RANK_GRAD.value],
+                                    regression=spec.regression, localisation=localisation is not None, **options)
+        return pipeline.GradientTables(losses[:spec.ranking_outputs], table[tiles.T_RANK_GRAD.value],
                                        table[tiles.T_SORT_GRAD.value] if spec.sorting else None, const, slope,
-                                       table[tiles.T_RANK.value] if spec.regression else None)
+                                       table[tiles.T_RANK.value] if spec.regression else None, localisation)
 
     @staticmethod
     def distribute(tables: pipeline.SavedTables, logits, targets, grad_outputs) -> torch.Tensor:

@@ -111,10 +111,11 @@ LAUNCHES = 7
 # validation (the default) reads the status words once to raise on bad values; validate=False reads
 # nothing: the kernels take p and the edge count from device memory
 SYNCS = {True: 1, False: 0}
-# aLRP: the same 7 launches, plus the check of the regression losses (one sync: their count against
-# p, and their range), the map between flat and sorted order of the positives, and the
-# localisation part (a sort, a prefix sum and its autograd backward) in torch ops
-ALRP_LAUNCH_BUDGET, ALRP_SYNC_BUDGET = 40, 2
+# aLRP: the same 7, plus its localisation kernel and, in backward, the multiply of the regression
+# losses' gradient. With validation its regression losses are checked by torch ops and a second
+# host read before the loss runs
+ALRP_LAUNCHES = LAUNCHES + 2
+ALRP_VALIDATION_LAUNCHES, ALRP_VALIDATION_SYNCS = 10, 1
 
 
 @pytest.mark.triton
@@ -139,9 +140,12 @@ def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic,
     syncs = kernels.host_reads + len(ops.syncs)
     detail = f"kernels {[k.kernel.__name__ for k in kernels.launches]}, torch ops {ops.ops}, syncs {ops.syncs}"
     if spec.regression:
-        assert launches <= ALRP_LAUNCH_BUDGET and syncs <= ALRP_SYNC_BUDGET, detail
+        want = (ALRP_LAUNCHES + validate * ALRP_VALIDATION_LAUNCHES, SYNCS[validate] + validate * ALRP_VALIDATION_SYNCS)
     else:
-        assert (launches, syncs) == (LAUNCHES + spec.interpolated, SYNCS[validate]), detail
+        want = (LAUNCHES + spec.interpolated, SYNCS[validate])
+    assert (launches, syncs) == want, detail
+    if not validate:  # the issue's budget for a CUDA-graph-capturable call
+        assert launches <= 10 and syncs == 0, detail
     want_losses, want_grad = expected(name, logits, targets.cpu(), 0.5)
     assert_close(torch.stack([o.detach().cpu() for o in out]), torch.stack(list(want_losses)), atol=1e-6,
                  rtol=1e-5, what="losses")

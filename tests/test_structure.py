@@ -97,14 +97,14 @@ def test_each_public_function_is_written_out_and_agrees_with_its_registry_entry(
     assert parameters["delta"].default == spec.delta
     keywords = [n for n, p in parameters.items() if p.kind == p.KEYWORD_ONLY]
     assert keywords == list(registry.variants(spec)) + ["backend", "process_group", "deterministic",
-                                                        "allow_targets_above_one"]
+                                                        "allow_targets_above_one", "validate"]
     assert all(parameters[option].default is False for option in registry.variants(spec))
     # the docstring's Args list every parameter, and its example calls the function
     doc = inspect.getdoc(function)
     args = doc.split("Args:")[1].split("Returns:")[0]
     for name in positional + list(registry.variants(spec)):
         assert f"\n{name}: " in "\n" + textwrap.dedent(args), f"{spec.function_name}: {name} not in Args"
-    assert "backend, process_group, deterministic, allow_targets_above_one" in args
+    assert "backend, process_group, deterministic, allow_targets_above_one, validate" in args
     assert ">>> " in doc and f"{spec.function_name}(" in doc.split("Example:")[1]
 
 

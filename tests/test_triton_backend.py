@@ -122,15 +122,20 @@ def test_non_finite_input_fails_in_the_streaming_passes(bad):
         brl_triton.bucketed_ap_loss(torch.randn(n, device=DEVICE), targets.to(DEVICE), backend="triton")
 
 
-def _losses_and_grad(name, logits, targets, **options):
+def _losses_and_grad(name, logits, targets, regression=None, **options):
+    """Outputs and the gradient of every input (logits; aLRP's regression losses) of an
+    unvalidated call."""
     fn, extra, spec = LOSSES[name]
     x = logits.to(DEVICE).requires_grad_(True)
-    args = (regression_losses_for(targets).to(DEVICE).requires_grad_(),) if spec.regression else ()
-    fn = getattr(brl_triton, spec.function_name) if spec.regression else fn
-    out = fn(x, targets.to(DEVICE), *args, 0.5, backend="triton", validate=False, **extra, **options)
+    inputs = [x]
+    if spec.regression:
+        fn = getattr(brl_triton, spec.function_name)
+        regression = regression_losses_for(targets) if regression is None else regression
+        inputs.append(regression.to(DEVICE).requires_grad_())
+    out = fn(x, targets.to(DEVICE), *inputs[1:], 0.5, backend="triton", validate=False, **extra, **options)
     out = out if isinstance(out, tuple) else (out,)
     sum(out).backward()
-    return out, x.grad
+    return out, torch.cat([t.grad.reshape(-1) for t in inputs])
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -162,14 +167,28 @@ def _bad_inputs(n=3000):
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-# aLRP reads p on the host to place its regression losses: it validates whatever validate says
-@pytest.mark.parametrize("name", [name for name, (_, _, spec) in LOSSES.items() if not spec.regression])
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_without_validation_bad_values_give_nan_outputs_and_gradient(name, deterministic):
     """Without the host read nothing can raise: every output and every gradient entry is NaN."""
     for what, logits, targets in _bad_inputs():
         if LOSSES[name][2].regression and what == "nan target":
             continue  # aLRP takes one regression loss per positive: a NaN target is no positive
         out, grad = _losses_and_grad(name, logits, targets, deterministic=deterministic)
+        assert all(bool(o.isnan()) for o in out), (what, out)
+        assert bool(grad.isnan().all()), what
+
+
+@pytest.mark.parametrize("name", [name for name, (_, _, spec) in LOSSES.items() if spec.regression])
+def test_without_validation_bad_regression_losses_give_nan(name):
+    """aLRP's regression losses are checked on the device too: NaN, infinite or negative values,
+    and a count other than the positives', give NaN outputs and gradients."""
+    logits, targets = make_case(3000, 30, seed=4, dtype=torch.float32)
+    good = regression_losses_for(targets)
+    nan, inf, negative = good.clone(), good.clone(), good.clone()
+    nan[3], inf[5], negative[7] = float("nan"), float("inf"), -0.25
+    for what, regression in [("nan", nan), ("inf", inf), ("negative", negative), ("one too few", good[1:]),
+                             ("one too many", torch.cat([good, good[:1]]))]:
+        out, grad = _losses_and_grad(name, logits, targets, regression)
         assert all(bool(o.isnan()) for o in out), (what, out)
         assert bool(grad.isnan().all()), what
 

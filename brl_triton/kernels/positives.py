@@ -71,24 +71,32 @@ def _sort_key(index, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, ok, S_NDIM: tl.cons
     return s, (ordered.to(tl.int64) << 32) | index
 
 
-@triton.jit(do_not_specialize=["capacity", "accumulators", "delta_bits"])
+@triton.jit(do_not_specialize=["capacity", "accumulators", "delta_bits", "expected"])
 def _prepare_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
     pos_index_ptr, status_ptr, s_pos_ptr, y_pos_ptr, sorted_index_ptr, edges_ptr, count_ptr, offset_sum_ptr,
-    capacity, accumulators, delta_bits,
-    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, EDGES: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    regression_ptr, l_pos_ptr, flat_rank_ptr, capacity, accumulators, delta_bits, expected,
+    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, EDGES: tl.constexpr, REGRESSION: tl.constexpr, ROWS: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     """Sort by rank: each program counts, for its block of positives, the keys below theirs and
     writes them to that position (O(p^2) compares spread over the grid, no sorting network to
     compile). The exact losses' 2p breakpoints are merged the same way: a kink's position is the
     number of kinks of its own kind below it plus the number of the other kind below (low kinks
-    go first on equal values)."""
+    go first on equal values).
+
+    aLRP (``REGRESSION``): a positive's flat rank (the positives below it in flat order) is
+    counted the same way; it places the positive's regression loss (``regression_ptr`` holds
+    ``expected`` of them, in flat order) in sorted order. A count other than ``expected``, or a
+    regression loss that is NaN, infinite or negative, marks the call invalid."""
     pid = tl.program_id(0)
     zeros = tl.arange(0, 4 * ROWS) + pid * 2 * ROWS  # 2 bins per positive, and the two past the last
     tl.store(count_ptr + zeros, tl.zeros([4 * ROWS], count_ptr.dtype.element_ty), mask=zeros < accumulators)
     tl.store(offset_sum_ptr + zeros, tl.zeros([4 * ROWS], offset_sum_ptr.dtype.element_ty),
              mask=zeros < accumulators)
     p = tl.load(status_ptr + m.STATUS_POSITIVES)
+    if REGRESSION:
+        tl.store(status_ptr + m.STATUS_INVALID, 1, mask=(pid == 0) & (p != expected))
     rows = pid * ROWS + tl.arange(0, ROWS)
     if (p <= capacity) & (pid * ROWS < p):
         row_ok = rows < p
@@ -100,13 +108,16 @@ def _prepare_kernel(
         rank = tl.zeros([ROWS], dtype=tl.int32)
         low_rank = tl.zeros([ROWS], dtype=tl.int32)
         high_rank = tl.zeros([ROWS], dtype=tl.int32)
+        flat_rank = tl.zeros([ROWS], dtype=tl.int32)
         for start in range(0, p, COLS):
             cols = start + tl.arange(0, COLS)
             col_ok = cols < p
-            s_k, key_k = _sort_key(tl.load(pos_index_ptr + cols, mask=col_ok, other=0), s_ptr, s_d1, s_d2, s_st0,
-                                   s_st1, s_st2, col_ok, S_NDIM)
+            index_k = tl.load(pos_index_ptr + cols, mask=col_ok, other=0)
+            s_k, key_k = _sort_key(index_k, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, col_ok, S_NDIM)
             below = col_ok[None, :] & (key_k[None, :] < key[:, None])
             rank += tl.sum(below.to(tl.int32), axis=1)
+            if REGRESSION:
+                flat_rank += tl.sum((col_ok[None, :] & (index_k[None, :] < index[:, None])).to(tl.int32), axis=1)
             if EDGES == 2:
                 low_k = m.rounded_up_sum(s_k, -delta)[None, :]
                 high_k = m.rounded_up_sum(s_k, delta)[None, :]
@@ -120,6 +131,13 @@ def _prepare_kernel(
         tl.store(sorted_index_ptr + rank, index, mask=row_ok)
         tl.store(s_pos_ptr + rank, s, mask=row_ok)
         tl.store(y_pos_ptr + rank, y.to(tl.float64), mask=row_ok)
+        if REGRESSION:
+            placed = row_ok & (flat_rank < expected)
+            loss = tl.load(regression_ptr + flat_rank, mask=placed, other=0.0).to(tl.float64)
+            bad = placed & ~((loss >= 0) & (loss < float("inf")))  # NaN fails both
+            tl.store(status_ptr + m.STATUS_INVALID, 1, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
+            tl.store(l_pos_ptr + rank, loss, mask=row_ok)
+            tl.store(flat_rank_ptr + rank, flat_rank.to(tl.int64), mask=row_ok)
         if EDGES == 0:
             tl.store(edges_ptr + rank, s, mask=row_ok)
             num_edges = p
@@ -153,12 +171,15 @@ def scan(s, y, status, capacity: int, max_negative: bool, check_above_one: bool 
     return pos_index
 
 
-def prepare(s, y, pos_index, status, delta: float, edges: int, offset_dtype):
+def prepare(s, y, pos_index, status, delta: float, edges: int, offset_dtype, regression=None):
     """Sorted positives and bin edges for up to ``len(pos_index)`` positives.
 
-    Returns buffers sized for that many: (s_pos, y_pos, sorted_index, edges, count, offset_sum),
-    of which the first p and E (the status words) are written; the host trims them only if it
-    read p (``validate``)."""
+    Returns buffers sized for that many: (s_pos, y_pos, sorted_index, edges, count, offset_sum,
+    l_pos, flat_rank), of which the first p and E (the status words) are written; the host trims
+    them only if it read p (``validate``). ``regression``: aLRP's regression losses, one per
+    positive in flat order (contiguous, any float dtype), or None; then ``l_pos`` (float64) holds
+    them in sorted order and ``flat_rank`` each sorted positive's place in flat order (else both
+    None)."""
     capacity = pos_index.numel()
     device = pos_index.device
     s_pos = torch.empty(capacity, dtype=torch.float32, device=device)
@@ -167,8 +188,14 @@ def prepare(s, y, pos_index, status, delta: float, edges: int, offset_dtype):
     edge_buffer = torch.empty(2 * capacity, dtype=torch.float32, device=device)
     count = torch.empty(2 * capacity + 2, dtype=torch.int64, device=device)
     offset_sum = torch.empty(2 * capacity + 2, dtype=offset_dtype, device=device)
+    l_pos = flat_rank = None
+    if regression is not None:
+        l_pos = torch.empty(capacity, dtype=torch.float64, device=device)
+        flat_rank = torch.empty(capacity, dtype=torch.int64, device=device)
     launch(_prepare_kernel, (triton.cdiv(capacity, PREPARE_ROWS),), s.tensor, *s.args, y.tensor, *y.args, pos_index,
-           status, s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum, capacity, count.numel(),
-           m.float_bits(delta), num_warps=4, S_NDIM=s.ndim, Y_NDIM=y.ndim, EDGES=edges, ROWS=PREPARE_ROWS,
-           COLS=PREPARE_COLS)
-    return s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum
+           status, s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum,
+           y_pos if regression is None else regression, y_pos if l_pos is None else l_pos,
+           sorted_index if flat_rank is None else flat_rank, capacity, count.numel(), m.float_bits(delta),
+           -1 if regression is None else regression.numel(), num_warps=4, S_NDIM=s.ndim, Y_NDIM=y.ndim,
+           EDGES=edges, REGRESSION=regression is not None, ROWS=PREPARE_ROWS, COLS=PREPARE_COLS)
+    return s_pos, y_pos, sorted_index, edge_buffer, count, offset_sum, l_pos, flat_rank

@@ -14,6 +14,8 @@ fixed point instead, which is exact in any order, so the sums do not depend on t
   interpolated AP keeps its precision for ``interpolated``; aLRP (``REGRESSION``) also sums the
   regression losses of the positives above, ``sum_k H(s_k - s_i) l_k``.
 - ``running_maximum``: one program, the running maximum of precision in ascending logit order.
+- ``localisation`` (aLRP): one program per block of positive rows; the localisation weights
+  ``c_k``, written in flat order, and the terms ``c_k l_k`` the loss program of ``finish`` sums.
 - ``finish``: one launch, three kinds of program: rows of the sorting gradient
   (``sum_k share_k H(s_i - s_k) [y_i < y_k]`` minus what i gives), blocks of bins (gradient
   constant and, for the exact losses, slope), and one program that writes the loss outputs.
@@ -32,7 +34,7 @@ from ._config import Tunable, launch, size_class
 T_RANK_GRAD = tl.constexpr(0)  # gradient of the ranking output on the positive
 T_WEIGHT = tl.constexpr(1)  # w_i: a negative at s gets sum_i w_i H(s - s_i)
 T_ERROR = tl.constexpr(2)  # ranking error lR(i); precision for the interpolated AP
-T_SORT_ERROR = tl.constexpr(3)  # eS(i)
+T_SORT_ERROR = tl.constexpr(3)  # eS(i); aLRP: p c_i l_i, its localisation term (``localisation``)
 T_SHARE = tl.constexpr(4)  # eS(i) / D(i), 0 where D(i) == 0
 T_SORT_GRAD = tl.constexpr(5)  # gradient of the sorting output on the positive
 T_RANK = tl.constexpr(6)  # rank(i) = rank+(i) + FP(i) (interpolated AP, aLRP)
@@ -234,16 +236,55 @@ def _interpolated_kernel(table_ptr, stride, status_ptr, p_bound, loss_ptr, BLOCK
     tl.store(loss_ptr, tl.where(p > 0, 1 - total / tl.maximum(count_p, 1.0), 0.0).to(loss_ptr.dtype.element_ty))
 
 
+@triton.jit(do_not_specialize=["p_bound", "stride", "n_total", "delta_bits"])
+def _localisation_kernel(s_pos_ptr, sorted_index_ptr, flat_rank_ptr, l_pos_ptr, table_ptr, stride, status_ptr, p_bound,
+                         n_total, delta_bits, weights_ptr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """aLRP's localisation weights ``c_k = (1/p) sum of 1 / rank(i) over positives i ranked at or
+    below k`` (descending logits, ties in flat order: i is at or below k when s_i < s_k, or
+    s_i == s_k and i is not before k in flat order), as ``pipeline.localisation_terms`` defines
+    them. Written to ``weights_ptr`` at each positive's flat rank, and ``p c_k l_k`` to the
+    table's T_SORT_ERROR row for the loss program of ``finish``. Each program sums in a fixed
+    order: deterministic in any mode. The weights are the regression losses' gradient: NaN, as
+    every other output, for a call whose values are bad (float32 logits on this path)."""
+    p, _ = m.positives_and_edges(status_ptr, p_bound)
+    bad = m.bad_values(status_ptr, p_bound, n_total.to(tl.float64), m.bits_to_float64(delta_bits),
+                       3.4028234663852886e38)
+    bad |= tl.load(status_ptr + m.STATUS_INVALID) != 0
+    if bad:  # every weight NaN; the positions of a bad call may be unset
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        tl.store(weights_ptr + rows, tl.full([BLOCK_ROWS], float("nan"), tl.float64), mask=rows < p_bound)
+    elif tl.program_id(0) * BLOCK_ROWS < p:
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < p
+        s_k = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
+        position_k = tl.load(sorted_index_ptr + rows, mask=row_ok, other=0)
+        share = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
+        for start in range(0, p, BLOCK_COLS):
+            i = start + tl.arange(0, BLOCK_COLS)
+            i_ok = i < p
+            s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
+            position_i = tl.load(sorted_index_ptr + i, mask=i_ok, other=0)
+            inverse_rank = 1.0 / tl.load(table_ptr + T_RANK * stride + i, mask=i_ok, other=1.0)
+            below = (s_i[None, :] < s_k[:, None]) | ((s_i[None, :] == s_k[:, None])
+                                                    & (position_i[None, :] >= position_k[:, None]))
+            share += tl.sum(tl.where(i_ok[None, :] & below, inverse_rank[None, :], 0.0), axis=1)
+        flat_rank = tl.load(flat_rank_ptr + rows, mask=row_ok, other=0)
+        tl.store(weights_ptr + flat_rank, share / p.to(tl.float64), mask=row_ok)
+        l_k = tl.load(l_pos_ptr + rows, mask=row_ok, other=0.0)
+        tl.store(table_ptr + T_SORT_ERROR * stride + rows, share * l_k, mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["p_bound", "e_bound", "n_total", "stride", "delta_bits", "p_class", "bins_class"])
 def _finish_kernel(
     s_pos_ptr, y_pos_ptr, p_bound, edges_ptr, e_bound, count_ptr, offset_sum_ptr, status_ptr, n_total, table_ptr,
     stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, HAS_SLOPE: tl.constexpr, INTERPOLATED: tl.constexpr,
-    REGRESSION: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    REGRESSION: tl.constexpr, LOCALISATION: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """The grid is sized by the host's bounds (``p_bound`` positives, ``e_bound`` edges); p and
-    the edge count come from the status words, and programs past them do nothing."""
+    the edge count come from the status words, and programs past them do nothing.
+    ``LOCALISATION``: ``localisation`` ran; the second loss output is aLRP's localisation part."""
     pid = tl.program_id(0)
     p, num_edges = m.positives_and_edges(status_ptr, p_bound)
     count_p = p.to(tl.float64)
@@ -328,6 +369,7 @@ def _finish_kernel(
         else:
             limit = 3.4028234663852886e38
         bad = m.bad_values(status_ptr, p_bound, n_total.to(tl.float64), m.bits_to_float64(delta_bits), limit)
+        bad |= tl.load(status_ptr + m.STATUS_INVALID) != 0  # what ``prepare`` found (aLRP's regression losses)
         tl.store(status_ptr + m.STATUS_INVALID, bad.to(tl.int64))
         tl.store(const_ptr, 0.0)  # key 0: no bin
         tl.store(slope_ptr, 0.0)
@@ -342,7 +384,7 @@ def _finish_kernel(
                 total += tl.sum(errors, axis=0)
             total = tl.where(bad, float("nan"), total / divisor)
             tl.store(rank_loss_ptr, total.to(rank_loss_ptr.dtype.element_ty))
-        if SORTING:
+        if SORTING or LOCALISATION:
             total = count_p * 0.0
             for start in range(0, p, LOSS_BLOCK):
                 errors = tl.load(table_ptr + T_SORT_ERROR * stride + start + lanes, mask=start + lanes < p, other=0.0)
@@ -362,8 +404,10 @@ _VARIANT_FLAGS = ["SMOOTH", "SORTING", "INTERPOLATED", "REGRESSION", "FIXED_POIN
 PER_POSITIVE = Tunable(_per_positive_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
                        key=["p_class", "bins_class", *_VARIANT_FLAGS])
 FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
-                 key=["p_class", "bins_class", "HAS_SLOPE", *_VARIANT_FLAGS])
+                 key=["p_class", "bins_class", "HAS_SLOPE", "LOCALISATION", *_VARIANT_FLAGS])
 INTERPOLATED_BLOCK = 1024
+# fixed, not tuned: the localisation weights' sums keep one order whatever the tile configs
+LOCALISATION_ROWS, LOCALISATION_COLS = 32, 64
 
 
 def per_positive(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, fp_bound: int, delta_bits: int, *,
@@ -393,12 +437,25 @@ def running_maximum(table, status, loss) -> None:
            BLOCK=INTERPOLATED_BLOCK)
 
 
+def localisation(s_pos, sorted_index, flat_rank, l_pos, table, status, n_total: int, delta_bits: int) -> torch.Tensor:
+    """aLRP's localisation weights (float64, one per positive, in flat order); the terms for the
+    loss output go to the table's T_SORT_ERROR row (``finish(..., localisation=True)`` sums
+    them)."""
+    p_bound = s_pos.numel()
+    weights = torch.empty(p_bound, dtype=torch.float64, device=s_pos.device)
+    launch(_localisation_kernel, (triton.cdiv(p_bound, LOCALISATION_ROWS),), s_pos, sorted_index, flat_rank, l_pos,
+           table, table.stride(0), status, p_bound, n_total, delta_bits, weights, num_warps=4, BLOCK_ROWS=LOCALISATION_ROWS,
+           BLOCK_COLS=LOCALISATION_COLS)
+    return weights
+
+
 def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_bits: int, table, losses, *,
            sorting: bool, has_slope: bool, interpolated: bool, fixed_point: bool, deterministic: bool,
-           regression: bool = False):
+           regression: bool = False, localisation: bool = False):
     """Sorting gradient (table row T_SORT_GRAD), per-key gradient constant and slope (float64,
     ``len(edges) + 1`` each, key 0 = no bin; the first E + 1 written) and the loss outputs, in
-    one launch; it also decides whether the call's values are bad (``STATUS_INVALID``)."""
+    one launch; it also decides whether the call's values are bad (``STATUS_INVALID``).
+    ``localisation``: the table holds aLRP's localisation terms; ``losses[-1]`` gets their mean."""
     p_bound, e_bound = s_pos.numel(), edges.numel()
     const = torch.empty(e_bound + 1, dtype=torch.float64, device=s_pos.device)
     slope = torch.empty_like(const) if has_slope else None
@@ -412,7 +469,7 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
         const, const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p_bound),
         size_class(e_bound), fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits),
         SORTING=sorting, HAS_SLOPE=has_slope, INTERPOLATED=interpolated, REGRESSION=regression,
-        FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
+        LOCALISATION=localisation, FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
     )
     return const, slope
 
