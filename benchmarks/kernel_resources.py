@@ -1,4 +1,4 @@
-"""Ahead-of-time resource report of the Triton kernels for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time resource report of the Triton kernels for sm_75 to sm_90, without a GPU.
 
     python -m benchmarks.kernel_resources [--out DIR] [--quick]
 
@@ -12,8 +12,12 @@ them. Registers, spills and static shared memory come from ``ptxas -v`` (Triton 
 from the driver, when a GPU loads the cubin), the instructions from ``cuobjdump -sass``, and the
 occupancy from the CUDA occupancy rules. Writes kernel_resources.csv and kernel_resources.md.
 
+The architectures are the keys of ``HARDWARE`` (``ARCHS``): T4 (sm_75), A100 (sm_80), A10 and RTX 30xx
+(sm_86), L4 and RTX 40xx (sm_89), H100 (sm_90). A variant that does not compile for one of them gets a
+row with the compiler's error in the ``error`` column, and the command exits with status 1.
+
 The full matrix (every logits x target dtype, mode, delta and size; every config) is ~380 variants,
-760 compiles: about half an hour on 2 cores. --quick (float32, one size) is 93 variants.
+1,900 compiles over the five architectures. --quick (float32, one size) is 93 variants.
 
 Compiles run in spawned worker processes with the interpreter off: under ``TRITON_INTERPRET=1``
 ``@triton.jit`` makes interpreter objects, which Triton cannot compile.
@@ -55,7 +59,6 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-ARCHS = (80, 90)
 FIGURES = Path(__file__).resolve().parent / "figures"
 LOGITS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 TARGET_DTYPES = ("float32", "int64", "bool")
@@ -68,16 +71,26 @@ MEMBAR_GPU = re.compile(r"\bMEMBAR(?:\.\w+)*\.(?:GPU|SYS)\b")
 
 @dataclass(frozen=True)
 class Hardware:
-    """What bounds the resident blocks of one SM. Per-SM sizes and limits: the CUDA C++
-    Programming Guide, "Compute Capabilities" (technical specifications per compute capability);
-    allocation units and the 1 KB per block the driver reserves (from sm_80 on): the occupancy
-    calculator, ``cuda_occupancy.h`` (cudaOccMaxBlocksPerSMRegsLimit / SmemLimit)."""
+    """What bounds the resident blocks of one SM, per architecture. Where each number comes from:
+
+    - NVIDIA's occupancy calculator, ``cuda_occupancy.h`` (read in CUDA 12.6's copy):
+      resident blocks per SM (cudaOccMaxBlocksPerMultiprocessor: 16 on 7.5, 32 on 8.0, 24 on 8.9,
+      16 on the other 8.x, 32 on 9.0); shared-memory allocation unit (cudaOccSMemAllocationGranularity:
+      256 B on 7.x, 128 B on 8.x and 9.x); the largest carveout (cudaOccAlignUpShmemSizeVoltaPlus:
+      64 KB on Turing, 164 KB on 8.0, 100 KB on the other 8.x, 228 KB on 9.0); the driver's reserve
+      per block, added from compute capability 8 on (cudaOccSMemPerBlock), so a block's own limit
+      is the carveout less 1 KB (163, 99, 227 KB) and the whole 64 KB on sm_75; register allocation
+      (cudaOccMaxBlocksPerSMRegsLimit: 256-register units per warp, 4 sub-partitions).
+    - Resident threads per SM, from the CUDA C++ Programming Guide's "Technical Specifications per
+      Compute Capability" table, as quoted by NVIDIA's tuning guides and forum answers: 1024 (32
+      warps) on 7.5, 2048 (64) on 8.0 and 9.0, 1536 (48) on 8.6 and 8.9. 64K 32-bit registers per
+      SM on all five."""
 
     smem_per_sm: int  # bytes, at the largest shared-memory carveout
     smem_per_block: int  # bytes one block may use (opt-in maximum), the reserved 1 KB not included
-    smem_reserved_per_block: int = 1024
-    smem_granularity: int = 128  # a block's shared memory is allocated in 128-byte units
-    regs_per_sm: int = 65536  # 32-bit registers
+    smem_reserved_per_block: int = 1024  # 0 before sm_80
+    smem_granularity: int = 128  # a block's shared memory is allocated in 128-byte units (256 on sm_7x)
+    regs_per_sm: int = 65536  # 32-bit registers (64K on every architecture here)
     reg_granularity: int = 256  # registers are allocated per warp, in units of 256 ...
     sub_partitions: int = 4  # ... from one of the SM's 4 quarter register files
     max_regs_per_thread: int = 255
@@ -86,10 +99,19 @@ class Hardware:
     max_blocks_per_sm: int = 32
 
 
+KB = 1024
 HARDWARE = {
-    80: Hardware(smem_per_sm=164 * 1024, smem_per_block=163 * 1024),  # A100
-    90: Hardware(smem_per_sm=228 * 1024, smem_per_block=227 * 1024),  # H100 / H200
+    # T4, RTX 20xx: 1024 threads and 64 KB of shared memory per SM, all of it for one block
+    75: Hardware(smem_per_sm=64 * KB, smem_per_block=64 * KB, smem_reserved_per_block=0, smem_granularity=256,
+                 max_warps_per_sm=32, max_blocks_per_sm=16),
+    80: Hardware(smem_per_sm=164 * KB, smem_per_block=163 * KB),  # A100
+    # A10, A40, RTX 30xx: 1536 threads, 100 KB per SM
+    86: Hardware(smem_per_sm=100 * KB, smem_per_block=99 * KB, max_warps_per_sm=48, max_blocks_per_sm=16),
+    # L4, L40, RTX 40xx: as sm_86, with up to 24 blocks
+    89: Hardware(smem_per_sm=100 * KB, smem_per_block=99 * KB, max_warps_per_sm=48, max_blocks_per_sm=24),
+    90: Hardware(smem_per_sm=228 * KB, smem_per_block=227 * KB),  # H100 / H200
 }
+ARCHS = tuple(HARDWARE)
 
 
 def _round_up(x: int, unit: int) -> int:
@@ -106,8 +128,10 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> f
     regs_per_warp = _round_up(max(registers, 1) * 32, hw.reg_granularity)
     warps_by_regs = hw.regs_per_sm // hw.sub_partitions // regs_per_warp * hw.sub_partitions
     smem_per_block = _round_up(shared_bytes + hw.smem_reserved_per_block, hw.smem_granularity)
-    blocks = min(warps_by_regs // num_warps, hw.smem_per_sm // smem_per_block,
-                 hw.max_warps_per_sm // num_warps, hw.max_blocks_per_sm)
+    # no shared memory and no reserve (sm_75): shared memory does not limit the blocks
+    blocks_by_smem = hw.smem_per_sm // smem_per_block if smem_per_block else hw.max_blocks_per_sm
+    blocks = min(warps_by_regs // num_warps, blocks_by_smem, hw.max_warps_per_sm // num_warps,
+                 hw.max_blocks_per_sm)
     return blocks * num_warps / hw.max_warps_per_sm
 
 

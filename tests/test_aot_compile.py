@@ -1,5 +1,6 @@
-"""AOT compile gate: the Triton kernels compiled for sm_80 and sm_90 with Triton's bundled ptxas,
-no GPU needed. Default configs must not spill, must fit a block's shared memory, and the streaming
+"""AOT compile gate: the Triton kernels compiled for sm_75, sm_80, sm_86, sm_89 and sm_90 with Triton's
+bundled ptxas, no GPU needed. Default configs must not spill, must fit a block's shared memory on
+each architecture (64 KB on sm_75, 99 KB on sm_86/sm_89), and the streaming
 reduction and positive-compaction kernels must not fence the whole GPU: a default (acq_rel) atomic
 comes with a MEMBAR .GPU, which waits until the warp's earlier writes are visible to the whole GPU.
 
@@ -68,12 +69,42 @@ def test_variant_specializes_like_the_runtime():
 
 
 def test_occupancy_follows_the_cuda_rules():
+    """Expected values worked out by hand from the CUDA rules: registers per warp rounded up to 256
+    and allotted per quarter SM; a block's shared memory plus the reserve (1 KB from sm_80 on, none
+    on sm_75) rounded up to 128 B (256 B on sm_75); the fewest blocks allowed by registers, shared
+    memory, warps (32 per SM on sm_75, 48 on sm_86/sm_89, 64 on sm_80/sm_90) and blocks (16 on
+    sm_75 and sm_86, 24 on sm_89, 32 on sm_80 and sm_90)."""
+    assert kr.ARCHS == (75, 80, 86, 89, 90)
     assert kr.occupancy(32, 0, 4, 90) == 1.0
     assert kr.occupancy(255, 0, 4, 90) == 8 / 64  # 8192 registers a warp: 2 warps per quarter SM
     assert kr.occupancy(40, 0, 4, 80) == 48 / 64  # 1280 a warp: 12 warps per quarter, not 51 per SM
     assert kr.occupancy(32, 100 * 1024, 4, 80) == 4 / 64  # 101 KB with the reserve: one block
     assert kr.occupancy(32, 100 * 1024, 4, 90) == 8 / 64
     assert kr.occupancy(32, 200 * 1024, 4, 80) == 0.0  # over the per-block limit
+
+    # sm_75 (T4): 32 warps, 16 blocks, 64 KB with no reserve, 256-byte units
+    assert kr.occupancy(32, 0, 4, 75) == 1.0  # 8 blocks of 4 warps fill the 32 slots; no shared memory
+    assert kr.occupancy(32, 0, 1, 75) == 16 / 32  # one-warp blocks: 16 blocks at most
+    assert kr.occupancy(128, 0, 4, 75) == 16 / 32  # 4096 registers a warp: 4 warps per quarter
+    assert kr.occupancy(255, 0, 4, 75) == 8 / 32  # 8160 -> 8192 a warp: 2 per quarter
+    assert kr.occupancy(32, 9300, 1, 75) == 6 / 32  # 9300 B -> 9472: 6 blocks (7 in 128-byte units)
+    assert kr.occupancy(32, 64 * 1024, 4, 75) == 4 / 32  # the whole 64 KB: one block
+    assert kr.occupancy(32, 64 * 1024 + 1, 4, 75) == 0.0  # over the per-block limit
+    assert kr.occupancy(32, 40 * 1024, 4, 75) == 4 / 32  # 40 KB: one block in 64 KB ...
+    assert kr.occupancy(32, 40 * 1024, 4, 80) == 16 / 64  # ... 41 KB with the reserve: 4 blocks in 164 KB
+
+    # sm_86 / sm_89 (A10, RTX 30xx / L4, RTX 40xx): 48 warps, 16 / 24 blocks, 100 KB per SM, 99 KB a block
+    assert kr.occupancy(32, 0, 4, 86) == kr.occupancy(32, 0, 4, 89) == 1.0  # 12 blocks of 4 warps
+    assert kr.occupancy(32, 0, 1, 86) == 16 / 48  # one-warp blocks: 16 blocks on sm_86 ...
+    assert kr.occupancy(32, 0, 1, 89) == 24 / 48  # ... 24 on sm_89 ...
+    assert kr.occupancy(32, 0, 1, 80) == 32 / 64  # ... and 32 on sm_80
+    assert kr.occupancy(40, 0, 4, 86) == 1.0  # 1280 a warp: 12 per quarter = 48, all of sm_86's slots
+    assert kr.occupancy(64, 0, 4, 89) == 32 / 48  # 2048 a warp: 8 per quarter
+    assert kr.occupancy(32, 48 * 1024, 4, 86) == 8 / 48  # 49 KB with the reserve: 2 blocks in 100 KB
+    assert kr.occupancy(32, 48 * 1024, 4, 80) == 12 / 64  # 3 blocks in 164 KB
+    assert kr.occupancy(32, 99 * 1024, 4, 89) == 4 / 48  # 99 KB + 1 KB reserve: exactly one block
+    assert kr.occupancy(32, 99 * 1024 + 1, 4, 86) == 0.0  # over sm_86's per-block limit ...
+    assert kr.occupancy(32, 99 * 1024 + 1, 4, 80) == 4 / 64  # ... which sm_80 runs
 
 
 @pytest.mark.parametrize("arch", kr.ARCHS)
@@ -96,8 +127,8 @@ def test_gate_sees_spills(toys):
 @pytest.fixture(scope="module")
 def kernels():
     """The distinct default-config variants of a float32 and a float64 call of every loss, hard and
-    smooth step, deterministic or not, compiled for sm_80 and sm_90 (float64 tiles need twice the
-    registers: the likeliest to spill)."""
+    smooth step, deterministic or not, compiled for every architecture of ``kr.ARCHS`` (float64
+    tiles need twice the registers: the likeliest to spill)."""
     launches = kr.representative_launches(logits_dtypes=("float32", "float64"), target_dtypes=("float32",),
                                           deltas=(0.0, 0.5), sizes=kr.SIZES[:1])
     variants = [v for v, default in kr.variant_matrix(launches).items() if default]
