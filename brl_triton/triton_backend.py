@@ -94,6 +94,7 @@ class TritonPositives(pipeline.Positives):
     status: torch.Tensor | None = None
     reduced: KernelBins | None = None
     flat_rank: torch.Tensor | None = None  # aLRP, when ``prepare`` placed the regression losses
+    regression_count: int = 0  # and how many there are (the buffers have room for at least one)
 
 
 def _loadable(targets: torch.Tensor) -> torch.Tensor:
@@ -178,11 +179,12 @@ class TritonBackend(pipeline.PipelineBackend):
 
         status = torch.zeros(_math.STATUS_WORDS.value, dtype=torch.int64, device=device)
         capacity = min(n, positives.SORT_BY_RANK_MAX, TRITON_SWEEP_FROM - 1)
+        placed = None  # aLRP's regression losses, when prepare places them
         if regression is not None and group is None:
             # aLRP: one regression loss per positive, so the host knows p (the kernels check it)
             regression = regression.reshape(-1).contiguous()
             if regression.numel() <= capacity:
-                capacity = regression.numel()
+                capacity, placed = max(regression.numel(), 1), regression
         check_above_one = not settings.allow_targets_above_one
         pos_buffer = positives.scan(s, y, status, capacity, max_negative=deterministic,
                                     check_above_one=check_above_one)
@@ -191,8 +193,7 @@ class TritonBackend(pipeline.PipelineBackend):
         if on_device:
             edges_kind = positives.edges_kind(float(delta) + 0.0, spec.bucketed)
             s_pos, y_pos, sorted_index, edges, count, offset_sum, l_pos, flat_rank = positives.prepare(
-                s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype,
-                regression if regression is not None and regression.numel() == capacity else None)
+                s, y, pos_buffer, status, float(delta) + 0.0, edges_kind, offset_dtype, placed)
         else:  # the reduction only checks finiteness (edge count 0)
             edges = torch.empty(1, dtype=compute, device=device)
             count = offset_sum = torch.empty(1, dtype=torch.int64, device=device)
@@ -202,7 +203,7 @@ class TritonBackend(pipeline.PipelineBackend):
             # no host sync: buffers and grids for `capacity` positives; bad values give NaN outputs
             reduced = KernelBins(edges, count, offset_sum, status, n, deterministic, n)
             return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced,
-                                   flat_rank=flat_rank)
+                                   flat_rank=flat_rank, regression_count=0 if placed is None else placed.numel())
         p, num_edges = _checked_status(status, delta, n, compute)
         if regression is not None and group is None and regression.numel() != p:  # unchecked: validate=False
             raise ValueError(f"regression_losses must hold one value per positive target ({p}, in the flat order "
@@ -219,7 +220,7 @@ class TritonBackend(pipeline.PipelineBackend):
             reduced = KernelBins(edges[:num_edges], count[:num_edges + 1], offset_sum[:num_edges + 1], status, n,
                                  deterministic, n)
             return TritonPositives(s_pos, y_pos, sorted_index, None, l_pos, status=status, reduced=reduced,
-                                   flat_rank=flat_rank)
+                                   flat_rank=flat_rank, regression_count=p)
         if p > capacity:  # the first pass had room for `capacity` positions only
             status = torch.zeros_like(status)
             pos_buffer = positives.scan(s, y, status, p, max_negative=deterministic, check_above_one=False)
@@ -274,7 +275,7 @@ class TritonBackend(pipeline.PipelineBackend):
             losses += (torch.empty((), dtype=found.s.dtype, device=found.s.device),)
             weights = tiles.localisation(found.s, found.index, found.flat_rank, found.regression, table,
                                          reduced.status, reduced.n, delta_bits)
-            localisation = (losses[-1], weights)
+            localisation = (losses[-1], weights[:found.regression_count])
         const, slope = tiles.finish(*common, delta_bits, table, losses, sorting=spec.sorting,
                                     has_slope=spec.has_slope(delta), interpolated=spec.interpolated,
                                     regression=spec.regression, localisation=localisation is not None, **options)

@@ -88,11 +88,12 @@ def test_compiled_loss_still_refuses_bad_input():
 
 
 @pytest.mark.triton
-def test_triton_backend_compiles_whole_and_matches_eager():
+@pytest.mark.parametrize("validate", [True, False])
+def test_triton_backend_compiles_whole_and_matches_eager(validate):
     torch._dynamo.reset()
 
     def step(x, t):
-        ranking, sorting = brl_triton.rank_sort_loss(x, t, backend="triton")
+        ranking, sorting = brl_triton.rank_sort_loss(x, t, backend="triton", validate=validate)
         return ranking + sorting
 
     counter = CompileCounterWithBackend("aot_eager")
@@ -148,3 +149,108 @@ def test_dynamic_fullgraph_compile_of_every_function_and_module(name):
         torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-6, rtol=1e-5)
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames  # no recompilation after the first call
+
+
+def test_ops_that_may_sync_are_tagged_cudagraph_unsafe():
+    """The opaque ops wait for the device when they validate, or on the torch backend: CUDA
+    graphs must leave them out. The triton_op path has no sync and no tag."""
+    for op in (torch.ops.brl_triton.ranking_forward.default, torch.ops.brl_triton.ranking_backward.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+    for op in (torch.ops.brl_triton.triton_forward.default, torch.ops.brl_triton.triton_backward.default):
+        assert torch.Tag.cudagraph_unsafe not in op.tags
+
+
+# Run where Triton compiles for a GPU (no TRITON_INTERPRET; the interpreter's kernels cannot be
+# traced): fake CUDA tensors need no GPU, and the traced graph names every kernel it launches
+_TRACE_KERNELS = """
+import json, sys
+import torch
+from torch._functorch.aot_autograd import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from brl_triton import _ops, registry
+
+spec = registry.BY_NAME[sys.argv[1]]
+mode = FakeTensorMode()
+
+
+def traced(fn, *inputs):
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with mode:
+        try:
+            aot_function(fn, fw_compiler=keep)(*inputs)
+        except Exception:  # running the graph on fake tensors; tracing it is what is checked
+            pass
+    nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+    return {"kernels": [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in nodes
+                        if "triton_kernel_wrapper" in str(n.target)],
+            "ops": sorted({str(n.target) for n in nodes if "triton_kernel_wrapper" not in str(n.target)})}
+
+
+with mode:
+    logits, targets = torch.empty(3000, device="cuda"), torch.empty(3000, device="cuda")
+    regression = torch.empty(40, device="cuda") if spec.regression else None
+    grad_losses = torch.ones(spec.ranking_outputs, device="cuda")
+    state = _ops.triton_forward(logits, targets, regression, 0.5, spec.name, False, False)[2:]
+forward = traced(lambda x, t, *r: _ops.triton_forward(x, t, r[0] if r else None, 0.5, spec.name, False, False),
+                 logits, targets, *([] if regression is None else [regression]))
+backward = traced(lambda x, t, g, *s: _ops.triton_backward(x, t, g, *s), logits, targets, grad_losses, *state)
+print(json.dumps({"forward": forward, "backward": backward}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch and traces: seconds
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_compiled_triton_path_shows_its_kernels_to_the_compiler(name):
+    """Without validation the Triton backend's forward and backward are triton_ops: traced by the
+    compiler (AOTAutograd, as torch.compile does), every kernel is a node of the graph, and no
+    opaque brl_triton op or host read is left."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _TRACE_KERNELS, name], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    graphs = json.loads(run.stdout.strip().splitlines()[-1])
+    spec = LOSSES[name][2]
+    want = ["_scan_kernel", "_prepare_kernel", "_reduce_kernel", "_per_positive_kernel"]
+    want += ["_interpolated_kernel"] * spec.interpolated + ["_localisation_kernel"] * spec.regression
+    assert graphs["forward"]["kernels"] == want + ["_finish_kernel"]
+    assert graphs["backward"]["kernels"] == ["_distribute_kernel"]
+    for ops in (graphs["forward"]["ops"], graphs["backward"]["ops"]):
+        assert not [op for op in ops if "brl_triton" in op or "_local_scalar_dense" in op], ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor compiles the kernels for a GPU")
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_on_a_gpu_the_compiled_triton_path_equals_eager(name):
+    """On a GPU (``benchmarks.gpu_check`` runs the suite there): fullgraph Inductor over the
+    triton_op path, equal to eager, one frame."""
+    torch._dynamo.reset()
+    fn, extra, spec = LOSSES[name]
+    fn = getattr(brl_triton, spec.function_name) if spec.regression else fn
+
+    def step(x, t, *regression):
+        out = fn(x, t, *regression, 0.5, backend="triton", validate=False, **extra)
+        return sum(out) if isinstance(out, tuple) else out
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    logits, targets = make_case(3000, 30, 1, dtype=torch.float32)
+    logits, targets = logits.cuda(), targets.cuda()
+    regression = (regression_losses_for(targets).requires_grad_(),) if spec.regression else ()
+    x, x_eager = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got, want = compiled(x, targets, *regression), step(x_eager, targets, *regression)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-6, rtol=1e-5)
+    assert counter.frame_count == 1

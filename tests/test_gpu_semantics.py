@@ -347,6 +347,23 @@ def test_autotuning_keys_hold_every_variant_flag():
         assert flags - config_names <= set(tunable.key), (function.__name__, flags - config_names - set(tunable.key))
 
 
+def test_autotuning_results_are_kept_per_kind_of_device(monkeypatch):
+    """A tuned config holds for the GPU it was measured on: two GPU models get two autotuners,
+    two of the same model share one."""
+    from brl_triton.kernels import _config, streaming
+
+    names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA L4", 2: "NVIDIA L4"}
+    capabilities = {0: (9, 0), 1: (8, 9), 2: (8, 9)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capabilities[torch.device(device).index])
+    monkeypatch.setattr(_config, "AUTOTUNE", "emulate")
+    tunable = _config.Tunable(streaming.REDUCE.kernel, streaming.REDUCE.default, streaming.REDUCE.configs[1:],
+                              key=streaming.REDUCE.key, restore=streaming.REDUCE.restore)
+    h100, l4, other_l4 = (tunable.autotuner_for(torch.device("cuda", i)) for i in range(3))
+    assert h100 is not l4 and l4 is other_l4
+    assert tunable.autotuner_for(torch.device("cpu")) not in (h100, l4)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
 @pytest.mark.parametrize("order", ["reversed", "shuffled"])
 def test_the_program_order_harness_reorders_the_programs(order):

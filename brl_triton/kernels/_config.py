@@ -77,11 +77,29 @@ def on_device(device: torch.device):
     ``cuda:0`` current would be read from the wrong device (an illegal access, or a race with
     ``cuda:1``'s stream under peer access). Launches record the guarded device."""
     _guarded.append(torch.device(device))
+    # while a compiler traces the kernels (``_ops.triton_forward``), the compiled code's own
+    # device guard runs them: entering the CUDA device here would need a GPU at trace time
+    guard = torch.device(device).type == "cuda" and not tracing()
     try:
-        with torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
+        with torch.cuda.device(device) if guard else contextlib.nullcontext():
             yield
     finally:
         _guarded.pop()
+
+
+def device_kind(device: torch.device) -> tuple:
+    """What autotuning results are kept per: the GPU model and compute capability (the device
+    type elsewhere, e.g. the interpreter's CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (device.type,)
+    return ("cuda", torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
+def tracing() -> bool:
+    """True while ``torch.compile`` traces (the kernels then become ``wrap_triton`` nodes): under
+    Dynamo, or on fake tensors in the compiler's later tracing."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
 
 
 @contextlib.contextmanager
@@ -118,7 +136,9 @@ def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **const
     grid = tuple(grid)
     _inside_launch += 1
     try:
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        # traced: a node of the graph that the compiler sees (Inductor compiles and launches it)
+        runnable = torch.library.wrap_triton(kernel) if tracing() else kernel
+        runnable[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
     finally:
         _inside_launch -= 1
     _record(kernel, args, constexprs, num_warps, num_stages, grid)
@@ -167,24 +187,35 @@ class Tunable:
     def __init__(self, kernel, default: triton.Config, alternatives=(), key=(), restore=()):
         self.kernel = kernel
         self.key = tuple(key)
+        self.restore = tuple(restore)
         self.default = default
         self.configs = [default, *alternatives]
-        self.tuned = None
-        if AUTOTUNE in ("1", "emulate") and alternatives:
-            if AUTOTUNE == "1" and INTERPRET:
-                raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU; use {AUTOTUNE_ENV}=emulate under the interpreter")
+        self.autotuning = AUTOTUNE in ("1", "emulate") and bool(alternatives)
+        if self.autotuning and AUTOTUNE == "1" and INTERPRET:
+            raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU; use {AUTOTUNE_ENV}=emulate under the interpreter")
+        # one autotuner per kind of device: a tuning result holds for the GPU model it was measured on
+        self.autotuners: dict[tuple, object] = {}
+        self.tuned = None  # the autotuner of the last autotuned launch (benchmark tables name its config)
+
+    def autotuner_for(self, device: torch.device):
+        """The autotuner of ``device``'s kind (its GPU model and compute capability)."""
+        kind = device_kind(device)
+        if kind not in self.autotuners:
             options = {"do_bench": _emulated_benchmark} if AUTOTUNE == "emulate" else {"cache_results": True}
-            self.tuned = triton.autotune(configs=self.configs, key=list(key), restore_value=list(restore),
-                                         **options)(kernel)
+            self.autotuners[kind] = triton.autotune(configs=self.configs, key=list(self.key),
+                                                    restore_value=list(self.restore), **options)(self.kernel)
+        return self.autotuners[kind]
 
     def launch(self, grid, *args, fixed: bool = False, config=None, **constexprs):
         """``config``: run that one (tests and the resource table); ``fixed``: the default."""
         global _inside_launch
-        if self.tuned is None or fixed or config is not None:
+        if not self.autotuning or fixed or config is not None or tracing():
             config = config or self.default
             launch(self.kernel, grid(config.kwargs), *args, num_warps=config.num_warps,
                    num_stages=config.num_stages, **config.kwargs, **constexprs)
             return
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        self.tuned = self.autotuner_for(device)
         _inside_launch += 1
         try:
             self.tuned[lambda meta: tuple(grid(meta))](*args, **constexprs)
