@@ -9,6 +9,8 @@ row tiles of at most ``PAIR_BLOCK`` float64 elements, O(p (p + E))); from there 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -248,7 +250,34 @@ def _share_slices(pos_sort_grad, const, slope, p: int, e: int, group):
 
 def gradient_tables(positives, bins: ReducedBins, delta, spec, settings) -> pipeline.GradientTables:
     """Step 3 of ``pipeline`` in torch ops: the losses, the positives' gradients and the per-bin
-    gradient tables, by tiles below ``SWEEP_FROM`` positives and by sweeps from there on."""
+    gradient tables, by tiles below ``SWEEP_FROM`` positives and by sweeps from there on.
+
+    With ``settings.deterministic`` the sweeps run under torch's deterministic algorithms: on CUDA,
+    float ``cumsum``, ``index_add_`` and ``scatter_add_`` otherwise add in an order that changes
+    from run to run."""
+    if settings.deterministic and positives.s.numel() >= SWEEP_FROM:
+        with deterministic_algorithms():
+            return _gradient_tables(positives, bins, delta, spec, settings)
+    return _gradient_tables(positives, bins, delta, spec, settings)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the block, the caller's setting after it.
+
+    The setting is process-wide, so another thread's ops in the block are deterministic too."""
+    if torch.are_deterministic_algorithms_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+
+def _gradient_tables(positives, bins: ReducedBins, delta, spec, settings) -> pipeline.GradientTables:
     p = positives.s.numel()
     if p >= SWEEP_FROM:
         pairs = _SweptSums(positives, bins, delta, settings.process_group)

@@ -4,7 +4,7 @@ against the reference oracle and the tiles, and the absence of any p x p or p x 
 import pytest
 import torch
 
-from brl_triton import _tables, torch_backend
+from brl_triton import _tables, rank_sort_loss, torch_backend
 from brl_triton._sweeps import DominanceSums, SortedSums, dominance_sums
 from conftest import LOSSES, OpOutputs, UPSTREAM, assert_close, expected, loss_delta_cases, make_case, run_loss
 
@@ -154,3 +154,36 @@ def test_triton_backend_hands_many_positives_to_the_sweeps(name, deterministic, 
     for got, want in zip(out, want_losses):
         assert_close(got, want, atol=1e-6, rtol=1e-5, what=f"{name} loss")
     assert_close(x.grad, want_grad, atol=1e-6 * float(want_grad.abs().max()), rtol=1e-4, what=f"{name} grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_sweeps_run_under_torch_deterministic_algorithms(backend, deterministic, monkeypatch):
+    """CUDA's float cumsum and index_add_ add in a fixed order only under torch's deterministic
+    algorithms: the sweeps switch them on for deterministic calls, and back to the caller's
+    setting (warn_only included) afterwards."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from brl_triton import triton_backend
+
+        monkeypatch.setattr(triton_backend, "TRITON_SWEEP_FROM", 1)
+    monkeypatch.setattr(_tables, "SWEEP_FROM", 1)
+    seen = []
+    real = _tables._SweptSums
+
+    def recording(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_tables, "_SweptSums", recording)
+    logits, targets = make_case(601, 40, seed=3, dtype=torch.float32)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False, warn_only=True)
+    try:
+        x = logits.clone().requires_grad_(True)
+        rank_sort_loss(x, targets, backend=backend, deterministic=deterministic)[0].backward()
+        after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert seen and all(flag == deterministic for flag in seen)
+    assert after == (False, True)
