@@ -67,6 +67,8 @@ TARGET_DTYPES = ("float32", "int64", "bool")
 SIZES = ((203, 13), (256, 1))
 # a memory barrier whose scope is the whole GPU or the system (MEMBAR.SC.GPU, MEMBAR.ALL.SYS, ...)
 MEMBAR_GPU = re.compile(r"\bMEMBAR(?:\.\w+)*\.(?:GPU|SYS)\b")
+# a 16-byte global load: four 32-bit or two 64-bit words (ld.global.v4.b32, ld.global.nc.v2.b64, ...)
+VECTOR_LOAD = re.compile(r"\bld\.global(?:\.\w+)*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class Resources:
     occupancy: float
     has_membar_gpu: bool | None  # a GPU- or system-scope barrier in the SASS; None: not disassembled
     sass: str = field(repr=False)
+    vector_loads: int = 0  # 128-bit global loads in the PTX (ld.global.v4 of 32-bit, .v2 of 64-bit words)
 
 
 def _unwrap(kernel):
@@ -227,6 +230,13 @@ def variant(kernel, args, constexprs, num_warps: int = 4, num_stages: int = 2) -
 def variant_of(launch) -> Variant:
     """The variant of a recorded ``_config.Launch``."""
     return variant(launch.kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+
+
+def specialized_values(v: Variant) -> dict:
+    """Parameter name -> value of every argument ``v`` compiles in as a constant: its constexprs,
+    and the integers Triton specialized because they equal 1 (a stride of 1, for one)."""
+    names = _binding_function(_lookup(v.module, v.name)).arg_names
+    return {names[path[0]]: value for path, value in v.constexprs if len(path) == 1}
 
 
 def missing_tools() -> str | None:
@@ -299,7 +309,8 @@ def _compile_here(v: Variant, arch: int, sass: bool = True) -> Resources:
     shared = compiled.metadata.shared + (int(static_smem[1]) if static_smem else 0)
     return Resources(v.name, arch, registers, int(spills[1]), int(spills[2]), shared,
                      occupancy(registers, shared, v.num_warps, arch),
-                     bool(MEMBAR_GPU.search(code)) if sass else None, code)
+                     bool(MEMBAR_GPU.search(code)) if sass else None, code,
+                     len(VECTOR_LOAD.findall(compiled.asm["ptx"])))
 
 
 def _compile_job(job):
@@ -406,7 +417,7 @@ def variant_matrix(launches, tunable: dict | None = None) -> dict:
 
 
 COLUMNS = ["kernel", "config", "dtypes", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes",
-           "occupancy", "membar_gpu", "default", "signature", "constexprs", "attrs", "error"]
+           "occupancy", "membar_gpu", "vector_loads", "default", "signature", "constexprs", "attrs", "error"]
 
 
 def rows(matrix: dict, jobs, results) -> list[dict]:
@@ -421,21 +432,21 @@ def rows(matrix: dict, jobs, results) -> list[dict]:
         else:
             row.update(registers=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                        shared_bytes=r.shared_bytes, occupancy=round(r.occupancy, 4),
-                       membar_gpu=r.has_membar_gpu)
+                       membar_gpu=r.has_membar_gpu, vector_loads=r.vector_loads)
         out.append(row)
     return sorted(out, key=lambda r: (r["kernel"], not r["default"], r["config"], r["dtypes"], r["arch"]))
 
 
 def markdown(table: list[dict]) -> str:
     head = ["kernel", "config", "dtypes", "arch", "registers", "spills st/ld (B)", "shared (B)", "occupancy",
-            "MEMBAR .GPU", "default"]
+            "MEMBAR .GPU", "16-B loads", "default"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         if r["error"]:
-            cells = ["error: " + r["error"].splitlines()[0][:80]] + [""] * 4
+            cells = ["error: " + r["error"].splitlines()[0][:80]] + [""] * 5
         else:
             cells = [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["shared_bytes"]),
-                     f"{r['occupancy']:.0%}", "yes" if r["membar_gpu"] else ""]
+                     f"{r['occupancy']:.0%}", "yes" if r["membar_gpu"] else "", str(r["vector_loads"])]
         lines.append("| " + " | ".join([r["kernel"], r["config"], r["dtypes"], r["arch"], *cells,
                                          "yes" if r["default"] else ""]) + " |")
     return "\n".join(lines) + "\n"

@@ -195,6 +195,112 @@ def golden_cases():
     return torch.load(GOLDEN, weights_only=False)["cases"]
 
 
+class CrossProgramAccesses:
+    """Every interpreted Triton launch inside the block, with the bytes that one program loaded or
+    stored and another program of the same launch stored (``launches``: kernel name and a
+    description of each such race). On a GPU a launch's programs run in any order, so such a load
+    reads either value; atomics of several programs on one address are fine, a plain load of it is
+    not."""
+
+    def __init__(self):
+        self.launches: list[tuple[str, list[str]]] = []
+        self._accesses: dict[str, list] | None = None
+
+    def races(self) -> list[str]:
+        return [f"{kernel}: {race}" for kernel, races in self.launches for race in races]
+
+    def record(self, kind: str, builder, ptrs, mask) -> None:
+        import numpy as np
+
+        if self._accesses is None:
+            return
+        addresses = np.atleast_1d(np.asarray(ptrs.data, dtype=np.uint64))
+        if mask is not None:
+            addresses = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
+        width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        byte_addresses = (addresses.reshape(-1, 1) + np.arange(width, dtype=np.uint64)).reshape(-1)
+        x, y, z = builder.grid_idx
+        _, ny, nz = builder.grid_dim
+        self._accesses[kind].append((byte_addresses, (x * ny + y) * nz + z))
+
+    def start(self) -> None:
+        self._accesses = {"load": [], "store": [], "atomic": []}
+
+    def finish(self, kernel: str) -> None:
+        import numpy as np
+
+        def pairs(kind):  # distinct (byte, program) pairs
+            chunks = self._accesses[kind]
+            if not chunks:
+                return np.zeros((0, 2), dtype=np.uint64)
+            return np.unique(np.concatenate([np.stack([b, np.full(b.size, prog, dtype=np.uint64)], 1)
+                                             for b, prog in chunks]), axis=0)
+
+        def shared_bytes(*sets):  # bytes that more than one program touches in these sets
+            union = np.unique(np.concatenate(sets), axis=0)
+            byte, programs = np.unique(union[:, 0], return_counts=True)
+            return byte[programs > 1]
+
+        loads, stores, atomics = pairs("load"), pairs("store"), pairs("atomic")
+        writes = np.concatenate([stores, atomics])
+        self._accesses = None
+        races = []
+        read_after_write = np.intersect1d(shared_bytes(loads, writes), np.intersect1d(loads[:, 0], writes[:, 0]))
+        if read_after_write.size:
+            races.append(f"{read_after_write.size} bytes loaded by one program and stored by another")
+        write_write = np.intersect1d(shared_bytes(writes), stores[:, 0])
+        if write_write.size:
+            races.append(f"{write_write.size} bytes stored by two programs")
+        self.launches.append((kernel, races))
+
+
+@contextmanager
+def cross_program_accesses():
+    """Record, for every interpreted launch in the block, the bytes that two of its programs share
+    with at least one store (``CrossProgramAccesses``)."""
+    from triton.runtime import interpreter
+
+    builder = type(interpreter.interpreter_builder)
+    executor = interpreter.GridExecutor
+    saved = {name: getattr(builder, name) for name in
+             ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")}
+    saved_call = executor.__call__
+    log = CrossProgramAccesses()
+
+    def masked_load(self, ptrs, mask, *args):
+        log.record("load", self, ptrs, mask)
+        return saved["create_masked_load"](self, ptrs, mask, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        log.record("store", self, ptrs, mask)
+        return saved["create_masked_store"](self, ptrs, value, mask, *args)
+
+    def atomic_rmw(self, op, ptr, val, mask, *args):
+        log.record("atomic", self, ptr, mask)
+        return saved["create_atomic_rmw"](self, op, ptr, val, mask, *args)
+
+    def atomic_cas(self, ptr, cmp, val, *args):
+        log.record("atomic", self, ptr, None)
+        return saved["create_atomic_cas"](self, ptr, cmp, val, *args)
+
+    def call(self, *args, **kwargs):
+        log.start()
+        try:
+            return saved_call(self, *args, **kwargs)
+        finally:
+            log.finish(self.fn.__name__)
+
+    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+    builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
+    executor.__call__ = call
+    try:
+        yield log
+    finally:
+        for name, method in saved.items():
+            setattr(builder, name, method)
+        executor.__call__ = saved_call
+
+
 @contextmanager
 def program_order(order: str, seed: int = 0):
     """Run the programs of every interpreted Triton launch in ``order``: "reversed" or "shuffled"

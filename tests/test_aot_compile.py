@@ -168,3 +168,22 @@ def test_streaming_kernels_have_no_gpu_scope_fence(kernels):
     fenced = [f"{_label(*job)}: {', '.join(sorted(set(kr.MEMBAR_GPU.findall(r.sass))))}"
               for job, r in streaming if r.has_membar_gpu]
     assert not fenced, "\n".join(fenced)
+
+
+STREAMING_PASSES = {"_scan_kernel", "_reduce_kernel", "_distribute_kernel"}
+
+
+def _contiguous(v):
+    """Both streams flat with stride 1 (``layout`` of a contiguous tensor)."""
+    values = kr.specialized_values(v)
+    return all(values.get(name) == 1 for name in ("S_NDIM", "Y_NDIM", "s_st0", "y_st0"))
+
+
+def test_contiguous_streams_load_16_bytes_at_a_time(kernels):
+    """The three passes over all N elements load whole blocks of contiguous tensors without a
+    mask from a 16-divisible start: the PTX has 128-bit loads (ld.global.v4.b32 / .v2.b64)."""
+    checked = [(job, r) for job, r in kernels
+               if not isinstance(r, str) and r.kernel in STREAMING_PASSES and _contiguous(job[0])]
+    assert {r.kernel for _, r in checked} == STREAMING_PASSES
+    scalar = [_label(*job) for job, r in checked if r.vector_loads == 0]
+    assert not scalar, "\n".join(scalar)

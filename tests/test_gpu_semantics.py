@@ -405,3 +405,50 @@ def test_results_do_not_depend_on_the_programs_order(name, order):
     assert torch.equal(got_deterministic[1], want_deterministic[1])
     assert_close(got[0], want[0], atol=1e-6, rtol=1e-6, what="losses")
     assert_close(got[1], want[1], atol=1e-6 * want[1].abs().max().item(), rtol=1e-5, what="gradient")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="instruments the interpreter")
+def test_the_access_log_sees_a_load_of_another_programs_store():
+    """The instrument of the test below, on a kernel whose program 1 reads what program 0 stores
+    (and on one whose programs only meet through an atomic, which is no race)."""
+    import triton
+    import triton.language as tl
+
+    from conftest import cross_program_accesses
+
+    @triton.jit
+    def racy_kernel(buffer_ptr, out_ptr):
+        pid = tl.program_id(0)
+        tl.store(buffer_ptr + pid, pid + 1)
+        tl.store(out_ptr + pid, tl.load(buffer_ptr + (pid + 1) % 2))
+
+    @triton.jit
+    def counting_kernel(counter_ptr, out_ptr):
+        tl.atomic_add(counter_ptr, 1)
+        tl.store(out_ptr + tl.program_id(0), 1)
+
+    buffer, out = torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    with cross_program_accesses() as log:
+        racy_kernel[(2,)](buffer, out)
+        counting_kernel[(2,)](buffer, out)
+    assert [kernel for kernel, _ in log.launches] == ["racy_kernel", "counting_kernel"]
+    assert log.launches[0][1] == ["8 bytes loaded by one program and stored by another"]
+    assert log.launches[1][1] == []
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="instruments the interpreter")
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_no_program_reads_what_another_program_of_its_launch_stores(name, deterministic, validate):
+    """One forward+backward: within a launch, the programs share no byte that one of them stores
+    with a plain load or store (atomic additions excepted), so their order cannot matter. 300
+    positives: several programs per launch in the positives' kernels too."""
+    from conftest import cross_program_accesses
+
+    logits, targets = make_case(3001, 300, seed=4, dtype=torch.float32)
+    with cross_program_accesses() as log:
+        _losses_and_grad(name, logits, targets, "triton", deterministic=deterministic, validate=validate)
+    assert len(log.launches) >= 5
+    assert log.races() == []

@@ -64,3 +64,17 @@ def element_address(offs, d1, d2, st0, st1, st2, NDIM: tl.constexpr):
         inner = offs % d2
         outer = offs // d2
         return (outer // d1) * st0 + (outer % d1) * st1 + inner * st2
+
+
+@triton.jit
+def load_elements(ptr, offs, d1, d2, st0, st1, st2, NDIM: tl.constexpr, inside, whole_block, other):
+    """Logical elements ``offs`` of a layout, ``other`` where not ``inside``. A block that lies
+    wholly inside (``whole_block``, a scalar) is loaded without a mask: with a unit stride and a
+    16-divisible start, the compiler can then prove 16-byte alignment and emit vector loads
+    (``ld.global.v4``); a mask that may end anywhere keeps every load scalar."""
+    address = ptr + element_address(offs, d1, d2, st0, st1, st2, NDIM)
+    if whole_block:
+        value = tl.load(address)
+    else:
+        value = tl.load(address, mask=inside, other=other)
+    return value

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _math as m
 from ._config import launch, launch_chunks
-from ._layout import element_address
+from ._layout import element_address, load_elements
 
 SORT_BY_RANK_MAX = 32768
 SCAN_BLOCK, SCAN_WARPS = 1024, 4
@@ -31,7 +31,7 @@ EDGES_BUCKETS = 1  # bucketed: min - delta, then the positive logits
 EDGES_BREAKPOINTS = 2  # exact: the 2p kinks s_i -/+ delta, rounded up
 
 
-@triton.jit(do_not_specialize=["start", "stop", "capacity", "check_above_one"])
+@triton.jit(do_not_specialize=["stop", "capacity", "check_above_one"])  # start: see streaming._reduce_kernel
 def _scan_kernel(
     y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2, s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2,
     pos_index_ptr, status_ptr, start, stop, capacity, check_above_one,
@@ -40,7 +40,8 @@ def _scan_kernel(
 ):
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < stop
-    y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=0)
+    whole_block = start + (tl.program_id(0).to(tl.int64) + 1) * BLOCK <= stop
+    y = load_elements(y_ptr, offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM, inside, whole_block, 0)
     # the worst target problem of the block: non-finite (2) over above one (1, unless allowed)
     bad = tl.max((inside & (y > 1) & (check_above_one != 0)).to(tl.int32), axis=0)
     if TARGETS_FLOAT:
@@ -54,7 +55,7 @@ def _scan_kernel(
     tl.store(pos_index_ptr + slot, offs, mask=is_pos & (slot < capacity))
     if MAX_NEGATIVE:
         negative = inside & (y == 0)
-        s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=negative, other=0.0)
+        s = load_elements(s_ptr, offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM, inside, whole_block, 0.0)
         top = tl.max(tl.where(negative, m.upcast(s, tl.float64), -float("inf")), axis=0)
         tl.atomic_max(status_ptr + m.STATUS_MAX_NEGATIVE, m.max_negative_code(top), mask=top > -float("inf"),
                       sem="relaxed")
@@ -90,10 +91,14 @@ def _prepare_kernel(
     ``expected`` of them, in flat order) in sorted order. A count other than ``expected``, or a
     regression loss that is NaN, infinite or negative, marks the call invalid."""
     pid = tl.program_id(0)
-    zeros = tl.arange(0, 4 * ROWS) + pid * 2 * ROWS  # 2 bins per positive, and the two past the last
-    tl.store(count_ptr + zeros, tl.zeros([4 * ROWS], count_ptr.dtype.element_ty), mask=zeros < accumulators)
+    # 2 bins per positive; the last program also zeroes the two past the last positive. The
+    # programs' slices do not overlap: on a GPU no byte of a launch has two writers.
+    slice_start = pid * 2 * ROWS
+    zeros = slice_start + tl.arange(0, 4 * ROWS)
+    own = (zeros < slice_start + 2 * ROWS) | (pid == tl.num_programs(0) - 1)
+    tl.store(count_ptr + zeros, tl.zeros([4 * ROWS], count_ptr.dtype.element_ty), mask=own & (zeros < accumulators))
     tl.store(offset_sum_ptr + zeros, tl.zeros([4 * ROWS], offset_sum_ptr.dtype.element_ty),
-             mask=zeros < accumulators)
+             mask=own & (zeros < accumulators))
     p = tl.load(status_ptr + m.STATUS_POSITIVES)
     if REGRESSION:
         tl.store(status_ptr + m.STATUS_INVALID, 1, mask=(pid == 0) & (p != expected))

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _math as m
 from ._config import Tunable, launch, launch_chunks, size_class
-from ._layout import element_address
+from ._layout import load_elements
 
 DISTRIBUTE_BLOCK, DISTRIBUTE_WARPS = 1024, 4
 
@@ -52,7 +52,9 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
     return key_b, tl.where(same, offset_a + offset_b, offset_b), tl.where(same, count_a + count_b, count_b)
 
 
-@triton.jit(do_not_specialize=["start", "stop", "n_total", "n_class"])
+# ``start`` is specialized (16-divisible or not; chunks start at multiples of 2^30), so that whole
+# blocks of contiguous tensors compile to vector loads; the other integers vary from call to call.
+@triton.jit(do_not_specialize=["stop", "n_total", "n_class"])
 def _reduce_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
     edges_ptr, status_ptr, count_ptr, offset_sum_ptr, start, stop, n_total, n_class,
@@ -64,7 +66,8 @@ def _reduce_kernel(
     lane = tl.arange(0, BLOCK)
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
     inside = offs < stop
-    s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
+    whole_block = start + (tl.program_id(0).to(tl.int64) + 1) * BLOCK <= stop
+    s = load_elements(s_ptr, offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM, inside, whole_block, 0.0)
     s = m.upcast(s, edges_ptr.dtype.element_ty)
     finite = (s == s) & (tl.abs(s) != float("inf"))
     bad = tl.max((inside & ~finite).to(tl.int32), axis=0)
@@ -78,7 +81,7 @@ def _reduce_kernel(
                   mask=smallest_negated > -float("inf"), sem="relaxed")
     num_edges = tl.load(status_ptr + m.STATUS_NUM_EDGES)
     if num_edges > 0:
-        y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
+        y = load_elements(y_ptr, offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM, inside, whole_block, 1)
         relevant = inside & (y == 0) & (s >= tl.load(edges_ptr))
         key = _count_edges_at_or_below(edges_ptr, num_edges, s)
         lower = tl.load(edges_ptr + key - 1, mask=relevant, other=0.0)
@@ -113,7 +116,7 @@ REDUCE = Tunable(
 )
 
 
-@triton.jit(do_not_specialize=["p_bound", "start", "stop", "stream_programs", "scatter_programs"])
+@triton.jit(do_not_specialize=["p_bound", "stop", "stream_programs", "scatter_programs"])  # start: as reduce
 def _distribute_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
     edges_ptr, status_ptr, const_ptr, slope_ptr, grad_ptr, pos_index_ptr, pos_rank_grad_ptr, pos_sort_grad_ptr,
@@ -130,8 +133,9 @@ def _distribute_kernel(
     if pid < stream_programs:
         offs = start + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < stop
-        y = tl.load(y_ptr + element_address(offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM), mask=inside, other=1)
-        s = tl.load(s_ptr + element_address(offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM), mask=inside, other=0.0)
+        whole_block = start + (pid.to(tl.int64) + 1) * BLOCK <= stop
+        y = load_elements(y_ptr, offs, y_d1, y_d2, y_st0, y_st1, y_st2, Y_NDIM, inside, whole_block, 1)
+        s = load_elements(s_ptr, offs, s_d1, s_d2, s_st0, s_st1, s_st2, S_NDIM, inside, whole_block, 0.0)
         s = m.upcast(s, edges_ptr.dtype.element_ty)
         relevant = inside & (y == 0) & (num_edges > 0)
         relevant &= s >= tl.load(edges_ptr, mask=num_edges > 0, other=0.0)
