@@ -24,10 +24,12 @@ non-zero if any step failed):
    (upstream gradients 0.7 and -1.3 for the two Rank & Sort outputs, so that a swapped or
    dropped output shows): losses within rtol 1e-5, gradients within 1e-5 x max|grad|.
 4. **Determinism**: ``deterministic=True`` three times, bit-identical losses and gradients.
-5. **Crossover**: BRS at N = 10^6 for P from 4,096 to 65,536, the Triton backend with its
+5. **Crossover**: one loss of each family of step-3 terms (``CROSSOVER_LOSSES``: Rank & Sort,
+   AP, interpolated AP, aLRP) at N = 10^6 for P from 4,096 to 65,536, the Triton backend with its
    register tiles against the same backend handing step 3 to the torch sweeps
-   (``triton_backend.TRITON_SWEEP_FROM``, an estimate until this runs): the P from which the sweeps
-   win, to put into ``TRITON_SWEEP_FROM``. Written to ``crossover.csv`` and ``results.md``.
+   (``triton_backend.TRITON_SWEEP_FROM``, an estimate until this runs): per family, the P from
+   which the sweeps win, to put into ``TRITON_SWEEP_FROM``. Written to ``crossover.csv`` and
+   ``results.md``.
 
 Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table for
 benchmarks/README.md, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
@@ -470,8 +472,13 @@ def summarize(rows: list, name: str, key: str, mismatch: str) -> Step:
     return Step(name, "FAILED", f"{len(bad)} of {len(rows)} failed, first: {first['loss']} N={first['N']:,}: {why}")
 
 
+# One loss per family of step-3 terms, whose tiles and sweeps do different work: Rank & Sort (the
+# sorting terms, P x P), AP, interpolated AP (a running maximum), aLRP (the localisation part).
+CROSSOVER_LOSSES = ("brs", "bap", "ap_interp", "alrp")
+
+
 def run_crossover(device: str, sweep: Sweep) -> tuple[Step, list]:
-    """BRS with the Triton backend's tiles and with its sweeps, at growing P."""
+    """Each of ``CROSSOVER_LOSSES`` with the Triton backend's tiles and with its sweeps, at growing P."""
     from tqdm import tqdm
 
     from brl_triton import triton_backend
@@ -481,26 +488,30 @@ def run_crossover(device: str, sweep: Sweep) -> tuple[Step, list]:
     rows = []
     saved = triton_backend.TRITON_SWEEP_FROM
     try:
-        with tqdm(total=2 * len(sweep.crossover_p), desc="crossover", unit="run") as bar:
-            for p in sweep.crossover_p:
-                logits, targets = detector_like_case(sweep.crossover_n, p, seed=p, device=device)
-                row = {"N": sweep.crossover_n, "P": p}
-                for path, sweep_from in (("tiles", sys.maxsize), ("sweeps", 1)):
-                    triton_backend.TRITON_SWEEP_FROM = sweep_from
-                    row[f"{path}_ms"] = time_ms(loss_step(LOSSES["brs"], "triton", logits, targets), device,
-                                                sweep.min_time)[0]
-                    bar.update()
-                rows.append(row)
+        with tqdm(total=2 * len(CROSSOVER_LOSSES) * len(sweep.crossover_p), desc="crossover", unit="run") as bar:
+            for name in CROSSOVER_LOSSES:
+                for p in sweep.crossover_p:
+                    logits, targets = detector_like_case(sweep.crossover_n, p, seed=p, device=device)
+                    row = {"loss": name, "N": sweep.crossover_n, "P": p}
+                    for path, sweep_from in (("tiles", sys.maxsize), ("sweeps", 1)):
+                        triton_backend.TRITON_SWEEP_FROM = sweep_from
+                        row[f"{path}_ms"] = time_ms(loss_step(LOSSES[name], "triton", logits, targets), device,
+                                                    sweep.min_time)[0]
+                        bar.update()
+                    rows.append(row)
     finally:
         triton_backend.TRITON_SWEEP_FROM = saved
-    winning = [r["P"] for r in rows if r["sweeps_ms"] <= r["tiles_ms"]]
-    found = f"sweeps win from P = {winning[0]:,}" if winning else "the tiles win at every P timed"
-    return Step("crossover", "passed", f"{found}; TRITON_SWEEP_FROM is {saved:,}"), rows
+    found = []
+    for name in CROSSOVER_LOSSES:
+        winning = [r["P"] for r in rows if r["loss"] == name and r["sweeps_ms"] <= r["tiles_ms"]]
+        found.append(f"{name} from P = {winning[0]:,}" if winning else f"{name} never")
+    return Step("crossover", "passed", f"sweeps win: {', '.join(found)}; TRITON_SWEEP_FROM is {saved:,}"), rows
 
 
 def crossover_table(rows: list) -> str:
-    lines = ["| N | P | Triton tiles ms | Triton + torch sweeps ms | sweeps ÷ tiles |", "|---|---|---|---|---|"]
-    lines += [f"| {r['N']:,} | {r['P']:,} | {fmt(r['tiles_ms'])} | {fmt(r['sweeps_ms'])} | "
+    lines = ["| loss | N | P | Triton tiles ms | Triton + torch sweeps ms | sweeps ÷ tiles |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['loss']} | {r['N']:,} | {r['P']:,} | {fmt(r['tiles_ms'])} | {fmt(r['sweeps_ms'])} | "
               f"{fmt(r['sweeps_ms'] / r['tiles_ms'], '.2f')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -601,7 +612,7 @@ def write_outputs(out: Path, timing_rows, parity_rows, steps, environment, bandw
     write_csv(list(crossover_rows), out / "crossover.csv")
     text = timing_table(timing_rows, environment, bandwidth, stand_in)
     text += "\nParity (Triton vs torch backend on the same device) and determinism:\n\n" + parity_table(parity_rows)
-    text += "\nBRS forward+backward, Triton tiles against the torch sweeps for step 3:\n\n" + crossover_table(
+    text += "\nForward+backward, Triton tiles against the torch sweeps for step 3, per loss family:\n\n" + crossover_table(
         list(crossover_rows))
     text += "\nChecks:\n\n" + "\n".join(f"- {step.line()}" for step in steps) + "\n"
     (out / "results.md").write_text(text)

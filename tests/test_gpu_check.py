@@ -105,7 +105,8 @@ def test_a_step_that_crashes_still_leaves_the_other_steps_and_the_outputs(tmp_pa
 def test_dry_run_times_the_triton_tiles_against_the_sweeps(dry_run):
     status, out = dry_run
     rows = list(csv.DictReader((out / "crossover.csv").open()))
-    assert [int(r["P"]) for r in rows] == list(gpu_check.SWEEPS["dry"].crossover_p)
+    assert [(r["loss"], int(r["P"])) for r in rows] == [(name, p) for name in gpu_check.CROSSOVER_LOSSES
+                                                         for p in gpu_check.SWEEPS["dry"].crossover_p]
     assert all(float(r["tiles_ms"]) > 0 and float(r["sweeps_ms"]) > 0 for r in rows)
     table = (out / "results.md").read_text()
-    assert "- crossover: passed" in table and "| N | P | Triton tiles ms |" in table
+    assert "- crossover: passed (sweeps win: brs " in table and "| loss | N | P | Triton tiles ms |" in table
