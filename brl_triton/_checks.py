@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 
 import torch
 
-from ._common import compute_dtype, wide_dtype
+from ._common import compute_dtype, read_host, wide_dtype
 
 
 class NonFiniteError(ValueError):
@@ -151,13 +150,6 @@ def check_finite(logits: torch.Tensor, targets: torch.Tensor, allow_targets_abov
     check_logit_range(low, high, delta, logits.numel(), compute_dtype(logits.dtype))
 
 
-def _read_host(tensor) -> list:
-    """``tensor.tolist()``, counted as the host read it is when the kernels' launch recorder is
-    loaded (``kernels._config.read_host``; without Triton nothing records)."""
-    config = sys.modules.get("brl_triton.kernels._config")
-    return tensor.tolist() if config is None else config.read_host(tensor)
-
-
 def check_regression_losses(regression_losses, logits, targets) -> None:
     """Finite values >= 0 on the logits' device, one per positive of ``targets`` (of this
     process, with a process group)."""
@@ -169,7 +161,7 @@ def check_regression_losses(regression_losses, logits, targets) -> None:
         inf = float("inf")  # NaN fails both comparisons
         checks += [(low > -inf) & (high < inf), low >= 0]
     # one host read for all checks
-    positives, *finite_and_non_negative = _read_host(torch.stack([c.to(torch.int64) for c in checks]))
+    positives, *finite_and_non_negative = read_host(torch.stack([c.to(torch.int64) for c in checks]))
     if finite_and_non_negative:
         finite, non_negative = finite_and_non_negative
         if not finite:  # a diverged model's boxes, as its logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +69,11 @@ def flat_inputs(logits: torch.Tensor, targets: torch.Tensor):
     if y.dtype == torch.bool:
         y = y.to(torch.uint8)
     return s, y
+
+
+def read_host(tensor: torch.Tensor) -> list:
+    """``tensor.tolist()``: the host waits for the device. Counted as the host read it is when the
+    kernels' launch recorder is loaded (``kernels._config.read_host``; without Triton nothing
+    records)."""
+    config = sys.modules.get("brl_triton.kernels._config")
+    return tensor.tolist() if config is None else config.read_host(tensor)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import read_host
 from ._edges import rounded_up_sum
 
 # Rows of prefix sums gathered at once in the wavelet walk: 8 MiB at four float64 columns
@@ -184,8 +185,10 @@ def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, s
     """
     n, width = table.shape
     given = [point for point in list(starts) + list(ends) if point is not None]
-    first = min((int(point.min()) for point in given), default=0) if bound.numel() else 0
-    last = max((int(point.max()) for point in given), default=0) if bound.numel() else 0
+    first = last = 0
+    if given and bound.numel():  # the span of the walks: one host read for all the points
+        first, last = read_host(torch.stack([torch.stack([point.min() for point in given]).min(),
+                                             torch.stack([point.max() for point in given]).max()]))
     points = []  # each walked once
     for point in given:
         if all(point is not known for known in points):

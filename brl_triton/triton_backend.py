@@ -53,11 +53,13 @@ from .kernels._layout import layout
 
 # From this many positives on, step 3 runs the torch backend's sweeps (O(p log p)) instead of the
 # register tiles (O(p^2) in few launches). An estimate, not a measurement: no GPU was at hand. At
-# 32k positives the tiles do ~10^9 pair terms (a few ms on a large GPU); the sweeps' step 3,
-# counted with a TorchDispatchMode, is 1,924 torch ops and 20 host syncs for Rank & Sort (2,436
-# at 131k) and 212 ops with no sync for the AP losses: ~10 ms and ~1 ms of launch latency. So
-# the crossover is likely higher for Rank & Sort than for AP; one threshold until it is measured.
-# `python -m benchmarks.gpu_check` times both (its crossover step) on a GPU.
+# 32k positives the tiles do ~10^9 pair terms (a few ms on a large GPU). A forward+backward on the
+# sweeps, counted with a TorchDispatchMode (the bound is asserted in tests/test_gpu_semantics.py):
+# Rank & Sort about 1,060 + 70 log2(p / 600) launches (~1,460 at 32k: one wavelet level per bit
+# of p), the AP losses and aLRP at most 300 whatever p, and at most 6 host syncs for every loss:
+# ~10 ms and ~2 ms of launch latency. So the crossover is likely higher for Rank & Sort than for
+# AP; one threshold until it is measured. `python -m benchmarks.gpu_check` times both (its
+# crossover step) on a GPU.
 TRITON_SWEEP_FROM = 32768
 
 

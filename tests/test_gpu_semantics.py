@@ -152,6 +152,47 @@ def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic,
     assert_close(x.grad, want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")
 
 
+# From TRITON_SWEEP_FROM positives on, step 3 is the torch sweeps: the host reads the status words,
+# the occupied bins (nonzero) and the span of each wavelet walk (one read per walk), and in
+# deterministic mode the fixed-point scale: at most 6 syncs, whatever p
+SWEEP_SYNCS = 6
+# Rank & Sort's target-restricted sums walk a wavelet matrix, one level per bit of p: about 70
+# launches per doubling; the other losses' sweeps have no walk and launch the same for any p
+SWEEP_LAUNCHES_PER_DOUBLING, SWEEP_LAUNCHES_AT_600 = 75, 1150
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_above_the_sweep_threshold_syncs_stay_constant_and_launches_grow_with_log_p(name, deterministic,
+                                                                                     monkeypatch):
+    """The sweeps path (threshold lowered so the interpreter runs it quickly) at p and 4p."""
+    from brl_triton import triton_backend
+
+    monkeypatch.setattr(triton_backend, "TRITON_SWEEP_FROM", 32)
+    fn, extra, spec = LOSSES[name]
+    counts = {}
+    for p in (600, 2400):
+        logits, targets = make_case(4 * p, p, seed=p, dtype=torch.float32)
+        x, targets = logits.to(DEVICE).requires_grad_(True), targets.to(DEVICE)
+        args = ()
+        if spec.regression:
+            fn, args = getattr(brl_triton, spec.function_name), (regression_losses_for(targets).requires_grad_(),)
+        with _count() as (kernels, ops):
+            out = fn(x, targets, *args, 0.5, backend="triton", deterministic=deterministic, **extra)
+            out = out if isinstance(out, tuple) else (out,)
+            torch.autograd.backward(out, [torch.tensor(g, device=DEVICE) for g in UPSTREAM[:len(out)]])
+        counts[p] = len(kernels.launches) + len(ops.ops), kernels.host_reads + len(ops.syncs)
+        if p == 600:  # the instrument ran the sweeps: the reference agrees
+            want_losses, want_grad = expected(name, logits, targets.cpu(), 0.5)
+            assert_close(torch.stack([o.detach().cpu() for o in out]), torch.stack(list(want_losses)), atol=1e-6,
+                         rtol=1e-5, what="losses")
+    (small_launches, small_syncs), (large_launches, large_syncs) = counts[600], counts[2400]
+    assert small_syncs == large_syncs <= SWEEP_SYNCS, counts
+    assert small_launches <= SWEEP_LAUNCHES_AT_600, counts
+    assert 0 <= large_launches - small_launches <= 2 * SWEEP_LAUNCHES_PER_DOUBLING, counts
+
+
 def test_the_counter_counts_a_host_reads_copy_as_the_host_read():
     """A CUDA tensor's .tolist() dispatches a copy to the host: one host read, not a launch. A
     tensor whose tolist dispatches an op stands in for it here."""
