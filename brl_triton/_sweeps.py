@@ -187,8 +187,7 @@ def dominance_sums(pi: torch.Tensor, table: torch.Tensor, bound: torch.Tensor, s
     given = [point for point in list(starts) + list(ends) if point is not None]
     first = last = 0
     if given and bound.numel():  # the span of the walks: one host read for all the points
-        first, last = read_host(torch.stack([torch.stack([point.min() for point in given]).min(),
-                                             torch.stack([point.max() for point in given]).max()]))
+        first, last = read_host(torch.stack(torch.aminmax(torch.cat(given))))
     points = []  # each walked once
     for point in given:
         if all(point is not known for known in points):

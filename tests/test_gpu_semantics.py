@@ -118,13 +118,10 @@ ALRP_LAUNCHES = LAUNCHES + 2
 ALRP_VALIDATION_LAUNCHES, ALRP_VALIDATION_SYNCS = 10, 1
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize("validate", [True, False])
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("name", list(LOSSES))
-def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic, validate):
+def _counted_step(name, logits, targets, **options):
+    """One forward+backward of the loss on the Triton backend, counted: (outputs, logits' gradient,
+    launches, syncs, what was launched)."""
     fn, extra, spec = LOSSES[name]
-    logits, targets = make_case(3001, 40, seed=2, dtype=torch.float32)
     x = logits.to(DEVICE).requires_grad_(True)
     targets = targets.to(DEVICE)
     upstream = [torch.tensor(g, device=DEVICE) for g in UPSTREAM]
@@ -132,13 +129,24 @@ def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic,
     if spec.regression:  # the stand-in regression losses are the caller's work, not the loss's
         fn, args = getattr(brl_triton, spec.function_name), (regression_losses_for(targets).requires_grad_(),)
     with _count() as (kernels, ops):
-        out = fn(x, targets, *args, 0.5, backend="triton", deterministic=deterministic, validate=validate,
-                 **extra)
+        out = fn(x, targets, *args, 0.5, backend="triton", **options, **extra)
         out = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(out, upstream[:len(out)])
     launches = len(kernels.launches) + len(ops.ops)
     syncs = kernels.host_reads + len(ops.syncs)
     detail = f"kernels {[k.kernel.__name__ for k in kernels.launches]}, torch ops {ops.ops}, syncs {ops.syncs}"
+    return out, x.grad, launches, syncs, detail
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic, validate):
+    spec = LOSSES[name][2]
+    logits, targets = make_case(3001, 40, seed=2, dtype=torch.float32)
+    out, grad, launches, syncs, detail = _counted_step(name, logits, targets, deterministic=deterministic,
+                                                       validate=validate)
     if spec.regression:
         want = (ALRP_LAUNCHES + validate * ALRP_VALIDATION_LAUNCHES, SYNCS[validate] + validate * ALRP_VALIDATION_SYNCS)
     else:
@@ -146,14 +154,14 @@ def test_one_step_launches_7_kernels_and_syncs_at_most_once(name, deterministic,
     assert (launches, syncs) == want, detail
     if not validate:  # the issue's budget for a CUDA-graph-capturable call
         assert launches <= 10 and syncs == 0, detail
-    want_losses, want_grad = expected(name, logits, targets.cpu(), 0.5)
+    want_losses, want_grad = expected(name, logits, targets, 0.5)
     assert_close(torch.stack([o.detach().cpu() for o in out]), torch.stack(list(want_losses)), atol=1e-6,
                  rtol=1e-5, what="losses")
-    assert_close(x.grad, want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")
+    assert_close(grad.cpu(), want_grad, atol=1e-6 * want_grad.abs().max().item(), rtol=1e-4, what="grad")
 
 
 # From TRITON_SWEEP_FROM positives on, step 3 is the torch sweeps: the host reads the status words,
-# the occupied bins (nonzero) and the span of each wavelet walk (one read per walk), and in
+# the occupied bins (nonzero) and the span of the wavelet walks (one read per dominance query), and in
 # deterministic mode the fixed-point scale: at most 6 syncs, whatever p
 SWEEP_SYNCS = 6
 # Rank & Sort's target-restricted sums walk a wavelet matrix, one level per bit of p: about 70
@@ -170,21 +178,13 @@ def test_above_the_sweep_threshold_syncs_stay_constant_and_launches_grow_with_lo
     from brl_triton import triton_backend
 
     monkeypatch.setattr(triton_backend, "TRITON_SWEEP_FROM", 32)
-    fn, extra, spec = LOSSES[name]
     counts = {}
     for p in (600, 2400):
         logits, targets = make_case(4 * p, p, seed=p, dtype=torch.float32)
-        x, targets = logits.to(DEVICE).requires_grad_(True), targets.to(DEVICE)
-        args = ()
-        if spec.regression:
-            fn, args = getattr(brl_triton, spec.function_name), (regression_losses_for(targets).requires_grad_(),)
-        with _count() as (kernels, ops):
-            out = fn(x, targets, *args, 0.5, backend="triton", deterministic=deterministic, **extra)
-            out = out if isinstance(out, tuple) else (out,)
-            torch.autograd.backward(out, [torch.tensor(g, device=DEVICE) for g in UPSTREAM[:len(out)]])
-        counts[p] = len(kernels.launches) + len(ops.ops), kernels.host_reads + len(ops.syncs)
+        out, _, launches, syncs, _ = _counted_step(name, logits, targets, deterministic=deterministic)
+        counts[p] = launches, syncs
         if p == 600:  # the instrument ran the sweeps: the reference agrees
-            want_losses, want_grad = expected(name, logits, targets.cpu(), 0.5)
+            want_losses, _ = expected(name, logits, targets, 0.5)
             assert_close(torch.stack([o.detach().cpu() for o in out]), torch.stack(list(want_losses)), atol=1e-6,
                          rtol=1e-5, what="losses")
     (small_launches, small_syncs), (large_launches, large_syncs) = counts[600], counts[2400]
