@@ -118,9 +118,7 @@ def _ranking(score: tuple) -> tuple:
 
 
 def recipe_lr(detector: str, loss: str, batch_size: int) -> float:
-    recipe = train_detector.RECIPES[loss]
-    per_16 = recipe.lr_one_stage if detector in train_detector.ONE_STAGE else recipe.lr_two_stage
-    return per_16 * batch_size / 16
+    return train_detector.lr_per_16(detector, loss) * batch_size / 16
 
 
 def spread(values: list[float]) -> float:
@@ -424,7 +422,11 @@ def study_table(rows: list[dict]) -> str:
     lines = ["| detector | loss | iterations | seeds | mAP | mAP50 | mAP75 | LR | clip | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        label = "focal" if row["loss"] == "ce" and row["detector"] in train_detector.ONE_STAGE else row["loss"]
+        label = row["loss"]
+        if row["loss"] == "ce" and row["detector"] in train_detector.ONE_STAGE:
+            label = "focal"
+        elif row["loss"] == "ce" and row["detector"] in train_detector.DETRS:
+            label = "vfl"
         clip = float(row["clip"] or 0)  # 0 or empty: no clipping
         lines.append(f"| {DETECTOR_NAMES.get(row['detector'], row['detector'])} | {label} | {row['iters']} | "
                      f"{row['seeds']} | {float(row['map']):.3f} ± {float(row['map_spread']):.3f} | "

