@@ -48,7 +48,7 @@ class PretrainedFeatures(nn.Module):
 def build_detr(detector: str, num_labels: int, body: nn.Module) -> nn.Module:
     """An RT-DETR (``detector="rtdetr"``) or D-FINE (``"dfine"``) of transformers with
     ``num_labels`` classes, the sizes of ``CPU_SIZE`` and ``body`` (stride 8/16/32 features of
-    ``BACKBONE_CHANNELS`` channels) as its backbone."""
+    ``BACKBONE_CHANNELS`` channels) as its backbone, with its own loss (VFL)."""
     import transformers
 
     # a placeholder backbone with the real one's channels, so that the model's input projections
@@ -63,6 +63,55 @@ def build_detr(detector: str, num_labels: int, body: nn.Module) -> nn.Module:
     model = model_class(config_class(num_labels=num_labels, backbone_config=placeholder, **CPU_SIZE))
     model.model.backbone.model = PretrainedFeatures(body)
     return model
+
+
+def _matching_aware_criterion(config):
+    """transformers' RT-DETR criterion with DEIMv2's Matching-Aware Loss (MAL) in place of VFL,
+    at VFL's weight (MAL's own class method, which reads the criterion's ``num_classes``,
+    ``gamma`` and ``mal_alpha``; ``mal_alpha=None`` as DEIMv2's config default)."""
+    from transformers.loss.loss_deimv2 import Deimv2Loss
+    from transformers.loss.loss_rt_detr import RTDetrLoss
+
+    class MatchingAwareCriterion(RTDetrLoss):
+        loss_labels_mal = Deimv2Loss.loss_labels_mal
+
+        def get_loss(self, loss, outputs, targets, indices, num_boxes):
+            if loss == "mal":
+                return self.loss_labels_mal(outputs, targets, indices, num_boxes)
+            return super().get_loss(loss, outputs, targets, indices, num_boxes)
+
+    criterion = MatchingAwareCriterion(config)
+    criterion.mal_alpha = None
+    criterion.weight_dict = {("loss_mal" if name == "loss_vfl" else name): weight
+                             for name, weight in criterion.weight_dict.items()}
+    criterion.losses = ["mal", "boxes"]
+    return criterion
+
+
+def matching_aware_loss(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None,
+                        enc_topk_logits=None, enc_topk_bboxes=None, denoising_meta_values=None, **kwargs):
+    """An RT-DETR ``loss_function`` with MAL (DEIMv2's classification loss) in place of VFL, the
+    study's newest baseline: the terms of RT-DETR's own loss function (final layer without the
+    denoising queries, auxiliary decoder layers, encoder top-k, denoising layers), named
+    ``loss_mal*`` instead of ``loss_vfl*``. Returns ``(loss, loss_dict, auxiliary_outputs)``."""
+    from transformers.loss.loss_rt_detr import _set_aux_loss
+
+    split = None if denoising_meta_values is None else denoising_meta_values["dn_num_split"]
+    if split is not None:
+        logits, pred_boxes = logits.split(split, dim=1)[1], pred_boxes.split(split, dim=1)[1]
+    outputs = {"logits": logits, "pred_boxes": pred_boxes}
+    auxiliary = None
+    if config.auxiliary_loss:
+        if split is not None:
+            (dn_class, outputs_class), (dn_coord, outputs_coord) = (outputs_class.split(split, dim=2),
+                                                                    outputs_coord.split(split, dim=2))
+            outputs["dn_auxiliary_outputs"] = _set_aux_loss(dn_class.transpose(0, 1), dn_coord.transpose(0, 1))
+            outputs["denoising_meta_values"] = denoising_meta_values
+        auxiliary = _set_aux_loss(outputs_class[:, :-1].transpose(0, 1), outputs_coord[:, :-1].transpose(0, 1))
+        auxiliary += _set_aux_loss([enc_topk_logits], [enc_topk_bboxes])
+        outputs["auxiliary_outputs"] = auxiliary
+    losses = _matching_aware_criterion(config).to(device)(outputs, labels)
+    return sum(losses.values()), losses, auxiliary
 
 
 class TorchvisionInterface(nn.Module):

@@ -15,8 +15,9 @@ features through an FPN) under torchvision's FasterRCNN, MaskRCNN, RetinaNet or 
 torchvision's ``mobilenet_v3`` / ``resnet50`` Faster R-CNN with ``--weights`` passed through
 (its box predictor replaced for the dataset's classes), or the same backbone under transformers'
 RT-DETR or D-FINE (``detr_detector.py``). ``--loss ce`` keeps the detector's own losses
-(cross-entropy; focal for RetinaNet/FCOS; VFL for RT-DETR/D-FINE); the ranking losses (brs, rs,
-bap, ap, alrp, balrp) use ``brl_triton.detection``.
+(cross-entropy; focal for RetinaNet/FCOS; VFL for RT-DETR/D-FINE); ``--loss mal`` gives RT-DETR
+DEIMv2's Matching-Aware Loss in place of VFL; the ranking losses (brs, rs, bap, ap, alrp, balrp)
+use ``brl_triton.detection``.
 
 Each loss trains with its own recipe (``RECIPES``: learning rate, warm-up, gradient clipping),
 the ranking losses with the official RS-R-CNN / RS-ATSS one at twice its rate; --lr, --warmup and
@@ -101,6 +102,8 @@ RECIPES = {"ce": CE_RECIPE} | {spec.short: RANKING_RECIPE for spec in registry.L
 # loss (AdamW does not see the loss's scale: docs/detection_detr.md). The rate is 2e-4 at batch 4,
 # above the published 1e-4 per 16 images: this run is short and its decoder starts from scratch.
 DETR_RECIPE = Recipe(lr_two_stage=8e-4, lr_one_stage=8e-4, warmup=200, clip=0.1)
+# mal: RT-DETR with DEIMv2's Matching-Aware Loss in place of VFL (detr_detector.py), a DETR baseline
+RECIPES["mal"] = DETR_RECIPE
 
 
 def recipe_of(detector: str, loss: str) -> Recipe:
@@ -157,13 +160,19 @@ def build_model(args, num_classes: int):
     if args.detector in DETRS:
         if args.model != "effnet_lite0":
             raise SystemExit(f"--detector {args.detector} is built on the effnet_lite0 backbone only")
-        from detr_detector import TorchvisionInterface, build_detr
+        from detr_detector import TorchvisionInterface, build_detr, matching_aware_loss
 
         # the DETR's classes are the category ids, as torchvision's (its class 0 is never a target)
         detr = build_detr(args.detector, num_classes, efficientnet_lite0_features())
-        if args.loss != "ce":
+        if args.loss == "mal":
+            if args.detector != "rtdetr":
+                raise SystemExit("--loss mal is RT-DETR's criterion with MAL in place of VFL: --detector rtdetr")
+            detr.loss_function = matching_aware_loss
+        elif args.loss != "ce":
             convert_to_rank_based(detr, args.loss)
         return TorchvisionInterface(detr)
+    if args.loss == "mal":
+        raise SystemExit("--loss mal is a DETR loss: --detector rtdetr")
     if args.model == "effnet_lite0":
         if args.detector in ONE_STAGE:
             backbone = EfficientNetLite0FPN(extra_levels="p6p7")  # strides 8..128

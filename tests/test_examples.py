@@ -67,8 +67,11 @@ def _args(tmp_path, *extra, out="run"):
 @pytest.mark.parametrize("detector,model,loss", [
     ("fasterrcnn", "effnet_lite0", "brs"), ("maskrcnn", "effnet_lite0", "brs"), ("retinanet", "effnet_lite0", "ap"),
     ("fcos", "effnet_lite0", "rs"), ("fasterrcnn", "mobilenet_v3", "ce"),
+    ("rtdetr", "effnet_lite0", "brs"), ("rtdetr", "effnet_lite0", "mal"), ("dfine", "effnet_lite0", "ce"),
 ])
 def test_example_trains_two_iterations_and_evaluates(tmp_path, detector, model, loss):
+    if detector in train_detector.DETRS:
+        pytest.importorskip("transformers")
     summary = train_detector.main(_args(tmp_path, "--detector", detector, "--model", model, "--loss", loss))
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["mAP50"] <= 1.0 and 0.0 <= summary["mAP75"] <= 1.0
     assert summary["seconds_per_iteration"] > 0 and summary["classification_loss_ms_per_iteration"] > 0
@@ -212,7 +215,62 @@ def test_each_loss_trains_with_its_own_recipe():
     assert _recipe("--loss", "ap", "--detector", "fcos")["lr"] == pytest.approx(0.004)
     assert _recipe("--loss", "brs", "--batch-size", "16")["lr"] == pytest.approx(0.024)
     assert _recipe("--lr", "0.01", "--warmup", "7", "--clip", "0") == {"lr": 0.01, "warmup": 7, "clip": None}
-    assert set(train_detector.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp"}
+    assert set(train_detector.RECIPES) == {"ce", "brs", "rs", "bap", "ap", "alrp", "balrp", "mal"}
+    # the DETRs: one AdamW recipe for every loss, 8e-4 per 16 images, clipping at 0.1
+    for loss in ("ce", "brs", "mal"):
+        assert _recipe("--detector", "rtdetr", "--loss", loss) == {"lr": pytest.approx(2e-4), "warmup": 60,
+                                                                    "clip": 0.1}
+    assert _recipe("--detector", "dfine", "--loss", "rs", "--iters", "2000")["warmup"] == 200
+
+
+def test_the_mal_baseline_is_rt_detrs_own_loss_with_mal_in_place_of_vfl():
+    """``--loss mal``: the terms of transformers' RT-DETR loss, the box terms equal to its own,
+    ``loss_mal*`` for ``loss_vfl*``, and the final layer's MAL as DEIMv2's paper writes it:
+    BCE towards IoU**gamma at the matched (query, class), weighted 1 there and sigmoid**gamma at
+    the negatives, summed over the batch and divided by the number of objects."""
+    transformers = pytest.importorskip("transformers")
+    from torchvision.ops import box_convert, box_iou
+    from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
+
+    import detr_detector
+
+    torch.manual_seed(0)
+    backbone = transformers.RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                                               layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    config = transformers.RTDetrConfig(
+        backbone_config=backbone, encoder_in_channels=[16, 32, 64], num_labels=3, d_model=32, encoder_hidden_dim=32,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, decoder_layers=2, encoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_denoising=6, decoder_in_channels=[32, 32, 32])
+    model = transformers.RTDetrForObjectDetection(config)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+              {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    torch.manual_seed(1)  # the denoising queries are random: the same draw for both calls
+    own = model(pixel_values=images, labels=labels).loss_dict
+    model.loss_function = detr_detector.matching_aware_loss
+    torch.manual_seed(1)
+    outputs = model(pixel_values=images, labels=labels)
+    mal = outputs.loss_dict
+    assert sorted(mal) == sorted(name.replace("loss_vfl", "loss_mal") for name in own)
+    for name, value in own.items():
+        if "vfl" not in name:
+            torch.testing.assert_close(mal[name], value, rtol=0, atol=0, msg=name)
+    assert torch.equal(outputs.loss, sum(mal.values()))
+    # the final layer: the non-denoising queries, matched by transformers' matcher
+    queries = slice(-config.num_queries, None)  # the denoising queries come first in training
+    logits, boxes = outputs.logits[:, queries].detach(), outputs.pred_boxes[:, queries].detach()
+    matched = RTDetrHungarianMatcher(config)({"logits": logits, "pred_boxes": boxes}, labels)
+    targets, positive = torch.zeros_like(logits), torch.zeros_like(logits, dtype=torch.bool)
+    for image, (queries, objects) in enumerate(matched):
+        ious = box_iou(box_convert(boxes[image, queries], "cxcywh", "xyxy"),
+                       box_convert(labels[image]["boxes"][objects], "cxcywh", "xyxy")).diagonal()
+        targets[image, queries, labels[image]["class_labels"][objects]] = ious
+        positive[image, queries, labels[image]["class_labels"][objects]] = True  # an IoU of 0 included
+    gamma = config.focal_loss_gamma
+    weight = torch.where(positive, 1.0, logits.sigmoid() ** gamma)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets**gamma, reduction="none")
+    expected = (weight * bce).sum() / 3 * config.weight_loss_vfl
+    torch.testing.assert_close(mal["loss_mal"].detach(), expected)
 
 
 def _study_argv(tmp_path, loss: str, tune_iters: int, timing_repeats: int, timing_iters: int = 0) -> list:
@@ -441,7 +499,7 @@ def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate
 
 
 # the study's runs (examples/study/<detector>/<loss>/<run>); examples/study/localisation holds experiments
-COMMITTED_STUDY_RUNS = sorted(path for detector in ("fasterrcnn", "fcos")
+COMMITTED_STUDY_RUNS = sorted(path for detector in ("fasterrcnn", "fcos", "rtdetr")
                               for path in (REPOSITORY / "examples" / "study" / detector).glob("*/*/metrics.json"))
 
 
