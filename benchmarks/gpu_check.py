@@ -30,6 +30,11 @@ non-zero if any step failed):
    (``triton_backend.TRITON_SWEEP_FROM``, an estimate until this runs): per family, the P from
    which the sweeps win, to put into ``TRITON_SWEEP_FROM``. Written to ``crossover.csv`` and
    ``results.md``.
+6. **Pre-aggregation**: the bin reduction alone (``streaming.reduce``) at N = 10^6 over 4 to
+   16,384 bin edges, one atomic per element against each block sorted by bin with one atomic
+   per bin (``streaming.REDUCE``'s never- and always-pre-aggregating configs): the most edges at
+   which pre-aggregating wins, to put into ``streaming.PREAGGREGATE_BINS`` (an estimate until
+   this runs). Written to ``preaggregation.csv`` and ``results.md``.
 
 Writes ``results.csv`` (timings), ``parity.csv``, ``results.md`` (the timing table for
 benchmarks/README.md, then the parity table and the step results) and ``gpu_time_vs_n.png`` to ``--out``
@@ -85,6 +90,8 @@ class Sweep:
     copy_mib: int  # size of the bandwidth-measuring copy
     crossover_n: int = 1_000_000  # N of the tiles-vs-sweeps timings
     crossover_p: tuple = (4_096, 8_192, 16_384, 32_768, 65_536)  # their P
+    preaggregation_n: int = 1_000_000  # N of the bin-reduction timings
+    preaggregation_edges: tuple = (4, 16, 64, 256, 1_024, 4_096, 16_384)  # their edge counts
 
 
 SWEEPS = {
@@ -93,7 +100,8 @@ SWEEPS = {
                   ["faster_rcnn_rpn", "faster_rcnn_roi_head", "atss_one_stage", "detr_like"], 0.5, 2048),
     "quick": Sweep([(100_000, 100), (1_000_000, 1_000)], [100_000, 1_000_000, 10_000_000], 1_000,
                    ["faster_rcnn_rpn"], 0.1, 1024),
-    "dry": Sweep([(1_000, 10)], [1_000, 2_000, 5_000], 20, [], 0.01, 32, 2_000, (16, 64)),
+    # the interpreter sorts a block in seconds: one block, two edge counts
+    "dry": Sweep([(1_000, 10)], [1_000, 2_000, 5_000], 20, [], 0.01, 32, 2_000, (16, 64), 1_000, (4, 64)),
 }
 
 
@@ -508,6 +516,54 @@ def run_crossover(device: str, sweep: Sweep) -> tuple[Step, list]:
     return Step("crossover", "passed", f"sweeps win: {', '.join(found)}; TRITON_SWEEP_FROM is {saved:,}"), rows
 
 
+def run_preaggregation(device: str, sweep: Sweep) -> tuple[Step, list]:
+    """The bin reduction with one atomic per element and with pre-aggregated blocks, at growing
+    edge counts: relevant negatives spread evenly over the bins."""
+    from tqdm import tqdm
+
+    from brl_triton.kernels import streaming
+    from brl_triton.kernels._layout import layout
+    from brl_triton.kernels._math import STATUS_NUM_EDGES, STATUS_WORDS
+
+    from .losses import time_ms
+
+    configs = {"per_element": streaming.REDUCE.configs[1], "preaggregated": streaming.REDUCE.configs[2]}
+    assert configs["per_element"].kwargs["PREAGGREGATE_UP_TO"] == 0
+    assert configs["preaggregated"].kwargs["PREAGGREGATE_UP_TO"] == streaming.ALWAYS
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.rand(sweep.preaggregation_n, generator=generator).to(device)
+    targets = torch.zeros_like(logits)
+    rows = []
+    with tqdm(total=2 * len(sweep.preaggregation_edges), desc="pre-aggregation", unit="run") as bar:
+        for num_edges in sweep.preaggregation_edges:
+            edges = torch.linspace(0, 1, num_edges, device=device)
+            row = {"N": sweep.preaggregation_n, "edges": num_edges}
+            for name, config in configs.items():
+                def reduce_once(config=config):
+                    count = torch.zeros(num_edges + 1, dtype=torch.int64, device=device)
+                    offset_sum = torch.zeros(num_edges + 1, device=device)
+                    status = torch.zeros(STATUS_WORDS.value, dtype=torch.int64, device=device)
+                    status[STATUS_NUM_EDGES.value] = num_edges
+                    streaming.reduce(layout(logits), layout(targets), edges, status, count, offset_sum, False,
+                                     config=config)
+
+                row[f"{name}_ms"] = time_ms(reduce_once, device, sweep.min_time)[0]
+                bar.update()
+            rows.append(row)
+    winning = [r["edges"] for r in rows if r["preaggregated_ms"] < r["per_element_ms"]]
+    found = f"up to {max(winning):,} edges" if winning else "never"
+    return Step("pre-aggregation", "passed", f"pre-aggregating wins {found}; PREAGGREGATE_BINS is "
+                                             f"{streaming.PREAGGREGATE_BINS:,}"), rows
+
+
+def preaggregation_table(rows: list) -> str:
+    lines = ["| N | edges | one atomic per element ms | pre-aggregated ms | pre-aggregated ÷ per element |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['N']:,} | {r['edges']:,} | {fmt(r['per_element_ms'])} | {fmt(r['preaggregated_ms'])} | "
+              f"{fmt(r['preaggregated_ms'] / r['per_element_ms'], '.2f')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def crossover_table(rows: list) -> str:
     lines = ["| loss | N | P | Triton tiles ms | Triton + torch sweeps ms | sweeps ÷ tiles |",
              "|---|---|---|---|---|---|"]
@@ -605,15 +661,17 @@ def plot(rows: list, out: Path, environment: str, stand_in: bool) -> None:
 
 
 def write_outputs(out: Path, timing_rows, parity_rows, steps, environment, bandwidth, stand_in,
-                  crossover_rows=()) -> None:
+                  crossover_rows=(), preaggregation_rows=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(timing_rows, out / "results.csv")
     write_csv(parity_rows, out / "parity.csv")
     write_csv(list(crossover_rows), out / "crossover.csv")
+    write_csv(list(preaggregation_rows), out / "preaggregation.csv")
     text = timing_table(timing_rows, environment, bandwidth, stand_in)
     text += "\nParity (Triton vs torch backend on the same device) and determinism:\n\n" + parity_table(parity_rows)
     text += "\nForward+backward, Triton tiles against the torch sweeps for step 3, per loss family:\n\n" + crossover_table(
         list(crossover_rows))
+    text += "\nThe bin reduction alone, float32:\n\n" + preaggregation_table(list(preaggregation_rows))
     text += "\nChecks:\n\n" + "\n".join(f"- {step.line()}" for step in steps) + "\n"
     (out / "results.md").write_text(text)
     plot(timing_rows, out, environment, stand_in)
@@ -667,14 +725,19 @@ def main(argv=None) -> int:
         *parity_steps, parity_rows = attempt(["parity", "determinism"], lambda: run_parity(device, sweep), [])
         crossover_step, crossover_rows = attempt(["crossover"], lambda: run_crossover(device, sweep), [])
         print(crossover_step.line(), flush=True)
-    steps += [timing_step, *parity_steps, crossover_step]
+        preaggregation_step, preaggregation_rows = attempt(["pre-aggregation"],
+                                                           lambda: run_preaggregation(device, sweep), [])
+        print(preaggregation_step.line(), flush=True)
+    steps += [timing_step, *parity_steps, crossover_step, preaggregation_step]
 
-    write_outputs(args.out, timing_rows, parity_rows, steps, environment, bandwidth, stand_in, crossover_rows)
+    write_outputs(args.out, timing_rows, parity_rows, steps, environment, bandwidth, stand_in, crossover_rows,
+                  preaggregation_rows)
     print("\n" + (args.out / "results.md").read_text())
     print(f"{environment}\n" + "\n".join(step.line() for step in steps))
     failed = [step.name for step in steps if step.status == "FAILED"]
     print(f"{'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'}; {time.perf_counter() - start:.0f} s; "
-          f"wrote results.csv, parity.csv, crossover.csv, results.md, gpu_time_vs_n.png to {args.out}")
+          f"wrote results.csv, parity.csv, crossover.csv, preaggregation.csv, results.md, gpu_time_vs_n.png to "
+          f"{args.out}")
     return 1 if failed else 0
 
 

@@ -69,6 +69,13 @@ SIZES = ((203, 13), (256, 1))
 MEMBAR_GPU = re.compile(r"\bMEMBAR(?:\.\w+)*\.(?:GPU|SYS)\b")
 # a 16-byte global load: four 32-bit or two 64-bit words (ld.global.v4.b32, ld.global.nc.v2.b64, ...)
 VECTOR_LOAD = re.compile(r"\bld\.global(?:\.\w+)*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
+# float64 arithmetic and conversions from or to float64 in PTX (moves and loads excluded)
+FLOAT64_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:add|sub|mul|fma|div|rcp|min|max|neg|abs|setp\.\w+|selp)\S*\.f64\b"
+                        r"|^\s*(?:@!?%p\d+\s+)?cvt\S*\.f64\b|^\s*(?:@!?%p\d+\s+)?cvt\S*\.f64\.\w+", re.M)
+FLOAT32_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:add|sub|mul|fma|min|max)\S*\.f32\b", re.M)
+TILE_LOOP_FLOAT32 = 64  # a 32 x 64 tile of 128 threads is 16 terms a thread, several float32 operations each
+_LABEL = re.compile(r"^(\$L__\w+):", re.M)
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,24 @@ class Resources:
     has_membar_gpu: bool | None  # a GPU- or system-scope barrier in the SASS; None: not disassembled
     sass: str = field(repr=False)
     vector_loads: int = 0  # 128-bit global loads in the PTX (ld.global.v4 of 32-bit, .v2 of 64-bit words)
+    tile_loop_float64: int = 0  # the most float64 instructions in one tile loop of the PTX (tile_loop_float64)
+    ptx: str = field(default="", repr=False)
+
+
+def tile_loop_float64(ptx: str) -> int:
+    """The most float64 instructions (arithmetic, comparisons, conversions) in one tile loop of a
+    kernel's PTX: an innermost loop (the lines from a label to a branch back to it, holding no
+    other loop) with at least TILE_LOOP_FLOAT32 float32 instructions, i.e. a loop over 2-D tiles
+    of float32 work, where float64 costs most (1/64 of the float32 rate on GeForce GPUs). Loops
+    that only sum float64 values once per call (the loss outputs) are not tile loops."""
+    lines = ptx.splitlines()
+    where = {match[1]: number for number, line in enumerate(lines) if (match := _LABEL.match(line))}
+    loops = [(where[match[1]], number) for number, line in enumerate(lines)
+             if (match := _BRANCH.search(line)) and where.get(match[1], number + 1) <= number]
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    bodies = ["\n".join(lines[a:b + 1]) for a, b in innermost]
+    return max((len(FLOAT64_OP.findall(body)) for body in bodies
+                if len(FLOAT32_OP.findall(body)) >= TILE_LOOP_FLOAT32), default=0)
 
 
 def _unwrap(kernel):
@@ -310,7 +335,8 @@ def _compile_here(v: Variant, arch: int, sass: bool = True) -> Resources:
     return Resources(v.name, arch, registers, int(spills[1]), int(spills[2]), shared,
                      occupancy(registers, shared, v.num_warps, arch),
                      bool(MEMBAR_GPU.search(code)) if sass else None, code,
-                     len(VECTOR_LOAD.findall(compiled.asm["ptx"])))
+                     len(VECTOR_LOAD.findall(compiled.asm["ptx"])), tile_loop_float64(compiled.asm["ptx"]),
+                     compiled.asm["ptx"])
 
 
 def _compile_job(job):
@@ -407,17 +433,29 @@ def variant_matrix(launches, tunable: dict | None = None) -> dict:
     tunable = tunables() if tunable is None else tunable
     found: dict = {}
     for launch in launches:
-        found[variant_of(launch)] = True  # what the call compiled (a dtype may pick its own config)
         owner = tunable.get(_key(launch.kernel))
+        compiled = launch  # what the call compiled (a dtype may pick its own config) ...
+        if owner is not None and owner.default is not owner.gpu_default and _launched_with(launch, owner.default):
+            compiled = _with_config(launch, owner.gpu_default)  # ... or, interpreted, what a GPU would
+        found[variant_of(compiled)] = True
         for config in owner.configs if owner else ():
-            configured = replace(launch, constexprs={**launch.constexprs, **config.kwargs},
-                                 num_warps=config.num_warps, num_stages=config.num_stages)
-            found.setdefault(variant_of(configured), False)
+            found.setdefault(variant_of(_with_config(launch, config)), False)
     return found
 
 
+def _with_config(launch, config):
+    return replace(launch, constexprs={**launch.constexprs, **config.kwargs}, num_warps=config.num_warps,
+                   num_stages=config.num_stages)
+
+
+def _launched_with(launch, config) -> bool:
+    return (all(launch.constexprs.get(name) == value for name, value in config.kwargs.items())
+            and (launch.num_warps, launch.num_stages) == (config.num_warps, config.num_stages))
+
+
 COLUMNS = ["kernel", "config", "dtypes", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes",
-           "occupancy", "membar_gpu", "vector_loads", "default", "signature", "constexprs", "attrs", "error"]
+           "occupancy", "membar_gpu", "vector_loads", "tile_loop_float64", "default", "signature", "constexprs",
+           "attrs", "error"]
 
 
 def rows(matrix: dict, jobs, results) -> list[dict]:
@@ -432,21 +470,23 @@ def rows(matrix: dict, jobs, results) -> list[dict]:
         else:
             row.update(registers=r.registers, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                        shared_bytes=r.shared_bytes, occupancy=round(r.occupancy, 4),
-                       membar_gpu=r.has_membar_gpu, vector_loads=r.vector_loads)
+                       membar_gpu=r.has_membar_gpu, vector_loads=r.vector_loads,
+                       tile_loop_float64=r.tile_loop_float64)
         out.append(row)
     return sorted(out, key=lambda r: (r["kernel"], not r["default"], r["config"], r["dtypes"], r["arch"]))
 
 
 def markdown(table: list[dict]) -> str:
     head = ["kernel", "config", "dtypes", "arch", "registers", "spills st/ld (B)", "shared (B)", "occupancy",
-            "MEMBAR .GPU", "16-B loads", "default"]
+            "MEMBAR .GPU", "16-B loads", "f64 per tile loop", "default"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         if r["error"]:
-            cells = ["error: " + r["error"].splitlines()[0][:80]] + [""] * 5
+            cells = ["error: " + r["error"].splitlines()[0][:80]] + [""] * 6
         else:
             cells = [str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["shared_bytes"]),
-                     f"{r['occupancy']:.0%}", "yes" if r["membar_gpu"] else "", str(r["vector_loads"])]
+                     f"{r['occupancy']:.0%}", "yes" if r["membar_gpu"] else "", str(r["vector_loads"]),
+                     str(r["tile_loop_float64"])]
         lines.append("| " + " | ".join([r["kernel"], r["config"], r["dtypes"], r["arch"], *cells,
                                          "yes" if r["default"] else ""]) + " |")
     return "\n".join(lines) + "\n"

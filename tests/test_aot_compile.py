@@ -43,14 +43,29 @@ def _toy_scale(x_ptr, out_ptr, n, m, factor, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n * m) * factor, mask=offs < n * m)
 
 
+@triton.jit
+def _toy_tile_loop(x_ptr, out_ptr, n, FLOAT64: tl.constexpr):
+    """Tiles of 32 x 64 float32 terms; their row sums added in float64 each tile, or in float32."""
+    rows = tl.arange(0, 32).to(tl.float32)
+    total = tl.zeros([32], dtype=tl.float64 if FLOAT64 else tl.float32)
+    for start in range(0, n, 64):
+        cols = start + tl.arange(0, 64)
+        x = tl.load(x_ptr + cols, mask=cols < n, other=0.0)
+        terms = tl.minimum(tl.maximum(x[None, :] - rows[:, None] * 0.5 + 0.5, 0.0), 1.0) * x[None, :]
+        total += tl.sum(terms, axis=1).to(total.dtype)
+    tl.store(out_ptr + tl.arange(0, 32), total.to(tl.float32))
+
+
 @pytest.fixture(scope="module")
 def toys():
     x = torch.zeros(8192)
     atomic = kr.variant(_toy_atomic, (x, 1.5), {}, num_warps=1, num_stages=1)
     relaxed = kr.variant(_toy_relaxed_atomic, (x, 1.5), {}, num_warps=1, num_stages=1)
     spill = kr.variant(_toy_spill, (x, x), {"BLOCK": 8192}, num_warps=1, num_stages=1)  # 256 values a thread
+    tiles = {f"tiles_float{64 if wide else 32}": (kr.variant(_toy_tile_loop, (x, x, 1000), {"FLOAT64": wide}), 86, False)
+             for wide in (True, False)}
     jobs = {**{("atomic", arch): (atomic, arch) for arch in kr.ARCHS},
-            **{("relaxed", arch): (relaxed, arch) for arch in kr.ARCHS}, "spill": (spill, 90, False)}
+            **{("relaxed", arch): (relaxed, arch) for arch in kr.ARCHS}, "spill": (spill, 90, False), **tiles}
     return dict(zip(jobs, kr.compile_all(jobs.values())))
 
 
@@ -124,6 +139,15 @@ def test_gate_sees_spills(toys):
     assert spill.occupancy == 8 / 64  # 8192 registers a warp: 2 warps in each quarter of the SM
 
 
+def test_gate_sees_float64_in_tile_loops(toys):
+    """A tile loop that adds each tile's sums in float64 has float64 instructions (the conversion
+    and the adds); adding them in float32 has none. The loop over the tiles is the only loop."""
+    wide, narrow = toys["tiles_float64"], toys["tiles_float32"]
+    assert not isinstance(wide, str) and not isinstance(narrow, str), (wide, narrow)
+    assert wide.tile_loop_float64 >= 2 and narrow.tile_loop_float64 == 0
+    assert "add.f64" in wide.ptx and ".f64" not in narrow.ptx
+
+
 @pytest.fixture(scope="module")
 def kernels():
     """The distinct default-config variants of a float32 and a float64 call of every loss, hard and
@@ -187,3 +211,17 @@ def test_contiguous_streams_load_16_bytes_at_a_time(kernels):
     assert {r.kernel for _, r in checked} == STREAMING_PASSES
     scalar = [_label(*job) for job, r in checked if r.vector_loads == 0]
     assert not scalar, "\n".join(scalar)
+
+
+TILE_KERNELS = {"_per_positive_kernel", "_finish_kernel"}
+
+
+def test_float32_tile_loops_do_without_float64(kernels):
+    """Float32 calls in the default (non-deterministic) mode add their tile sums in float32 over
+    a span of tiles before a float64 add, and compare targets as integer keys: a tile loop keeps
+    at most one float64 instruction (the conversion of a float64 column load to float32)."""
+    checked = [(job, r) for job, r in kernels if not isinstance(r, str) and r.kernel in TILE_KERNELS
+               and "DETERMINISTIC=False" in job[0].config and dict(job[0].signature)["s_pos_ptr"] == "*fp32"]
+    assert {r.kernel for _, r in checked} == TILE_KERNELS
+    heavy = [f"{_label(*job)}: {r.tile_loop_float64}" for job, r in checked if r.tile_loop_float64 > 1]
+    assert not heavy, "\n".join(heavy)

@@ -110,3 +110,13 @@ def test_dry_run_times_the_triton_tiles_against_the_sweeps(dry_run):
     assert all(float(r["tiles_ms"]) > 0 and float(r["sweeps_ms"]) > 0 for r in rows)
     table = (out / "results.md").read_text()
     assert "- crossover: passed (sweeps win: brs " in table and "| loss | N | P | Triton tiles ms |" in table
+
+
+def test_dry_run_times_the_bin_reduction_with_and_without_pre_aggregation(dry_run):
+    status, out = dry_run
+    rows = list(csv.DictReader((out / "preaggregation.csv").open()))
+    assert [int(r["edges"]) for r in rows] == list(gpu_check.SWEEPS["dry"].preaggregation_edges)
+    assert all(float(r["per_element_ms"]) > 0 and float(r["preaggregated_ms"]) > 0 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "- pre-aggregation: passed (pre-aggregating wins " in table
+    assert "| N | edges | one atomic per element ms | pre-aggregated ms |" in table

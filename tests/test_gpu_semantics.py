@@ -388,6 +388,27 @@ def test_autotuning_keys_hold_every_variant_flag():
         assert flags - config_names <= set(tunable.key), (function.__name__, flags - config_names - set(tunable.key))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's default")
+def test_the_interpreter_reduces_per_element_and_the_gate_compiles_the_gpu_default():
+    """Sorting a block takes the interpreter seconds, so under it the reduction's default is the
+    per-element config; the resource table and the AOT gate compile what a GPU launches, the
+    default that pre-aggregates calls with few bins."""
+    from benchmarks import kernel_resources as kr
+    from brl_triton.kernels import _config, streaming
+
+    gpu_default = streaming.REDUCE.gpu_default
+    assert gpu_default.kwargs["PREAGGREGATE_UP_TO"] == streaming.PREAGGREGATE_BINS > 0
+    assert streaming.REDUCE.default.kwargs["PREAGGREGATE_UP_TO"] == 0
+    logits, targets = make_case(500, 7, seed=2, dtype=torch.float64)  # float64: a reduction of its own
+    with _config.record_launches() as recorder:
+        _losses_and_grad("bucketed_rank_sort", logits.to(DEVICE), targets.to(DEVICE), "triton")
+    reductions = [launch for launch in recorder.launches if launch.kernel.__name__ == "_reduce_kernel"]
+    assert reductions and all(launch.constexprs["PREAGGREGATE_UP_TO"] == 0 for launch in reductions)
+    compiled = [v for v, default in kr.variant_matrix(reductions).items() if default]
+    assert compiled and all(f"PREAGGREGATE_UP_TO={streaming.PREAGGREGATE_BINS} " in v.config
+                            and v.num_warps == gpu_default.num_warps for v in compiled)
+
+
 def test_autotuning_results_are_kept_per_kind_of_device(monkeypatch):
     """A tuned config holds for the GPU it was measured on: two GPU models get two autotuners,
     two of the same model share one."""

@@ -182,13 +182,18 @@ class Tunable:
     summation order must not depend on a benchmark's outcome.
     ``restore``: the arguments the kernel accumulates into; benchmark launches leave them as
     they were, so that autotuning never changes a result (chunked launches keep accumulating).
+    ``interpreted``: the default under the Triton interpreter, where ``default`` would be too
+    slow (one of ``alternatives``); ``gpu_default`` stays what a GPU launches, which the resource
+    table and the AOT gate compile.
     """
 
-    def __init__(self, kernel, default: triton.Config, alternatives=(), key=(), restore=()):
+    def __init__(self, kernel, default: triton.Config, alternatives=(), key=(), restore=(),
+                 interpreted: triton.Config | None = None):
         self.kernel = kernel
         self.key = tuple(key)
         self.restore = tuple(restore)
-        self.default = default
+        self.gpu_default = default
+        self.default = interpreted if INTERPRET and interpreted is not None else default
         self.configs = [default, *alternatives]
         self.autotuning = AUTOTUNE in ("1", "emulate") and bool(alternatives)
         if self.autotuning and AUTOTUNE == "1" and INTERPRET:

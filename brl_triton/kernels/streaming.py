@@ -58,10 +58,11 @@ def _same_bin_sum(key_a, offset_a, count_a, key_b, offset_b, count_b):
 def _reduce_kernel(
     s_ptr, s_d1, s_d2, s_st0, s_st1, s_st2, y_ptr, y_d1, y_d2, y_st0, y_st1, y_st2,
     edges_ptr, status_ptr, count_ptr, offset_sum_ptr, start, stop, n_total, n_class,
-    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, PREAGGREGATE: tl.constexpr, FIXED_POINT: tl.constexpr,
+    S_NDIM: tl.constexpr, Y_NDIM: tl.constexpr, PREAGGREGATE_UP_TO: tl.constexpr, FIXED_POINT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """FIXED_POINT: offset_sum is int64 and gets round(offset * scale), exact in any order.
+    PREAGGREGATE_UP_TO: a call with at most this many edges pre-aggregates each block (0: never).
     ``n_class``: the autotuning key (power of two of the chunk length), unused here."""
     lane = tl.arange(0, BLOCK)
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + lane
@@ -91,28 +92,38 @@ def _reduce_kernel(
         else:
             offset = (s - lower).to(offset_sum_ptr.dtype.element_ty)
         count = tl.full([BLOCK], 1, tl.int64)
-        if PREAGGREGATE:
-            # sort the block by bin and sum each run of equal bins: one atomic per bin of the block
-            key = tl.where(relevant, key, num_edges.to(tl.int32) + 1)
-            packed = tl.sort((key.to(tl.int64) << 32) | lane.to(tl.int64), 0)
-            key = (packed >> 32).to(tl.int32)
-            offset = tl.gather(offset, (packed & 0xFFFFFFFF).to(tl.int32), 0)
-            _, offset, count = tl.associative_scan((key, offset, count), 0, _same_bin_sum)
-            next_key = tl.gather(key, tl.minimum(lane + 1, BLOCK - 1), 0)
-            relevant = ((key != next_key) | (lane == BLOCK - 1)) & (key <= num_edges)
+        if PREAGGREGATE_UP_TO > 0:
+            if num_edges <= PREAGGREGATE_UP_TO:
+                # few bins, so many elements of the block share one: sort the block by bin and sum
+                # each run of equal bins, one atomic per bin of the block instead of per element
+                key = tl.where(relevant, key, num_edges.to(tl.int32) + 1)
+                packed = tl.sort((key.to(tl.int64) << 32) | lane.to(tl.int64), 0)
+                key = (packed >> 32).to(tl.int32)
+                offset = tl.gather(offset, (packed & 0xFFFFFFFF).to(tl.int32), 0)
+                _, offset, count = tl.associative_scan((key, offset, count), 0, _same_bin_sum)
+                next_key = tl.gather(key, tl.minimum(lane + 1, BLOCK - 1), 0)
+                relevant = ((key != next_key) | (lane == BLOCK - 1)) & (key <= num_edges)
         tl.atomic_add(count_ptr + key, count, mask=relevant, sem="relaxed")
         tl.atomic_add(offset_sum_ptr + key, offset, mask=relevant, sem="relaxed")
 
 
-# Pre-aggregation pays when a block's elements share few bins; with BRL_AUTOTUNE=1 the GPU decides.
+# Pre-aggregation pays when a block's elements share few bins: with E bins, the elements of a
+# block contend for E addresses. The default pre-aggregates calls of at most PREAGGREGATE_BINS
+# edges (an estimate until a GPU measures it: gpu_check's reduction step); with BRL_AUTOTUNE=1
+# the GPU decides. 8 warps: the float64 block sort of 4 warps spills on sm_86 and sm_89.
+PREAGGREGATE_BINS = 256
+ALWAYS = 1 << 40  # more edges than any call has
+_NEVER = triton.Config({"BLOCK": 1024, "PREAGGREGATE_UP_TO": 0}, num_warps=4, num_stages=2)
 REDUCE = Tunable(
     _reduce_kernel,
-    triton.Config({"BLOCK": 1024, "PREAGGREGATE": False}, num_warps=4, num_stages=2),
-    [triton.Config({"BLOCK": 1024, "PREAGGREGATE": True}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK": 2048, "PREAGGREGATE": True}, num_warps=8, num_stages=2),
-     triton.Config({"BLOCK": 4096, "PREAGGREGATE": False}, num_warps=16, num_stages=2)],
+    triton.Config({"BLOCK": 1024, "PREAGGREGATE_UP_TO": PREAGGREGATE_BINS}, num_warps=8, num_stages=2),
+    [_NEVER,
+     triton.Config({"BLOCK": 2048, "PREAGGREGATE_UP_TO": ALWAYS}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK": 4096, "PREAGGREGATE_UP_TO": 0}, num_warps=16, num_stages=2)],
     key=["n_class", "S_NDIM", "Y_NDIM", "FIXED_POINT"],  # the size class and every variant flag
     restore=["status_ptr", "count_ptr", "offset_sum_ptr"],
+    # the interpreter sorts a block in seconds: under it the default is the per-element config
+    interpreted=_NEVER,
 )
 
 

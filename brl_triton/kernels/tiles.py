@@ -4,8 +4,9 @@ no p x bins or p x p tensor in memory, and no torch op between the kernels.
 Positives are sorted ascending. H is evaluated on differences of nearby values plus the bin's
 mean offset, ``H((lower_b - s_i) + mean_offset_b)``, never on raw large logits. Products are
 in the compute dtype (float32 for float16/bfloat16/float32 logits, which every GPU runs at full
-rate); each tile's row sums are added into float64 accumulators (blocked accumulation: the
-float32 part spans one tile of BLOCK_COLS terms). Deterministic mode adds every term as int64
+rate); the row sums of a span of tiles (TILE_SPAN columns) are added into float64 accumulators
+(blocked accumulation: the float32 part spans at most TILE_SPAN terms, and the float64 adds come
+once a span, not once a tile). Deterministic mode adds every term as int64
 fixed point instead, which is exact in any order, so the sums do not depend on the tile shape.
 
 - ``per_positive``: one program per block of positive rows; FP over the bins, rank+ and the
@@ -29,6 +30,10 @@ import triton.language as tl
 
 from . import _math as m
 from ._config import Tunable, launch, size_class
+
+# Columns summed in the compute dtype before each float64 add (non-deterministic float32 calls):
+# 8 tiles of the default config, so that float32 rounding spans 512 terms at most
+TILE_SPAN = tl.constexpr(512)
 
 # rows of the per-positive table (float64, ROWS x p)
 T_RANK_GRAD = tl.constexpr(0)  # gradient of the ranking output on the positive
@@ -97,14 +102,17 @@ def _inverse_two_delta(delta_bits):
 
 @triton.jit
 def _bins(edges_ptr, count_ptr, offset_sum_ptr, b, ok, offset_scale, FIXED_POINT: tl.constexpr):
-    """Lower edge, count and mean offset (float64) of bins b (key b + 1)."""
+    """Lower edge, count and mean offset of bins b (key b + 1), the edge and the mean in the
+    compute dtype (the edges'). The float sums are divided in that dtype: no float64 in the
+    tile loops of float32 calls."""
     lower = tl.load(edges_ptr + b, mask=ok, other=0.0)
     count = tl.load(count_ptr + 1 + b, mask=ok, other=0)
-    total = tl.load(offset_sum_ptr + 1 + b, mask=ok, other=0).to(tl.float64)
+    total = tl.load(offset_sum_ptr + 1 + b, mask=ok, other=0)
     if FIXED_POINT:
-        total = total / offset_scale
-    mean = tl.where(count > 0, total / tl.maximum(count, 1).to(tl.float64), 0.0)
-    return lower, count, mean
+        mean = total.to(tl.float64) / offset_scale / tl.maximum(count, 1).to(tl.float64)
+    else:
+        mean = total.to(lower.dtype) / tl.maximum(count, 1).to(lower.dtype)
+    return lower, count, tl.where(count > 0, mean, 0.0).to(lower.dtype)
 
 
 @triton.jit
@@ -136,7 +144,7 @@ def _per_positive_kernel(
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < p
         s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
-        y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+        y_key_i = m.positive_order_key(tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0))
         inv = _inverse_two_delta(delta_bits).to(s_i.dtype)
         n_scale = m.power_of_two_scale(fp_bound.to(tl.float64) + 1.0)  # FP(i) <= relevant negatives
         p_scale = m.power_of_two_scale(p.to(tl.float64) + 1.0)
@@ -144,13 +152,18 @@ def _per_positive_kernel(
         if FIXED_POINT:
             offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
         fp = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-        for start in range(0, num_edges, BLOCK_COLS):
-            b = start + tl.arange(0, BLOCK_COLS)
-            lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
-            x = lower[None, :] - s_i[:, None]
-            if SMOOTH:
-                x += mean.to(s_i.dtype)[None, :]
-            fp = m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, DETERMINISTIC)
+        for span in range(0, num_edges, TILE_SPAN):
+            fp_span = m.start_span(fp, s_i, DETERMINISTIC)
+            for start in range(span, tl.minimum(span + TILE_SPAN, num_edges), BLOCK_COLS):
+                b = start + tl.arange(0, BLOCK_COLS)
+                lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale,
+                                           FIXED_POINT)
+                x = lower[None, :] - s_i[:, None]
+                if SMOOTH:
+                    x += mean[None, :]
+                fp_span = m.fixed_sum(fp_span, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale,
+                                      DETERMINISTIC)
+            fp = m.end_span(fp, fp_span, DETERMINISTIC)
         fp = m.fixed_value(fp, n_scale, DETERMINISTIC)
 
         rank_plus = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
@@ -165,23 +178,41 @@ def _per_positive_kernel(
         y_scale = p_scale
         if SORTING and DETERMINISTIC:
             y_scale = m.power_of_two_scale(_sum_bound(y_pos_ptr, p, BLOCK_COLS, FROM_ONE=True))
-        for start in range(0, p, BLOCK_COLS):
-            k = start + tl.arange(0, BLOCK_COLS)
-            k_ok = k < p
-            s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-            h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
-            rank_plus = m.fixed_sum(rank_plus, h, p_scale, DETERMINISTIC)
+        for span in range(0, p, TILE_SPAN):
+            rank_plus_span = m.start_span(rank_plus, s_i, DETERMINISTIC)
             if REGRESSION:
-                l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
-                weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, DETERMINISTIC)
+                weighted_span = m.start_span(weighted, s_i, DETERMINISTIC)
             if SORTING:
-                y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-                not_worse = tl.where(y_k[None, :] >= y_i[:, None], h, 0.0)
-                one_minus_y = (1.0 - y_k).to(s_i.dtype)[None, :]
-                current = m.fixed_sum(current, h * one_minus_y, y_scale, DETERMINISTIC)
-                target = m.fixed_sum(target, not_worse * one_minus_y, y_scale, DETERMINISTIC)
-                target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
-                lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
+                current_span = m.start_span(current, s_i, DETERMINISTIC)
+                target_span = m.start_span(target, s_i, DETERMINISTIC)
+                target_count_span = m.start_span(target_count, s_i, DETERMINISTIC)
+                lower_quality_span = m.start_span(lower_quality, s_i, DETERMINISTIC)
+            for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                k = start + tl.arange(0, BLOCK_COLS)
+                k_ok = k < p
+                s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+                h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
+                rank_plus_span = m.fixed_sum(rank_plus_span, h, p_scale, DETERMINISTIC)
+                if REGRESSION:
+                    l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
+                    weighted_span = m.fixed_sum(weighted_span, h * l_k[None, :], l_scale, DETERMINISTIC)
+                if SORTING:
+                    y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
+                    not_worse = tl.where(m.positive_order_key(y_k)[None, :] >= y_key_i[:, None], h, 0.0)
+                    # exact for float32 targets, as the float64 difference rounded to float32 would be
+                    one_minus_y = (1.0 - y_k.to(s_i.dtype))[None, :]
+                    current_span = m.fixed_sum(current_span, h * one_minus_y, y_scale, DETERMINISTIC)
+                    target_span = m.fixed_sum(target_span, not_worse * one_minus_y, y_scale, DETERMINISTIC)
+                    target_count_span = m.fixed_sum(target_count_span, not_worse, p_scale, DETERMINISTIC)
+                    lower_quality_span = m.fixed_sum(lower_quality_span, h - not_worse, p_scale, DETERMINISTIC)
+            rank_plus = m.end_span(rank_plus, rank_plus_span, DETERMINISTIC)
+            if REGRESSION:
+                weighted = m.end_span(weighted, weighted_span, DETERMINISTIC)
+            if SORTING:
+                current = m.end_span(current, current_span, DETERMINISTIC)
+                target = m.end_span(target, target_span, DETERMINISTIC)
+                target_count = m.end_span(target_count, target_count_span, DETERMINISTIC)
+                lower_quality = m.end_span(lower_quality, lower_quality_span, DETERMINISTIC)
         rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
         count_p = p.to(tl.float64)
         if REGRESSION:
@@ -300,22 +331,25 @@ def _finish_kernel(
             rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
             row_ok = rows < p
             s_i = tl.load(s_pos_ptr + rows, mask=row_ok, other=0.0)
-            y_i = tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0)
+            y_key_i = m.positive_order_key(tl.load(y_pos_ptr + rows, mask=row_ok, other=0.0))
             inv = inv64.to(s_i.dtype)
             # shares are sorting errors (at most 1 each) unless targets exceed one: the real bound then
             share_scale = m.power_of_two_scale(count_p + 1.0)
             if DETERMINISTIC:
                 share_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_SHARE * stride, p, BLOCK_COLS))
             received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-            for start in range(0, p, BLOCK_COLS):
-                k = start + tl.arange(0, BLOCK_COLS)
-                k_ok = k < p
-                s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-                y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-                share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
-                h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
-                h = tl.where(k_ok[None, :] & (y_i[:, None] < y_k[None, :]), h, 0.0)
-                received = m.fixed_sum(received, h * share[None, :], share_scale, DETERMINISTIC)
+            for span in range(0, p, TILE_SPAN):
+                received_span = m.start_span(received, s_i, DETERMINISTIC)
+                for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                    k = start + tl.arange(0, BLOCK_COLS)
+                    k_ok = k < p
+                    s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+                    y_key_k = m.positive_order_key(tl.load(y_pos_ptr + k, mask=k_ok, other=0.0))
+                    share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
+                    h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
+                    h = tl.where(k_ok[None, :] & (y_key_i[:, None] < y_key_k[None, :]), h, 0.0)
+                    received_span = m.fixed_sum(received_span, h * share[None, :], share_scale, DETERMINISTIC)
+                received = m.end_span(received, received_span, DETERMINISTIC)
             received = m.fixed_value(received, share_scale, DETERMINISTIC)
             share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
             gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
@@ -337,27 +371,34 @@ def _finish_kernel(
                 w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
             const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
             slope = tl.zeros_like(const)
-            for start in range(0, p, BLOCK_COLS):
-                i = start + tl.arange(0, BLOCK_COLS)
-                i_ok = i < p
-                s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
-                w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
-                x = lower[:, None] - s_i[None, :]
-                if SMOOTH:
-                    x += mean.to(lower.dtype)[:, None]
-                const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+            for span in range(0, p, TILE_SPAN):
+                const_span = m.start_span(const, lower, DETERMINISTIC)
                 if HAS_SLOPE:
-                    # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
-                    # breakpoints exactly as ``prepare`` built the edges
-                    low = m.rounded_up_sum(s_i, -delta)
-                    high = m.rounded_up_sum(s_i, delta)
-                    inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
-                    slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
+                    slope_span = m.start_span(slope, lower, DETERMINISTIC)
+                for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                    i = start + tl.arange(0, BLOCK_COLS)
+                    i_ok = i < p
+                    s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
+                    w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
+                    x = lower[:, None] - s_i[None, :]
+                    if SMOOTH:
+                        x += mean[:, None]
+                    const_span = m.fixed_sum(const_span, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+                    if HAS_SLOPE:
+                        # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
+                        # breakpoints exactly as ``prepare`` built the edges
+                        low = m.rounded_up_sum(s_i, -delta)
+                        high = m.rounded_up_sum(s_i, delta)
+                        inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
+                        slope_span = m.fixed_sum(slope_span, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
+                const = m.end_span(const, const_span, DETERMINISTIC)
+                if HAS_SLOPE:
+                    slope = m.end_span(slope, slope_span, DETERMINISTIC)
             const = m.fixed_value(const, w_scale, DETERMINISTIC)
             slope = m.fixed_value(slope, w_scale, DETERMINISTIC)
             if HAS_SLOPE:
                 slope = slope * inv64
-                const -= slope * mean  # from the bin's mean to its lower edge
+                const -= slope * mean.to(tl.float64)  # from the bin's mean to its lower edge
                 tl.store(slope_ptr + 1 + b, slope, mask=b_ok)
             tl.store(const_ptr + 1 + b, const, mask=b_ok)
     else:
