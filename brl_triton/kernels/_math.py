@@ -139,38 +139,13 @@ def zero_sums(BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr):
 
 @triton.jit
 def fixed_sum(acc, terms, scale, DETERMINISTIC: tl.constexpr):
-    """``acc + sum(terms, axis=1)``: in the dtype of ``acc`` (the terms' own dtype inside a span,
-    see :func:`start_span`), or, DETERMINISTIC (deterministic mode), as int64 fixed point, which
-    is exact whatever the tile shape."""
+    """``acc + sum(terms, axis=1)``: in the dtype of ``acc`` (float32 for a span of float32 tiles,
+    see ``tiles.py``), or, DETERMINISTIC (deterministic mode), as int64 fixed point, which is exact
+    whatever the tile shape."""
     if DETERMINISTIC:
         return acc + tl.sum(tl.floor(terms.to(tl.float64) * scale + 0.5).to(tl.int64), axis=1)
     else:
         return acc + tl.sum(terms, axis=1).to(acc.dtype)
-
-
-@triton.jit
-def start_span(acc, like, DETERMINISTIC: tl.constexpr):
-    """The running sum of one span of tiles (TILE_SPAN columns) for the accumulator ``acc``:
-    float32 zeros for float32 terms (``like``: a tensor of the terms' dtype), so that the float64
-    add comes once a span instead of once a tile (float64 runs at 1/64 of the float32 rate on
-    GeForce GPUs); ``acc`` itself where the terms are float64 or added as exact int64."""
-    if DETERMINISTIC:
-        return acc
-    elif like.dtype == tl.float64:
-        return acc
-    else:
-        return tl.zeros(acc.shape, dtype=tl.float32)
-
-
-@triton.jit
-def end_span(acc, span, DETERMINISTIC: tl.constexpr):
-    """``acc`` after a span whose running sum (:func:`start_span`) is ``span``."""
-    if DETERMINISTIC:
-        return span
-    elif span.dtype == tl.float64:
-        return span
-    else:
-        return acc + span.to(tl.float64)
 
 
 @triton.jit

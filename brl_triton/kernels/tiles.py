@@ -130,15 +130,99 @@ def _sum_bound(ptr, p, BLOCK: tl.constexpr, FROM_ONE: tl.constexpr = False):
     return total
 
 
+# The tile loops' bodies. SPANS (float32 terms, not deterministic): each span of TILE_SPAN columns
+# is summed in float32 and added to the float64 sums once; otherwise every tile is added directly
+# (exact int64 fixed point, or float64 terms), as one flat loop.
+
+
+@triton.jit
+def _false_positive_tile(fp, start, s_i, inv, edges_ptr, count_ptr, offset_sum_ptr, num_edges, offset_scale, n_scale,
+                         SMOOTH: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                         BLOCK_COLS: tl.constexpr):
+    """``fp`` plus one tile of bins: ``count_b * H(lower_b + mean_b - s_i)`` summed over the tile."""
+    b = start + tl.arange(0, BLOCK_COLS)
+    lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale, FIXED_POINT)
+    x = lower[None, :] - s_i[:, None]
+    if SMOOTH:
+        x += mean[None, :]
+    return m.fixed_sum(fp, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale, DETERMINISTIC)
+
+
+@triton.jit
+def _positive_pairs_tile(rank_plus, weighted, current, target, target_count, lower_quality, start, p, s_i, y_key_i,
+                         inv, s_pos_ptr, y_pos_ptr, l_pos_ptr, p_scale, l_scale, y_scale, SMOOTH: tl.constexpr,
+                         SORTING: tl.constexpr, REGRESSION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                         BLOCK_COLS: tl.constexpr):
+    """The sums over one tile of positives k: rank+ (``H(s_k - s_i)``), aLRP's ``H * l_k``, and
+    Rank & Sort's sorting sums (``H (1 - y_k)``, and over the k not worse than i)."""
+    k = start + tl.arange(0, BLOCK_COLS)
+    k_ok = k < p
+    s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+    h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
+    rank_plus = m.fixed_sum(rank_plus, h, p_scale, DETERMINISTIC)
+    if REGRESSION:
+        l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
+        weighted = m.fixed_sum(weighted, h * l_k[None, :], l_scale, DETERMINISTIC)
+    if SORTING:
+        y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
+        not_worse = tl.where(m.positive_order_key(y_k)[None, :] >= y_key_i[:, None], h, 0.0)
+        # exact for float32 targets, as the float64 difference rounded to float32 would be
+        one_minus_y = (1.0 - y_k.to(s_i.dtype))[None, :]
+        current = m.fixed_sum(current, h * one_minus_y, y_scale, DETERMINISTIC)
+        target = m.fixed_sum(target, not_worse * one_minus_y, y_scale, DETERMINISTIC)
+        target_count = m.fixed_sum(target_count, not_worse, p_scale, DETERMINISTIC)
+        lower_quality = m.fixed_sum(lower_quality, h - not_worse, p_scale, DETERMINISTIC)
+    return rank_plus, weighted, current, target, target_count, lower_quality
+
+
+@triton.jit
+def _sorting_tile(received, start, p, s_i, y_key_i, inv, s_pos_ptr, y_pos_ptr, table_ptr, stride, share_scale,
+                  SMOOTH: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``received`` plus one tile of better-target positives k: ``share_k H(s_i - s_k)``."""
+    k = start + tl.arange(0, BLOCK_COLS)
+    k_ok = k < p
+    s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
+    y_key_k = m.positive_order_key(tl.load(y_pos_ptr + k, mask=k_ok, other=0.0))
+    share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
+    h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
+    h = tl.where(k_ok[None, :] & (y_key_i[:, None] < y_key_k[None, :]), h, 0.0)
+    return m.fixed_sum(received, h * share[None, :], share_scale, DETERMINISTIC)
+
+
+@triton.jit
+def _bin_gradient_tile(const, slope, start, p, lower, mean, inv, delta, s_pos_ptr, table_ptr, stride, w_scale,
+                       SMOOTH: tl.constexpr, HAS_SLOPE: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
+    """The bins' gradient sums over one tile of positives i: ``w_i H(value_b - s_i)`` and, for
+    the slope, ``w_i`` where the bin lies in i's window."""
+    i = start + tl.arange(0, BLOCK_COLS)
+    i_ok = i < p
+    s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
+    w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
+    x = lower[:, None] - s_i[None, :]
+    if SMOOTH:
+        x += mean[:, None]
+    const = m.fixed_sum(const, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+    if HAS_SLOPE:
+        # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
+        # breakpoints exactly as ``prepare`` built the edges
+        low = m.rounded_up_sum(s_i, -delta)
+        high = m.rounded_up_sum(s_i, delta)
+        inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
+        slope = m.fixed_sum(slope, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
+    return const, slope
+
+
 @triton.jit(do_not_specialize=["p_bound", "n_total", "fp_bound", "stride", "delta_bits", "p_class", "bins_class"])
 def _per_positive_kernel(
     s_pos_ptr, y_pos_ptr, l_pos_ptr, p_bound, edges_ptr, count_ptr, offset_sum_ptr, status_ptr, n_total, fp_bound,
     table_ptr, stride, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, INTERPOLATED: tl.constexpr, REGRESSION: tl.constexpr,
-    FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr, SPANS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     """The grid covers ``p_bound`` rows; p and the edge count come from the status words, and
-    the programs past p do nothing."""
+    the programs past p do nothing. SPANS: see the tile loops' bodies above."""
     p, num_edges = m.positives_and_edges(status_ptr, p_bound)
     if tl.program_id(0) * BLOCK_ROWS < p:
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -152,18 +236,18 @@ def _per_positive_kernel(
         if FIXED_POINT:
             offset_scale = m.offset_scale(status_ptr, edges_ptr, n_total)
         fp = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-        for span in range(0, num_edges, TILE_SPAN):
-            fp_span = m.start_span(fp, s_i, DETERMINISTIC)
-            for start in range(span, tl.minimum(span + TILE_SPAN, num_edges), BLOCK_COLS):
-                b = start + tl.arange(0, BLOCK_COLS)
-                lower, count, mean = _bins(edges_ptr, count_ptr, offset_sum_ptr, b, b < num_edges, offset_scale,
-                                           FIXED_POINT)
-                x = lower[None, :] - s_i[:, None]
-                if SMOOTH:
-                    x += mean[None, :]
-                fp_span = m.fixed_sum(fp_span, m.step(x, inv, SMOOTH) * count.to(s_i.dtype)[None, :], n_scale,
-                                      DETERMINISTIC)
-            fp = m.end_span(fp, fp_span, DETERMINISTIC)
+        if SPANS:
+            for span in range(0, num_edges, TILE_SPAN):
+                fp_span = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                for start in range(span, tl.minimum(span + TILE_SPAN, num_edges), BLOCK_COLS):
+                    fp_span = _false_positive_tile(fp_span, start, s_i, inv, edges_ptr, count_ptr, offset_sum_ptr,
+                                                   num_edges, offset_scale, n_scale, SMOOTH, FIXED_POINT,
+                                                   DETERMINISTIC, BLOCK_COLS)
+                fp += fp_span.to(tl.float64)
+        else:
+            for start in range(0, num_edges, BLOCK_COLS):
+                fp = _false_positive_tile(fp, start, s_i, inv, edges_ptr, count_ptr, offset_sum_ptr, num_edges,
+                                          offset_scale, n_scale, SMOOTH, FIXED_POINT, DETERMINISTIC, BLOCK_COLS)
         fp = m.fixed_value(fp, n_scale, DETERMINISTIC)
 
         rank_plus = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
@@ -178,41 +262,31 @@ def _per_positive_kernel(
         y_scale = p_scale
         if SORTING and DETERMINISTIC:
             y_scale = m.power_of_two_scale(_sum_bound(y_pos_ptr, p, BLOCK_COLS, FROM_ONE=True))
-        for span in range(0, p, TILE_SPAN):
-            rank_plus_span = m.start_span(rank_plus, s_i, DETERMINISTIC)
-            if REGRESSION:
-                weighted_span = m.start_span(weighted, s_i, DETERMINISTIC)
-            if SORTING:
-                current_span = m.start_span(current, s_i, DETERMINISTIC)
-                target_span = m.start_span(target, s_i, DETERMINISTIC)
-                target_count_span = m.start_span(target_count, s_i, DETERMINISTIC)
-                lower_quality_span = m.start_span(lower_quality, s_i, DETERMINISTIC)
-            for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
-                k = start + tl.arange(0, BLOCK_COLS)
-                k_ok = k < p
-                s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-                h = tl.where(k_ok[None, :], m.step(s_k[None, :] - s_i[:, None], inv, SMOOTH), 0.0)
-                rank_plus_span = m.fixed_sum(rank_plus_span, h, p_scale, DETERMINISTIC)
+        if SPANS:
+            for span in range(0, p, TILE_SPAN):
+                spans = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                rank_plus_span, weighted_span, current_span, target_span = spans, spans, spans, spans
+                target_count_span, lower_quality_span = spans, spans
+                for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                    (rank_plus_span, weighted_span, current_span, target_span, target_count_span,
+                     lower_quality_span) = _positive_pairs_tile(
+                        rank_plus_span, weighted_span, current_span, target_span, target_count_span,
+                        lower_quality_span, start, p, s_i, y_key_i, inv, s_pos_ptr, y_pos_ptr, l_pos_ptr, p_scale,
+                        l_scale, y_scale, SMOOTH, SORTING, REGRESSION, DETERMINISTIC, BLOCK_COLS)
+                rank_plus += rank_plus_span.to(tl.float64)
                 if REGRESSION:
-                    l_k = tl.load(l_pos_ptr + k, mask=k_ok, other=0.0).to(s_i.dtype)
-                    weighted_span = m.fixed_sum(weighted_span, h * l_k[None, :], l_scale, DETERMINISTIC)
+                    weighted += weighted_span.to(tl.float64)
                 if SORTING:
-                    y_k = tl.load(y_pos_ptr + k, mask=k_ok, other=0.0)
-                    not_worse = tl.where(m.positive_order_key(y_k)[None, :] >= y_key_i[:, None], h, 0.0)
-                    # exact for float32 targets, as the float64 difference rounded to float32 would be
-                    one_minus_y = (1.0 - y_k.to(s_i.dtype))[None, :]
-                    current_span = m.fixed_sum(current_span, h * one_minus_y, y_scale, DETERMINISTIC)
-                    target_span = m.fixed_sum(target_span, not_worse * one_minus_y, y_scale, DETERMINISTIC)
-                    target_count_span = m.fixed_sum(target_count_span, not_worse, p_scale, DETERMINISTIC)
-                    lower_quality_span = m.fixed_sum(lower_quality_span, h - not_worse, p_scale, DETERMINISTIC)
-            rank_plus = m.end_span(rank_plus, rank_plus_span, DETERMINISTIC)
-            if REGRESSION:
-                weighted = m.end_span(weighted, weighted_span, DETERMINISTIC)
-            if SORTING:
-                current = m.end_span(current, current_span, DETERMINISTIC)
-                target = m.end_span(target, target_span, DETERMINISTIC)
-                target_count = m.end_span(target_count, target_count_span, DETERMINISTIC)
-                lower_quality = m.end_span(lower_quality, lower_quality_span, DETERMINISTIC)
+                    current += current_span.to(tl.float64)
+                    target += target_span.to(tl.float64)
+                    target_count += target_count_span.to(tl.float64)
+                    lower_quality += lower_quality_span.to(tl.float64)
+        else:
+            for start in range(0, p, BLOCK_COLS):
+                rank_plus, weighted, current, target, target_count, lower_quality = _positive_pairs_tile(
+                    rank_plus, weighted, current, target, target_count, lower_quality, start, p, s_i, y_key_i, inv,
+                    s_pos_ptr, y_pos_ptr, l_pos_ptr, p_scale, l_scale, y_scale, SMOOTH, SORTING, REGRESSION,
+                    DETERMINISTIC, BLOCK_COLS)
         rank_plus = m.fixed_value(rank_plus, p_scale, DETERMINISTIC)
         count_p = p.to(tl.float64)
         if REGRESSION:
@@ -311,7 +385,7 @@ def _finish_kernel(
     stride, const_ptr, slope_ptr, rank_loss_ptr, sort_loss_ptr, delta_bits, p_class, bins_class,
     SMOOTH: tl.constexpr, SORTING: tl.constexpr, HAS_SLOPE: tl.constexpr, INTERPOLATED: tl.constexpr,
     REGRESSION: tl.constexpr, LOCALISATION: tl.constexpr, FIXED_POINT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SPANS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """The grid is sized by the host's bounds (``p_bound`` positives, ``e_bound`` edges); p and
     the edge count come from the status words, and programs past them do nothing.
@@ -338,18 +412,18 @@ def _finish_kernel(
             if DETERMINISTIC:
                 share_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_SHARE * stride, p, BLOCK_COLS))
             received = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
-            for span in range(0, p, TILE_SPAN):
-                received_span = m.start_span(received, s_i, DETERMINISTIC)
-                for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
-                    k = start + tl.arange(0, BLOCK_COLS)
-                    k_ok = k < p
-                    s_k = tl.load(s_pos_ptr + k, mask=k_ok, other=0.0)
-                    y_key_k = m.positive_order_key(tl.load(y_pos_ptr + k, mask=k_ok, other=0.0))
-                    share = tl.load(table_ptr + T_SHARE * stride + k, mask=k_ok, other=0.0).to(s_i.dtype)
-                    h = m.step(s_i[:, None] - s_k[None, :], inv, SMOOTH)
-                    h = tl.where(k_ok[None, :] & (y_key_i[:, None] < y_key_k[None, :]), h, 0.0)
-                    received_span = m.fixed_sum(received_span, h * share[None, :], share_scale, DETERMINISTIC)
-                received = m.end_span(received, received_span, DETERMINISTIC)
+            if SPANS:
+                for span in range(0, p, TILE_SPAN):
+                    received_span = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                    for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                        received_span = _sorting_tile(received_span, start, p, s_i, y_key_i, inv, s_pos_ptr, y_pos_ptr,
+                                                      table_ptr, stride, share_scale, SMOOTH, DETERMINISTIC,
+                                                      BLOCK_COLS)
+                    received += received_span.to(tl.float64)
+            else:
+                for start in range(0, p, BLOCK_COLS):
+                    received = _sorting_tile(received, start, p, s_i, y_key_i, inv, s_pos_ptr, y_pos_ptr, table_ptr,
+                                             stride, share_scale, SMOOTH, DETERMINISTIC, BLOCK_COLS)
             received = m.fixed_value(received, share_scale, DETERMINISTIC)
             share_i = tl.load(table_ptr + T_SHARE * stride + rows, mask=row_ok, other=0.0)
             gives = tl.where(share_i != 0, tl.load(table_ptr + T_SORT_ERROR * stride + rows, mask=row_ok, other=0.0), 0.0)
@@ -371,29 +445,22 @@ def _finish_kernel(
                 w_scale = m.power_of_two_scale(_sum_bound(table_ptr + T_WEIGHT * stride, p, BLOCK_COLS))
             const = m.zero_sums(BLOCK_ROWS, DETERMINISTIC)
             slope = tl.zeros_like(const)
-            for span in range(0, p, TILE_SPAN):
-                const_span = m.start_span(const, lower, DETERMINISTIC)
-                if HAS_SLOPE:
-                    slope_span = m.start_span(slope, lower, DETERMINISTIC)
-                for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
-                    i = start + tl.arange(0, BLOCK_COLS)
-                    i_ok = i < p
-                    s_i = tl.load(s_pos_ptr + i, mask=i_ok, other=0.0)
-                    w = tl.load(table_ptr + T_WEIGHT * stride + i, mask=i_ok, other=0.0).to(lower.dtype)
-                    x = lower[:, None] - s_i[None, :]
-                    if SMOOTH:
-                        x += mean[:, None]
-                    const_span = m.fixed_sum(const_span, m.step(x, inv, SMOOTH) * w[None, :], w_scale, DETERMINISTIC)
+            if SPANS:
+                for span in range(0, p, TILE_SPAN):
+                    const_span = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                    slope_span = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+                    for start in range(span, tl.minimum(span + TILE_SPAN, p), BLOCK_COLS):
+                        const_span, slope_span = _bin_gradient_tile(const_span, slope_span, start, p, lower, mean, inv,
+                                                                    delta, s_pos_ptr, table_ptr, stride, w_scale,
+                                                                    SMOOTH, HAS_SLOPE, DETERMINISTIC, BLOCK_COLS)
+                    const += const_span.to(tl.float64)
                     if HAS_SLOPE:
-                        # the positives whose window [s_i - delta, s_i + delta) holds the bin, with the
-                        # breakpoints exactly as ``prepare`` built the edges
-                        low = m.rounded_up_sum(s_i, -delta)
-                        high = m.rounded_up_sum(s_i, delta)
-                        inside = (lower[:, None] >= low[None, :]) & (lower[:, None] < high[None, :]) & i_ok[None, :]
-                        slope_span = m.fixed_sum(slope_span, tl.where(inside, w[None, :], 0.0), w_scale, DETERMINISTIC)
-                const = m.end_span(const, const_span, DETERMINISTIC)
-                if HAS_SLOPE:
-                    slope = m.end_span(slope, slope_span, DETERMINISTIC)
+                        slope += slope_span.to(tl.float64)
+            else:
+                for start in range(0, p, BLOCK_COLS):
+                    const, slope = _bin_gradient_tile(const, slope, start, p, lower, mean, inv, delta, s_pos_ptr,
+                                                      table_ptr, stride, w_scale, SMOOTH, HAS_SLOPE, DETERMINISTIC,
+                                                      BLOCK_COLS)
             const = m.fixed_value(const, w_scale, DETERMINISTIC)
             slope = m.fixed_value(slope, w_scale, DETERMINISTIC)
             if HAS_SLOPE:
@@ -441,7 +508,7 @@ _TILE_ALTERNATIVES = [triton.Config({"BLOCK_ROWS": 64, "BLOCK_COLS": 64}, num_wa
 # float64 tiles need twice the registers: narrower column blocks and more warps keep them unspilled (sm_80 too)
 TILE_FLOAT64 = triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 32}, num_warps=8, num_stages=2)
 # keys: the size classes and every variant flag, so that one variant's tuning is not reused for another
-_VARIANT_FLAGS = ["SMOOTH", "SORTING", "INTERPOLATED", "REGRESSION", "FIXED_POINT", "DETERMINISTIC"]
+_VARIANT_FLAGS = ["SMOOTH", "SORTING", "INTERPOLATED", "REGRESSION", "FIXED_POINT", "DETERMINISTIC", "SPANS"]
 PER_POSITIVE = Tunable(_per_positive_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
                        key=["p_class", "bins_class", *_VARIANT_FLAGS])
 FINISH = Tunable(_finish_kernel, _TILE_DEFAULT, _TILE_ALTERNATIVES,
@@ -467,8 +534,9 @@ def per_positive(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, f
         lambda config: (triton.cdiv(p_bound, config["BLOCK_ROWS"]),), s_pos, y_pos,
         y_pos if l_pos is None else l_pos, p_bound, edges, count, offset_sum, status, n_total, fp_bound, table,
         table.stride(0), delta_bits, size_class(p_bound), size_class(e_bound), fixed=deterministic,
-        config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting, INTERPOLATED=interpolated,
-        REGRESSION=l_pos is not None, FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
+        config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits), SORTING=sorting,
+        INTERPOLATED=interpolated, REGRESSION=l_pos is not None, FIXED_POINT=fixed_point,
+        DETERMINISTIC=deterministic, SPANS=_spans(s_pos, deterministic),
     )
     return table
 
@@ -508,11 +576,18 @@ def finish(s_pos, y_pos, edges, count, offset_sum, status, n_total: int, delta_b
     FINISH.launch(
         grid, s_pos, y_pos, p_bound, edges, e_bound, count, offset_sum, status, n_total, table, table.stride(0),
         const, const if slope is None else slope, losses[0], losses[-1], delta_bits, size_class(p_bound),
-        size_class(e_bound), fixed=deterministic, config=_float64_config(s_pos), SMOOTH=not _is_zero(delta_bits),
+        size_class(e_bound), fixed=deterministic, config=_float64_config(s_pos),
+        SMOOTH=not _is_zero(delta_bits),
         SORTING=sorting, HAS_SLOPE=has_slope, INTERPOLATED=interpolated, REGRESSION=regression,
         LOCALISATION=localisation, FIXED_POINT=fixed_point, DETERMINISTIC=deterministic,
+        SPANS=_spans(s_pos, deterministic),
     )
     return const, slope
+
+
+def _spans(s_pos, deterministic: bool) -> bool:
+    """Sum the tiles of a span in float32 first: float32 terms, added as floats."""
+    return s_pos.dtype != torch.float64 and not deterministic
 
 
 def _float64_config(s_pos):
