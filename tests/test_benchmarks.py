@@ -77,15 +77,16 @@ def test_distributed_benchmark_writes_its_rows_with_machine_and_command(tmp_path
 
 
 def test_detr_step_counts_every_classification_term_of_the_step(tmp_path):
-    """RT-DETR at its published size makes 13 classification terms a step (6 decoder layers, the
+    """RT-DETR at its published size (at 128 px: at 64 px the encoder has fewer tokens than the
+    300 queries) makes 13 classification terms a step (6 decoder layers, the
     encoder, 6 denoising layers); the profiler finds one loss call per term, for VFL and BRS."""
     pytest.importorskip("transformers")
     from benchmarks import detr_step
 
-    rows = detr_step.main(["--losses", "vfl,brs", "--size", "64", "--batch", "1", "--objects", "2",
+    rows = detr_step.main(["--losses", "vfl,brs", "--size", "128", "--batch", "1", "--objects", "2",
                            "--out", str(tmp_path)])
     assert [r["loss"] for r in rows] == ["vfl", "brs"]
     for row in rows:
         assert row["classification_terms"] == row["loss_calls"] == 2 * row["decoder_layers"] + 1 == 13
         assert row["step_s"] > 0 and 0 < row["loss_share"] < 1
-    assert "| brs | 1 × 64 | 13 | 13 |" in (tmp_path / "detr_step.md").read_text()
+    assert "| brs | 1 × 128 | 13 | 13 |" in (tmp_path / "detr_step.md").read_text()
