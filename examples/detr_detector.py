@@ -24,9 +24,10 @@ BACKBONE_CHANNELS = (40, 112, 320)
 
 # the model sizes: small enough for a CPU run of a few thousand steps, every part of the model
 # (encoder, denoising, auxiliary layers) kept
-CPU_SIZE = dict(d_model=128, encoder_hidden_dim=128, encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=100,
-                decoder_layers=3, encoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-                num_denoising=50, decoder_in_channels=[128, 128, 128], encoder_in_channels=list(BACKBONE_CHANNELS))
+CPU_SIZE = dict(d_model=128, encoder_hidden_dim=128, encoder_ffn_dim=512, decoder_ffn_dim=512,
+                num_queries=100, decoder_layers=3, encoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, num_denoising=50, decoder_in_channels=[128, 128, 128],
+                encoder_in_channels=list(BACKBONE_CHANNELS))
 
 
 class PretrainedFeatures(nn.Module):
@@ -94,22 +95,13 @@ def matching_aware_loss(logits, labels, device, pred_boxes, config, outputs_clas
     study's newest baseline: the terms of RT-DETR's own loss function (final layer without the
     denoising queries, auxiliary decoder layers, encoder top-k, denoising layers), named
     ``loss_mal*`` instead of ``loss_vfl*``. Returns ``(loss, loss_dict, auxiliary_outputs)``."""
-    from transformers.loss.loss_rt_detr import _set_aux_loss
+    # the outputs dict and auxiliary outputs of RT-DETR's own loss function, assembled as the
+    # library's rank-based RT-DETR loss assembles them (the same terms, only the criterion differs)
+    from brl_triton.detection_detr import _RT_DETR, _criterion_outputs
 
-    split = None if denoising_meta_values is None else denoising_meta_values["dn_num_split"]
-    if split is not None:
-        logits, pred_boxes = logits.split(split, dim=1)[1], pred_boxes.split(split, dim=1)[1]
-    outputs = {"logits": logits, "pred_boxes": pred_boxes}
-    auxiliary = None
-    if config.auxiliary_loss:
-        if split is not None:
-            (dn_class, outputs_class), (dn_coord, outputs_coord) = (outputs_class.split(split, dim=2),
-                                                                    outputs_coord.split(split, dim=2))
-            outputs["dn_auxiliary_outputs"] = _set_aux_loss(dn_class.transpose(0, 1), dn_coord.transpose(0, 1))
-            outputs["denoising_meta_values"] = denoising_meta_values
-        auxiliary = _set_aux_loss(outputs_class[:, :-1].transpose(0, 1), outputs_coord[:, :-1].transpose(0, 1))
-        auxiliary += _set_aux_loss([enc_topk_logits], [enc_topk_bboxes])
-        outputs["auxiliary_outputs"] = auxiliary
+    outputs, auxiliary = _criterion_outputs(_RT_DETR, config, logits, pred_boxes, outputs_class,
+                                            outputs_coord, enc_topk_logits, enc_topk_bboxes,
+                                            denoising_meta_values, None, None)
     losses = _matching_aware_criterion(config).to(device)(outputs, labels)
     return sum(losses.values()), losses, auxiliary
 
@@ -125,19 +117,20 @@ class TorchvisionInterface(nn.Module):
     ``boxes`` (xyxy pixels) and ``labels`` (the class index, as the DETR's ``class_labels``)."""
 
     def __init__(self, detr: nn.Module):
-        super().__init__()
-        self.detr = detr
-
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         from transformers import RTDetrImageProcessor
 
+        super().__init__()
+        self.detr = detr
+        self.processor = RTDetrImageProcessor()
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         pixel_values = torch.stack(images)
         height, width = pixel_values.shape[-2:]
         if self.training:
             scale = pixel_values.new_tensor([width, height, width, height])
-            labels = [{"class_labels": target["labels"], "boxes": box_convert(target["boxes"], "xyxy", "cxcywh") / scale}
-                      for target in targets]
+            labels = [{"class_labels": target["labels"],
+                       "boxes": box_convert(target["boxes"], "xyxy", "cxcywh") / scale} for target in targets]
             return self.detr(pixel_values=pixel_values, labels=labels).loss_dict
         outputs = self.detr(pixel_values=pixel_values)
-        return RTDetrImageProcessor().post_process_object_detection(outputs, threshold=0.0,
-                                                                    target_sizes=[(height, width)] * len(images))
+        return self.processor.post_process_object_detection(outputs, threshold=0.0,
+                                                            target_sizes=[(height, width)] * len(images))
