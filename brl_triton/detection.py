@@ -431,7 +431,7 @@ def init_box_predictor(predictor: nn.Module) -> nn.Module:
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                          rpn_weight: float = 0.2, box_balance: str = "unit", box_weighting: str = "uniform"):
+                          rpn_weight: float = 0.2, box_balance: str | None = None, box_weighting: str = "uniform"):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
     version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
     Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
@@ -443,7 +443,7 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
             ``RetinaNet`` or ``FCOS``, pretrained or not. Keypoint R-CNN and SSD are not supported.
             Or ``transformers``' ``RTDetrForObjectDetection``, ``RTDetrV2ForObjectDetection``,
             ``DFineForObjectDetection`` or ``Deimv2ForObjectDetection`` (other transformers
-            models raise a ``TypeError``); ``rpn_weight`` and what follows below are the
+            models raise a ``TypeError``); ``rpn_weight`` and ``box_weighting`` are the
             torchvision detectors' only.
         loss: ``"brs"`` (bucketed Rank & Sort, default), ``"rs"``, ``"bap"``, ``"ap"``, or aLRP:
             ``"alrp"`` / ``"balrp"`` (exact / bucketed; box losses become aLRP's localisation
@@ -451,9 +451,12 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
         rpn_weight: factor on the whole RPN loss (Faster/Mask R-CNN).
-        box_balance: the value the GIoU box loss is scaled to (by a detached factor, so there is
-            no loss weight to tune): ``"unit"`` (1, default) or ``"classification"`` (the
-            classification loss's, RS-R-CNN's ``lambda = cls / box``).
+        box_balance: torchvision detectors: the value the GIoU box loss is scaled to (by a
+            detached factor, so there is no loss weight to tune): ``"unit"`` (1, the default for
+            None) or ``"classification"`` (the classification loss's, RS-R-CNN's ``lambda = cls /
+            box``). transformers' DETRs: ``"weights"`` (the default for None: the config's box
+            loss weights) or ``"classification"``, see
+            :func:`brl_triton.detection_detr.convert_detr_to_rank_based`.
         box_weighting: the positives' weights in the box loss: ``"uniform"`` (default) or
             ``"score"`` (their detached scores for the ground-truth class, RS-R-CNN's).
             RS-R-CNN's pair localised worse than cross-entropy on the example: its box loss
@@ -527,8 +530,9 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         # imported here: transformers is an optional extra, and importing it is slow
         from .detection_detr import convert_detr_to_rank_based
 
-        return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend)
-    ranking = RankingLoss(loss, delta, backend, box_balance, box_weighting)
+        return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend,
+                                          box_balance="weights" if box_balance is None else box_balance)
+    ranking = RankingLoss(loss, delta, backend, "unit" if box_balance is None else box_balance, box_weighting)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
         if model.roi_heads.has_keypoint():
             raise ValueError("convert_to_rank_based does not support Keypoint R-CNN (keypoint heads); "

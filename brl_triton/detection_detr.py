@@ -19,12 +19,16 @@ auxiliary decoder layer, the encoder's top-k proposals and each decoder layer's 
   weight is the config's weight of the loss it replaces (``weight_loss_vfl``, DEIMv2's
   ``weight_loss_mal``). Loss-dict names: ``loss_<short>`` (``loss_brs``, ``loss_brs_aux_0``,
   ``loss_brs_dn_0``, ...) where transformers writes ``loss_vfl`` / ``loss_mal``.
-- Box terms (BRS, RS, BAP, AP): transformers' L1 and GIoU (and D-FINE's / DEIMv2's FGL), each
-  self-balanced as in the official Co-DETR BRS head: multiplied by the detached ratio of its
-  term's classification loss to its own value, so that its value equals the classification
-  loss of its term and no box weight needs tuning (the config's ``weight_loss_bbox`` /
-  ``giou`` / ``fgl`` cancel out). D-FINE's DDF (self-distillation between decoder layers, not a
-  regression to the ground truth) keeps ``weight_loss_ddf``.
+- Box terms (BRS, RS, BAP, AP): transformers' L1 and GIoU (and D-FINE's / DEIMv2's FGL) with
+  the config's weights (``weight_loss_bbox`` / ``giou`` / ``fgl``), as the official Co-DETR BRS
+  head runs: that head computes a self-balancing factor (classification loss over box loss) but
+  returns the unscaled, config-weighted L1 and GIoU losses. ``box_balance="classification"``
+  applies the factor instead: each box term multiplied by the detached ratio of its term's
+  classification loss to its own value (its value becomes the classification loss's, the config
+  weights cancel out); the box gradients then shrink as the ranking loss falls, and on the
+  example's RT-DETR it localised worse (docs/detection_detr.md). D-FINE's DDF
+  (self-distillation between decoder layers, not a regression to the ground truth) keeps
+  ``weight_loss_ddf`` either way.
 - aLRP (``"alrp"`` / ``"balrp"``): the classification part as above, and the localisation part
   with ``(1 - GIoU) / 2`` of each matched box as its regression loss (``loss_<short>_localisation``
   and its suffixes), instead of L1, GIoU and FGL; times one self-balancing weight for the whole
@@ -69,7 +73,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 __all__ = ["RankBasedDetrLoss", "TensorStateBalancingWeight", "convert_detr_to_rank_based", "SUPPORTED_MODELS"]
 
 BALANCED_BOX_LOSSES = ("loss_bbox", "loss_giou", "loss_fgl")  # scaled to their term's classification loss
-REGRESSION_TO_GROUND_TRUTH = BALANCED_BOX_LOSSES  # what aLRP's localisation part replaces
+REGRESSION_TO_GROUND_TRUTH = BALANCED_BOX_LOSSES
+DETR_BOX_BALANCES = ("weights", "classification")  # RankBasedDetrLoss.box_balance  # what aLRP's localisation part replaces
 _TERM_SUFFIX = r"(?:_aux_\d+|_dn_\d+)?"  # transformers' names: final layer, auxiliary terms, denoising terms
 
 
@@ -256,6 +261,8 @@ class RankBasedDetrLoss:
         ranking: which ranking loss, its delta and backend.
         balance: aLRP's self-balancing weight (None for the other losses), updated once per
             training call (a call whose logits require grad).
+        box_balance: the box terms' weights (not aLRP's): ``"weights"`` (the config's) or
+            ``"classification"`` (each scaled to its term's classification loss).
 
     Call arguments: the model's final ``logits`` ``(B, Q, C)`` and ``pred_boxes`` ``(B, Q, 4)``
     (cxcywh in [0, 1]; denoising queries first in training), ``labels`` (per image
@@ -270,14 +277,20 @@ class RankBasedDetrLoss:
         auxiliary outputs as transformers returns them (None without ``config.auxiliary_loss``).
     """
 
-    def __init__(self, family: _Family, ranking: RankingLoss, balance: SelfBalancingWeight | None = None):
+    def __init__(self, family: _Family, ranking: RankingLoss, balance: SelfBalancingWeight | None = None,
+                 box_balance: str = "weights"):
+        if box_balance not in DETR_BOX_BALANCES:
+            raise ValueError(f"box_balance must be one of {', '.join(DETR_BOX_BALANCES)} for transformers' "
+                             f"detectors, got {box_balance!r}")
         self.family = family
         self.ranking = ranking
         self.balance = balance
+        self.box_balance = box_balance
         self.key = f"loss_{ranking.loss}"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.family.criterion.__name__}, {self.ranking})"
+        return (f"{type(self).__name__}({self.family.criterion.__name__}, {self.ranking}, "
+                f"box_balance={self.box_balance!r})")
 
     def criterion(self, config) -> RTDetrLoss:
         """transformers' criterion of the family for ``config``, with the ranking loss in place
@@ -315,6 +328,8 @@ class RankBasedDetrLoss:
         """Weigh the box terms of ``losses`` in place against their term's classification loss."""
         suffixes = _term_suffixes(losses, self.key)
         if self.balance is None:
+            if self.box_balance == "weights":
+                return
             for suffix in suffixes:
                 for box_key in BALANCED_BOX_LOSSES:
                     if box_key + suffix in losses:
@@ -337,7 +352,8 @@ def _family_of(model) -> _Family:
                     f"(and the torchvision ones), got {type(model).__name__}")
 
 
-def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto"):
+def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
+                               box_balance: str = "weights"):
     """Give a transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2 a rank-based loss, in place (see
     the module docstring and ``docs/detection_detr.md``); called by
     :func:`brl_triton.detection.convert_to_rank_based`.
@@ -349,6 +365,9 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
             ``"alrp"``, ``"balrp"``.
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
+        box_balance: the L1, GIoU and FGL terms' weights: ``"weights"`` (the config's, as the
+            official Co-DETR BRS head runs) or ``"classification"`` (each scaled to its term's
+            classification loss by a detached factor). aLRP replaces these terms and ignores it.
 
     Returns:
         The same model, whose ``loss_function`` is a :class:`RankBasedDetrLoss`. For aLRP it
@@ -357,7 +376,7 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
 
     Raises:
         TypeError: for another model (the message lists the supported ones).
-        ValueError: for an unknown ``loss``.
+        ValueError: for an unknown ``loss`` or ``box_balance``.
 
     Example:
         >>> from transformers import RTDetrConfig, RTDetrForObjectDetection
@@ -367,11 +386,14 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
     """
     family = _family_of(model)
     ranking = RankingLoss(loss, delta, backend)
+    if box_balance not in DETR_BOX_BALANCES:  # checked before the model changes
+        raise ValueError(f"box_balance must be one of {', '.join(DETR_BOX_BALANCES)} for transformers' "
+                         f"detectors, got {box_balance!r}")
     balance = None
     if LOSSES_BY_SHORT[ranking.loss].regression:
         balance = TensorStateBalancingWeight(ALRP_BALANCE_PERIOD)
         model.alrp_balance = balance
     elif "alrp_balance" in model._modules:  # converted to aLRP before: its weight has no use now
         del model.alrp_balance
-    model.loss_function = RankBasedDetrLoss(family, ranking, balance)
+    model.loss_function = RankBasedDetrLoss(family, ranking, balance, box_balance)
     return model

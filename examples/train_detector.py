@@ -169,7 +169,7 @@ def build_model(args, num_classes: int):
                 raise SystemExit("--loss mal is RT-DETR's criterion with MAL in place of VFL: --detector rtdetr")
             detr.loss_function = matching_aware_loss
         elif args.loss != "ce":
-            convert_to_rank_based(detr, args.loss)
+            convert_to_rank_based(detr, args.loss, box_balance=args.box_balance)
         return TorchvisionInterface(detr)
     if args.loss == "mal":
         raise SystemExit("--loss mal is a DETR loss: --detector rtdetr")
@@ -447,8 +447,9 @@ def parse_args(argv=None):
                              "brl_triton.detection.init_box_predictor, as mmdetection; torchvision: nn.Linear's)")
     parser.add_argument("--box-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the box-regression layer (the RoI head's, or FCOS's)")
-    parser.add_argument("--box-balance", choices=["unit", "classification"], default="unit",
-                        help="rank-based heads: the value the box loss is scaled to (convert_to_rank_based)")
+    parser.add_argument("--box-balance", choices=["unit", "classification", "weights"], default=None,
+                        help="rank-based heads: the box losses' balance (convert_to_rank_based); default: "
+                             "unit for torchvision's detectors, weights (the config's) for the DETRs")
     parser.add_argument("--box-weighting", choices=["uniform", "score"], default="uniform",
                         help="rank-based heads: the positives' weights in the box loss (convert_to_rank_based)")
     parser.add_argument("--timing-repeats", type=int, default=3,

@@ -174,6 +174,11 @@ def test_unsupported_models_and_losses_are_refused_with_the_supported_list():
                                      "DFineForObjectDetection", "Deimv2ForObjectDetection"}
     with pytest.raises(ValueError, match="loss must be one of"):
         convert_to_rank_based(_build("rt_detr"), "focal")
+    model = _build("rt_detr")
+    own_loss = model.loss_function
+    with pytest.raises(ValueError, match="box_balance must be one of weights, classification"):
+        convert_to_rank_based(model, "brs", box_balance="unit")  # the torchvision heads' balance
+    assert model.loss_function == own_loss  # refused before anything changed
 
 
 def test_detection_imports_without_transformers_and_the_detr_module_says_what_to_install():
@@ -228,8 +233,21 @@ def test_training_step_names_the_ranking_terms_and_reaches_every_class_head(name
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_box_terms_take_the_value_of_their_terms_ranking_loss(name):
+def test_box_terms_are_the_models_own_by_default(name):
+    """box_balance="weights": every L1 / GIoU / FGL term is what the unconverted model's own loss
+    gives for the same call (same matching, the config's weights)."""
     model = convert_to_rank_based(_build(name), "brs")
+    args, kwargs, (_, loss_dict, _) = _recorded_training_call(model, _labels())
+    _, own_dict, _ = _build(name).loss_function(*args, **kwargs)
+    box_terms = [key for key in loss_dict if key.startswith(("loss_bbox", "loss_giou", "loss_fgl"))]
+    assert box_terms and set(box_terms) <= set(own_dict)
+    for key in box_terms:
+        assert torch.allclose(loss_dict[key], own_dict[key], rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_classification_balance_gives_box_terms_the_value_of_their_terms_ranking_loss(name):
+    model = convert_to_rank_based(_build(name), "brs", box_balance="classification")
     _, _, (_, loss_dict, _) = _recorded_training_call(model, _labels())
     for key, classification in _ranking_terms(loss_dict, "brs").items():
         suffix = key[len("loss_brs"):]
