@@ -72,9 +72,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 __all__ = ["RankBasedDetrLoss", "TensorStateBalancingWeight", "convert_detr_to_rank_based", "SUPPORTED_MODELS"]
 
-BALANCED_BOX_LOSSES = ("loss_bbox", "loss_giou", "loss_fgl")  # scaled to their term's classification loss
-REGRESSION_TO_GROUND_TRUTH = BALANCED_BOX_LOSSES
-DETR_BOX_BALANCES = ("weights", "classification")  # RankBasedDetrLoss.box_balance  # what aLRP's localisation part replaces
+BALANCED_BOX_LOSSES = ("loss_bbox", "loss_giou", "loss_fgl")  # box_balance="classification" scales these
+REGRESSION_TO_GROUND_TRUTH = BALANCED_BOX_LOSSES  # what aLRP's localisation part replaces
+DETR_BOX_BALANCES = ("weights", "classification")  # RankBasedDetrLoss.box_balance
 _TERM_SUFFIX = r"(?:_aux_\d+|_dn_\d+)?"  # transformers' names: final layer, auxiliary terms, denoising terms
 
 
