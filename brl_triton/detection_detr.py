@@ -20,15 +20,14 @@ auxiliary decoder layer, the encoder's top-k proposals and each decoder layer's 
   ``weight_loss_mal``). Loss-dict names: ``loss_<short>`` (``loss_brs``, ``loss_brs_aux_0``,
   ``loss_brs_dn_0``, ...) where transformers writes ``loss_vfl`` / ``loss_mal``.
 - Box terms (BRS, RS, BAP, AP): transformers' L1 and GIoU (and D-FINE's / DEIMv2's FGL) with
-  the config's weights (``weight_loss_bbox`` / ``giou`` / ``fgl``), as the official Co-DETR BRS
-  head runs: that head computes a self-balancing factor (classification loss over box loss) but
-  returns the unscaled, config-weighted L1 and GIoU losses. ``box_balance="classification"``
-  applies the factor instead: each box term multiplied by the detached ratio of its term's
-  classification loss to its own value (its value becomes the classification loss's, the config
-  weights cancel out); the box gradients then shrink as the ranking loss falls, and on the
-  example's RT-DETR it localised worse (docs/detection_detr.md). D-FINE's DDF
-  (self-distillation between decoder layers, not a regression to the ground truth) keeps
-  ``weight_loss_ddf`` either way.
+  the config's weights (``weight_loss_bbox`` / ``giou`` / ``fgl``), as one version of the
+  official Co-DETR BRS head runs (commit ``15bd5822``: it computes a self-balancing factor but
+  returns the unscaled L1 and GIoU). ``box_balance="classification"`` is the other version
+  (``726b2fb7``): each box term multiplied by the detached ratio of its term's classification
+  loss to its own value, so its value is the classification loss's and the config weights cancel
+  out; its box gradients shrink as the ranking loss falls (docs/detection_detr.md compares the
+  two on the example). D-FINE's DDF (self-distillation between decoder layers, not a regression
+  to the ground truth) keeps ``weight_loss_ddf`` either way.
 - aLRP (``"alrp"`` / ``"balrp"``): the classification part as above, and the localisation part
   with ``(1 - GIoU) / 2`` of each matched box as its regression loss (``loss_<short>_localisation``
   and its suffixes), instead of L1, GIoU and FGL; times one self-balancing weight for the whole
@@ -365,8 +364,8 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
             ``"alrp"``, ``"balrp"``.
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
-        box_balance: the L1, GIoU and FGL terms' weights: ``"weights"`` (the config's, as the
-            official Co-DETR BRS head runs) or ``"classification"`` (each scaled to its term's
+        box_balance: the L1, GIoU and FGL terms' weights: ``"weights"`` (the config's) or
+            ``"classification"`` (each scaled to its term's
             classification loss by a detached factor). aLRP replaces these terms and ignores it.
 
     Returns:
