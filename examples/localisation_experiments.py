@@ -26,9 +26,13 @@ import train_detector  # noqa: E402
 ROOT = Path(__file__).resolve().parent / "study" / "localisation"
 # the study's best setting of each loss (before these experiments; CHANGELOG.md)
 SETTINGS = {"fasterrcnn": {"ce": ["--lr", "0.08", "--clip", "10"], "brs": ["--lr", "0.006", "--clip", "0"]},
-            "fcos": {"ce": ["--lr", "0.01", "--clip", "10"], "brs": ["--lr", "0.004", "--clip", "10"]}}
+            "fcos": {"ce": ["--lr", "0.01", "--clip", "10"], "brs": ["--lr", "0.004", "--clip", "10"]},
+            # RT-DETR: the DETR recipe's clipping; the rate is each experiment's (--lr)
+            "rtdetr": {"brs": ["--clip", "0.1"]}}
 COMMON = ["--eval-every", "250", "--batch-size", "4", "--image-size", "256", "--num-train", "600", "--num-val", "150"]
 NORMAL_INIT = ["--predictor-init", "normal"]
+# the example's defaults when the DETR runs were made (torchvision-only options that a DETR ignores)
+DETR_DEFAULTS = ("--predictor-init", "normal", "--box-weighting", "uniform", "--eval-every", "500")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Experiment:
     iters: int = 1000
     detector: str = "fasterrcnn"
     seeds: tuple[tuple[str, int], ...] = ()  # (loss, seed) runs beyond every loss's seed 0
+    # options the runs recorded before they applied to this detector (the check of the recorded
+    # arguments skips them)
+    predates: tuple[str, ...] = ()
 
     def runs(self) -> list[tuple[str, int]]:
         return [(loss, 0) for loss in self.losses] + list(self.seeds)
@@ -78,6 +85,15 @@ EXPERIMENTS = [
                ("--box-balance", "unit", "--box-weighting", "uniform"), losses=("brs",), detector="fcos"),
     Experiment("init_3000it", "(d) with init, 3000 iterations: does the gap close with the budget?",
                (*NORMAL_INIT, "--eval-every", "750"), iters=3000),
+    *(Experiment(f"rtdetr_ratio_lr_x{scale}",
+                 f"RT-DETR, box terms scaled to their term's ranking loss, LR x{scale} (the study's runs "
+                 "before box_balance applied to DETRs: they recorded its torchvision default 'unit', unused)",
+                 (*DETR_DEFAULTS, "--box-balance", "classification", "--lr", lr), losses=("brs",), iters=2000,
+                 detector="rtdetr", predates=("box_balance",))
+      for scale, lr in (("0.5", "0.0001"), ("1", "0.0002"), ("2", "0.0004"))),
+    Experiment("rtdetr_weights_lr_x2", "RT-DETR, box terms with the config's weights (the default now), LR x2",
+               (*DETR_DEFAULTS, "--box-balance", "weights", "--lr", "0.0004"), losses=("brs",), iters=2000,
+               detector="rtdetr"),
 ]
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 
