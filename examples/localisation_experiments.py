@@ -91,9 +91,6 @@ EXPERIMENTS = [
                  (*DETR_DEFAULTS, "--box-balance", "classification", "--lr", lr), losses=("brs",), iters=2000,
                  detector="rtdetr", predates=("box_balance",))
       for scale, lr in (("0.5", "0.0001"), ("1", "0.0002"), ("2", "0.0004"))),
-    Experiment("rtdetr_weights_lr_x2", "RT-DETR, box terms with the config's weights (the default now), LR x2",
-               (*DETR_DEFAULTS, "--box-balance", "weights", "--lr", "0.0004"), losses=("brs",), iters=2000,
-               detector="rtdetr"),
 ]
 BY_NAME = {experiment.name: experiment for experiment in EXPERIMENTS}
 
