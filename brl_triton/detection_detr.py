@@ -199,6 +199,12 @@ def _balanced_to(loss: Tensor, reference: Tensor) -> Tensor:
     return loss * (reference.detach() / loss.detach().clamp(min=torch.finfo(loss.dtype).tiny))
 
 
+def _check_box_balance(box_balance: str) -> None:
+    if box_balance not in DETR_BOX_BALANCES:
+        raise ValueError(f"box_balance must be one of {', '.join(DETR_BOX_BALANCES)} for transformers' "
+                         f"detectors, got {box_balance!r}")
+
+
 def _term_suffixes(losses: dict, key: str) -> list[str]:
     """The suffixes (``""``, ``"_aux_0"``, ``"_dn_1"``, ...) of the terms named ``key + suffix``."""
     pattern = re.compile(re.escape(key) + f"({_TERM_SUFFIX})")
@@ -278,9 +284,7 @@ class RankBasedDetrLoss:
 
     def __init__(self, family: _Family, ranking: RankingLoss, balance: SelfBalancingWeight | None = None,
                  box_balance: str = "weights"):
-        if box_balance not in DETR_BOX_BALANCES:
-            raise ValueError(f"box_balance must be one of {', '.join(DETR_BOX_BALANCES)} for transformers' "
-                             f"detectors, got {box_balance!r}")
+        _check_box_balance(box_balance)
         self.family = family
         self.ranking = ranking
         self.balance = balance
@@ -365,8 +369,8 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
         delta: smoothing width of the ranking loss; None for the loss's default.
         backend: the ranking loss's backend (``"auto"``, ``"torch"``, ``"triton"``).
         box_balance: the L1, GIoU and FGL terms' weights: ``"weights"`` (the config's) or
-            ``"classification"`` (each scaled to its term's
-            classification loss by a detached factor). aLRP replaces these terms and ignores it.
+            ``"classification"`` (each scaled to its term's classification loss by a detached
+            factor). aLRP replaces these terms and ignores it.
 
     Returns:
         The same model, whose ``loss_function`` is a :class:`RankBasedDetrLoss`. For aLRP it
@@ -385,9 +389,7 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
     """
     family = _family_of(model)
     ranking = RankingLoss(loss, delta, backend)
-    if box_balance not in DETR_BOX_BALANCES:  # checked before the model changes
-        raise ValueError(f"box_balance must be one of {', '.join(DETR_BOX_BALANCES)} for transformers' "
-                         f"detectors, got {box_balance!r}")
+    _check_box_balance(box_balance)  # before the model changes
     balance = None
     if LOSSES_BY_SHORT[ranking.loss].regression:
         balance = TensorStateBalancingWeight(ALRP_BALANCE_PERIOD)
