@@ -328,7 +328,9 @@ class RankBasedDetrLoss:
         return sum(losses.values()), losses, auxiliary_outputs
 
     def _balance(self, losses: dict, training: bool) -> None:
-        """Weigh the box terms of ``losses`` in place against their term's classification loss."""
+        """Weigh the box terms of ``losses`` in place: with ``box_balance="classification"`` scale
+        each to its term's classification loss (the config's weights stay otherwise); for aLRP,
+        record and apply the self-balancing weight of the localisation part."""
         suffixes = _term_suffixes(losses, self.key)
         if self.balance is None:
             if self.box_balance == "weights":

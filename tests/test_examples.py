@@ -554,8 +554,8 @@ def test_the_localisation_table_is_generated_from_the_committed_experiments():
     for metrics in experiments.ROOT.glob("*/*/metrics.json"):
         assert metrics.parent in by_folder, metrics
         # the run was made with the arguments its experiment gives it now (options it predates aside)
+        experiment, loss, seed = by_folder[metrics.parent]
         recorded = json.loads(metrics.read_text())["provenance"]["arguments"]
-        wanted = vars(experiments.train_detector.parse_args(experiments.run_arguments(*by_folder[metrics.parent])))
-        experiment = by_folder[metrics.parent][0]
+        wanted = vars(experiments.train_detector.parse_args(experiments.run_arguments(experiment, loss, seed)))
         for key in set(recorded) & set(wanted) - {"out", "data", "checkpoint", "device", *experiment.predates}:
             assert recorded[key] == wanted[key], (metrics, key)
