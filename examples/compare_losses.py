@@ -1,9 +1,12 @@
 """The accuracy study: every loss trains the same detector on the offline digits set, each with
 its own recipe tuned on the same small grid and budget, over several seeds.
 
-    python examples/compare_losses.py --iters 1000 --seeds 0 1          # Faster R-CNN and FCOS
+    python examples/compare_losses.py --out examples/study                      # Faster R-CNN and FCOS
+    python examples/compare_losses.py --detectors rtdetr --losses ce,brs,rs,mal --timing-iters 0 --out examples/study
     python examples/compare_losses.py --detectors fcos --losses ce,brs --iters 300 --tune-iters 150
 
+Each detector has its protocol (``PROTOCOLS``: budgets and grid), which ``--iters``,
+``--tune-iters``, ``--lr-scales`` and ``--clips`` replace for every detector of a call.
 For every detector and loss (``ce`` is torchvision's own loss: cross-entropy, focal for the
 one-stage detectors):
 
@@ -20,7 +23,8 @@ one-stage detectors):
    machine): the median step's seconds, and the classification loss's milliseconds per step
    from the profiler.
 
-Writes to --out: ``runs.csv`` (one row per run, tuning included), ``summary.csv`` and
+Writes to --out, keeping the rows of the detectors and losses that this call did not name:
+``runs.csv`` (one row per run, tuning included), ``summary.csv`` and
 ``summary.md`` (per detector and loss: mAP, mAP50 and mAP75 as mean ± spread (half the range)
 over the seeds, seconds per iteration, loss milliseconds per iteration, the tuned setting; and the
 search: every tuning run's mAP by learning rate, the other seeds' at the best) and
@@ -36,6 +40,7 @@ import csv
 import json
 import statistics
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,6 +52,38 @@ DEFAULT_LOSSES = ["ce", "rs", "brs", "bap", "alrp"]
 # FCOS is the one-stage detector: on the digits set RetinaNet's focal baseline stayed at 0.09-0.12
 # mAP after 1000 iterations at every learning rate tried, FCOS's reached 0.68
 DEFAULT_DETECTORS = ["fasterrcnn", "fcos"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A detector's study: the seeds' budget, the tuning runs' budget and the tuning grid (the
+    learning rates as multiples of the recipe's, searched at the first clipping norm; the other
+    norms, 0 for none, tried at the best rate)."""
+
+    iters: int
+    tune_iters: int
+    lr_scales: tuple[float, ...]
+    clips: tuple[float, ...]
+
+
+# the protocol each detector's committed study (examples/study) ran with, so that one call finds
+# every detector's runs. RT-DETR: twice the budget, since its own loss needs it to pass 0.3 mAP, and
+# the DETR recipe's clipping (docs/detection_detr.md)
+PROTOCOLS = {"fasterrcnn": Protocol(1000, 1000, (0.5, 1.0, 2.0), (10.0, 0.0)),
+             "fcos": Protocol(1000, 1000, (0.5, 1.0, 2.0), (10.0, 0.0)),
+             "rtdetr": Protocol(2000, 2000, (0.5, 1.0, 2.0), (0.1,))}
+# any other detector's, until it has a study of its own
+DEFAULT_PROTOCOL = Protocol(1000, 300, (0.5, 1.0, 2.0), (10.0, 0.0))
+
+
+def protocol(args, detector: str) -> Protocol:
+    """``detector``'s protocol, with what the command line sets (``--iters``, ``--tune-iters``,
+    ``--lr-scales``, ``--clips``) in place of its own for every detector of the call."""
+    own = PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
+    given = {name: value for name, value in (("iters", args.iters), ("tune_iters", args.tune_iters),
+                                             ("lr_scales", args.lr_scales), ("clips", args.clips))
+             if value is not None}
+    return replace(own, **{name: tuple(value) if isinstance(value, list) else value for name, value in given.items()})
 
 
 def _run_argv(args, detector: str, loss: str, seed: int, iters: int, lr: float, clip: float,
@@ -103,11 +140,11 @@ def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dic
 # The run folders' names hold everything a run depends on, so that a resumed study never reuses a
 # run made with other settings; search_table finds the runs by the same names.
 def tune_folder(args, detector: str, loss: str, scale, clip) -> Path:
-    return args.out / detector / loss / f"tune_{args.tune_iters}it_lr{scale}_clip{clip}"
+    return args.out / detector / loss / f"tune_{protocol(args, detector).tune_iters}it_lr{scale}_clip{clip}"
 
 
 def seed_folder(args, detector: str, loss: str, seed: int, lr: float, clip) -> Path:
-    return args.out / detector / loss / f"seed{seed}_{args.iters}it_lr{lr:.4g}_clip{clip}"
+    return args.out / detector / loss / f"seed{seed}_{protocol(args, detector).iters}it_lr{lr:.4g}_clip{clip}"
 
 
 def _ranking(score: tuple) -> tuple:
@@ -127,23 +164,29 @@ def spread(values: list[float]) -> float:
 
 def study(args) -> tuple[list[dict], list[dict]]:
     jobs = [(d, loss) for d in args.detectors for loss in args.losses]
-    # the learning rates at the first clipping norm, then the other norms at the best rate
-    grid = [(scale, args.clips[0]) for scale in args.lr_scales]
-    tuning_runs = len(grid) + len(args.clips) - 1
-    total = len(jobs) * ((tuning_runs if tuning_runs > 1 else 0) + len(args.seeds) + (args.timing_iters > 0))
+
+    def tuning_runs(detector: str) -> int:  # before any edge extension
+        plan = protocol(args, detector)
+        return len(plan.lr_scales) + len(plan.clips) - 1
+
+    total = sum((tuning_runs(d) if tuning_runs(d) > 1 else 0) + len(args.seeds) + (args.timing_iters > 0)
+                for d, _ in jobs)
     runs, summary = [], []
     with tqdm(total=total, desc="study", unit="run") as bar:
         for detector, loss in jobs:
+            plan = protocol(args, detector)
+            # the learning rates at the first clipping norm, then the other norms at the best rate
+            grid = [(scale, plan.clips[0]) for scale in plan.lr_scales]
             base_lr = recipe_lr(detector, loss, args.batch_size)
             best = (grid[0][0] * base_lr, grid[0][1])
             tuned = {}  # (lr, clip) -> the tuning run's folder and result
-            if tuning_runs > 1:
+            if tuning_runs(detector) > 1:
                 scores = []  # (mAP, scale, clip)
 
                 def tune(scale, clip):
                     bar.set_postfix_str(f"tune {detector} {loss} lr x{scale:g} clip {clip}")
                     out = tune_folder(args, detector, loss, scale, clip)
-                    result = run_once(args, detector, loss, 0, args.tune_iters, scale * base_lr, clip, out)
+                    result = run_once(args, detector, loss, 0, plan.tune_iters, scale * base_lr, clip, out)
                     runs.append(_row("tune", detector, loss, 0, result))
                     scores.append((result["mAP"], scale, clip))
                     tuned[(scale * base_lr, clip)] = out, result
@@ -162,7 +205,7 @@ def study(args) -> tuple[list[dict], list[dict]]:
                     bar.total += 1
                     tune(scale * step, clip)
                 _, scale, _ = max(scores, key=_ranking)
-                for clip in args.clips[1:]:
+                for clip in plan.clips[1:]:
                     tune(scale, clip)
                 _, scale, clip = max(scores, key=_ranking)
                 best = (scale * base_lr, clip)
@@ -170,11 +213,11 @@ def study(args) -> tuple[list[dict], list[dict]]:
             for seed in args.seeds:
                 bar.set_postfix_str(f"{detector} {loss} seed {seed}")
                 out = seed_folder(args, detector, loss, seed, *best)
-                if seed == 0 and args.tune_iters == args.iters and best in tuned:
+                if seed == 0 and plan.tune_iters == plan.iters and best in tuned:
                     # the chosen tuning run is this run: same seed, budget and setting
                     out, result = tuned[best]
                 else:
-                    result = run_once(args, detector, loss, seed, args.iters, *best, out)
+                    result = run_once(args, detector, loss, seed, plan.iters, *best, out)
                 result = with_map75(args, detector, loss, seed, out, result)
                 runs.append(_row("study", detector, loss, seed, result))
                 results.append(result)
@@ -225,24 +268,31 @@ def _timing(step: float, loss_ms: float | None) -> dict:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # every row's columns, in the order they first appear (rows written before a column existed lack it)
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
 
 
 def markdown(summary: list[dict], args) -> str:
-    lines = [f"{args.iters} iterations × batch {args.batch_size}, {args.image_size} px digits, seeds "
-             f"{', '.join(map(str, args.seeds))}; mAP as mean ± half the range over seeds; "
-             + (f"s / iter: the median step of a {args.timing_iters}-step timing run per loss, all in one stretch."
-                if args.timing_iters > 0 else "s / iter: the median step, averaged over the seeds' runs."), "",
-             "| detector | loss | mAP | mAP50 | mAP75 | s / iter | loss ms / iter (share) | LR | clip |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """summary.csv's rows (as read back, strings) as a markdown table."""
+    lines = [f"Batch {args.batch_size}, {args.image_size} px digits; mAP as mean ± half the range over the seeds; "
+             "s / iter: the median step of the loss's timing run where the study made one (`--timing-iters`), "
+             "else averaged over the seeds' runs.", "",
+             "| detector | loss | iterations | seeds | mAP | mAP50 | mAP75 | s / iter | loss ms / iter (share) | LR "
+             "| clip |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['detector']} | {s['loss']} | {s['map']:.3f} ± {s['map_spread']:.3f} | "
-                     f"{s['map50']:.3f} ± {s['map50_spread']:.3f} | {s['map75']:.3f} ± {s['map75_spread']:.3f} | "
-                     f"{s['seconds_per_iteration']:.2f} | "
-                     f"{s['loss_ms_per_iteration']:.1f} ({100 * s['loss_share']:.1f} %) | {s['lr']:.4g} | "
-                     f"{s['clip'] or 'none'} |")
+        number = {key: float(s[key]) for key in ("map", "map_spread", "map50", "map50_spread", "map75", "map75_spread",
+                                                 "seconds_per_iteration", "loss_ms_per_iteration", "loss_share", "lr")}
+        clip = float(s["clip"] or 0)  # 0 or empty: no clipping
+        lines.append(f"| {s['detector']} | {s['loss']} | {s['iters']} | {s['seeds']} | "
+                     f"{number['map']:.3f} ± {number['map_spread']:.3f} | "
+                     f"{number['map50']:.3f} ± {number['map50_spread']:.3f} | "
+                     f"{number['map75']:.3f} ± {number['map75_spread']:.3f} | "
+                     f"{number['seconds_per_iteration']:.2f} | "
+                     f"{number['loss_ms_per_iteration']:.1f} ({100 * number['loss_share']:.1f} %) | "
+                     f"{number['lr']:.4g} | {f'{clip:g}' if clip else 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,11 +306,10 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(detectors), figsize=(6 * len(detectors), 4), squeeze=False)
     for axis, detector in zip(axes[0], detectors):
         for index, loss in enumerate(dict.fromkeys(r["loss"] for r in runs if r["detector"] == detector)):
-            for r in runs:
-                if r["phase"] == "study" and r["detector"] == detector and r["loss"] == loss:
-                    steps, maps = zip(*json.loads(r["curve"]))
-                    axis.plot(steps, maps, "o-", color=f"C{index}", alpha=0.8,
-                              label=loss if r["seed"] == min(x["seed"] for x in runs if x["loss"] == loss) else None)
+            seeds = [r for r in runs if r["phase"] == "study" and r["detector"] == detector and r["loss"] == loss]
+            for r in seeds:  # one line per seed, the loss named once
+                steps, maps = zip(*json.loads(r["curve"]))
+                axis.plot(steps, maps, "o-", color=f"C{index}", alpha=0.8, label=loss if r is seeds[0] else None)
         axis.set(title=detector, xlabel="iteration", ylabel="COCO box mAP")
         axis.legend()
     fig.tight_layout()
@@ -273,13 +322,15 @@ def parse_args(argv=None):
     parser.add_argument("--detectors", type=lambda s: s.split(","), default=DEFAULT_DETECTORS)
     parser.add_argument("--losses", type=lambda s: s.split(","), default=DEFAULT_LOSSES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--iters", type=int, default=1000)
-    parser.add_argument("--tune-iters", type=int, default=300)
-    parser.add_argument("--lr-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
-                        help="tuning grid: multiples of the recipe's learning rate")
-    parser.add_argument("--clips", type=float, nargs="+", default=[10.0, 0.0],
+    # the next four: each detector's own protocol (PROTOCOLS) unless given, then for every detector
+    parser.add_argument("--iters", type=int, help="the seeds' budget (Faster R-CNN and FCOS 1000, RT-DETR 2000)")
+    parser.add_argument("--tune-iters", type=int, help="the tuning runs' budget (the same as --iters)")
+    parser.add_argument("--lr-scales", type=float, nargs="+",
+                        help="tuning grid: multiples of the recipe's learning rate (0.5 1 2)")
+    parser.add_argument("--clips", type=float, nargs="+",
                         help="tuning grid: gradient clipping norms, 0 is none; the learning rates are searched at "
-                             "the first, the others are tried at the best learning rate")
+                             "the first, the others are tried at the best learning rate (Faster R-CNN and FCOS: "
+                             "10 0; RT-DETR: 0.1)")
     parser.add_argument("--extend-edges", type=int, default=1,
                         help="when the best learning rate is the grid's largest (smallest), try one more "
                              "grid step above (below) it, up to this many times")
@@ -337,33 +388,37 @@ def _setting(run_folder: str) -> tuple[float, float]:
     return float(lr), float(clip)
 
 
-def search_table(args) -> str:
-    """The search at a glance, from the finished runs in --out: per detector and loss, the tuning
-    runs' mAP at each multiple of the recipe's learning rate (at the first clipping norm), then
-    one column per other norm (its run at the best learning rate, whose multiple it gives), the
-    best in bold; the other seeds' mAP at the best, and the mean ± half the range over all seeds."""
-    rows, columns = [], set()
-    for detector in args.detectors:
-        for loss in args.losses:
-            # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
-            pattern = tune_folder(args, detector, loss, "*", "*")
-            tuned = {setting: json.loads(path.read_text())["mAP"]
-                     for path in pattern.parent.glob(f"{pattern.name}/metrics.json")
-                     if (setting := _setting(path.parent.name))[1] in args.clips}
-            if not tuned:
-                continue
-            columns |= set(tuned)
-            best = max(tuned, key=lambda setting: _ranking((tuned[setting], *setting)))
-            lr = best[0] * recipe_lr(detector, loss, args.batch_size)
-            seeds = {seed: json.loads(path.read_text())["mAP"] for seed in args.seeds
-                     if (path := seed_folder(args, detector, loss, seed, lr, best[1]) / "metrics.json").exists()}
-            if args.tune_iters == args.iters and 0 in args.seeds:
-                seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
-            rows.append((detector, loss, tuned, best, seeds))
+def search_table(args, pairs: list[tuple[str, str]] | None = None) -> str:
+    """The search at a glance, from the finished runs in --out: per detector and loss (``pairs``;
+    every ``--detectors`` with every ``--losses`` by default), the tuning runs' mAP at each
+    multiple of the recipe's learning rate (at the detector's first clipping norm), then one column
+    per other norm (its run at the best learning rate, whose multiple it gives), the best in bold;
+    the other seeds' mAP at the best, and the mean ± half the range over all seeds."""
+    if pairs is None:
+        pairs = [(detector, loss) for detector in args.detectors for loss in args.losses]
+    rows = []
+    for detector, loss in pairs:
+        plan = protocol(args, detector)
+        # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
+        pattern = tune_folder(args, detector, loss, "*", "*")
+        tuned = {setting: json.loads(path.read_text())["mAP"]
+                 for path in pattern.parent.glob(f"{pattern.name}/metrics.json")
+                 if (setting := _setting(path.parent.name))[1] in plan.clips}
+        if not tuned:
+            continue
+        best = max(tuned, key=lambda setting: _ranking((tuned[setting], *setting)))
+        lr = best[0] * recipe_lr(detector, loss, args.batch_size)
+        seeds = {seed: json.loads(path.read_text())["mAP"] for seed in args.seeds
+                 if (path := seed_folder(args, detector, loss, seed, lr, best[1]) / "metrics.json").exists()}
+        if plan.tune_iters == plan.iters and 0 in args.seeds:
+            seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
+        rows.append((detector, loss, plan, tuned, best, seeds))
     if not rows:
         return ""
-    scales = sorted({scale for scale, clip in columns if clip == args.clips[0]})
-    other_clips = [clip for clip in args.clips[1:] if any(c == clip for _, c in columns)]
+    # one column per multiple of the rate (each detector's at its first norm), one per other norm
+    scales = sorted({scale for _, _, plan, tuned, _, _ in rows for scale, clip in tuned if clip == plan.clips[0]})
+    other_clips = list(dict.fromkeys(clip for _, _, plan, tuned, _, _ in rows for clip in plan.clips[1:]
+                                     if any(c == clip for _, c in tuned)))
     names = ([f"LR × {scale:g}" for scale in scales]
              + [("no clipping" if clip == 0 else f"clip {clip:g}") + " at the best LR" for clip in other_clips])
 
@@ -376,14 +431,32 @@ def search_table(args) -> str:
 
     lines = [f"| detector | loss | {' | '.join(names)} | other seeds at the best | mean ± half range |",
              "|---|---|" + "---|" * len(names) + "---|---|"]
-    for detector, loss, tuned, best, seeds in rows:
-        cells = ([cell([(scale, args.clips[0])], tuned, best) for scale in scales]
-                 + [cell([s for s in tuned if s[1] == clip], tuned, best, with_scale=True) for clip in other_clips])
+    for detector, loss, plan, tuned, best, seeds in rows:
+        cells = ([cell([(scale, plan.clips[0])], tuned, best) for scale in scales]
+                 + [cell([s for s in tuned if s[1] == clip and clip in plan.clips[1:]], tuned, best, with_scale=True)
+                    for clip in other_clips])
         others = ", ".join(f"{seeds[s]:.3f} (seed {s})" for s in sorted(seeds) if s != 0) or "—"
         values = list(seeds.values())
         mean = f"{statistics.mean(values):.3f} ± {spread(values):.3f} ({len(values)} seeds)" if len(values) > 1 else "—"
         lines.append(f"| {detector} | {loss} | {' | '.join(cells)} | {others} | {mean} |")
     return "\n".join(lines) + "\n"
+
+
+def merged(written: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of a file ``written`` by earlier calls with this call's ``new`` rows in place of
+    theirs for every (detector, loss) this call ran, so that a call for one detector or loss keeps
+    the others' rows; pairs in the order they first appear."""
+    pairs = {(row["detector"], row["loss"]): None for row in [*written, *new]}
+    ran = {(row["detector"], row["loss"]) for row in new}
+    return [row for pair in pairs for row in (new if pair in ran else written)
+            if (row["detector"], row["loss"]) == pair]
+
+
+def write_merged(new: list[dict], path: Path) -> list[dict]:
+    """Merge ``new`` into the CSV at ``path`` (``merged``); the file's rows as read back."""
+    written = read_summary(path) if path.exists() else []
+    write_csv(merged(written, new), path)
+    return read_summary(path)
 
 
 def main(argv=None):
@@ -393,12 +466,13 @@ def main(argv=None):
         return None
     args.out.mkdir(parents=True, exist_ok=True)
     runs, summary = study(args)
-    write_csv(runs, args.out / "runs.csv")
-    write_csv(summary, args.out / "summary.csv")
-    search = search_table(args)
-    (args.out / "summary.md").write_text(markdown(summary, args)
+    # the files hold every detector and loss studied in --out, not only this call's
+    all_runs = write_merged(runs, args.out / "runs.csv")
+    all_summary = write_merged(summary, args.out / "summary.csv")
+    search = search_table(args, [(row["detector"], row["loss"]) for row in all_summary])
+    (args.out / "summary.md").write_text(markdown(all_summary, args)
                                          + (f"\nThe search (tuning runs' mAP):\n\n{search}" if search else ""))
-    plot(runs, args.out / "map_curves.png")
+    plot(all_runs, args.out / "map_curves.png")
     if args.table is not None:
         write_table(args.table, study_table(read_summary(args.out / "summary.csv")))
     print((args.out / "summary.md").read_text())
@@ -416,23 +490,50 @@ def read_summary(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def own_loss_label(detector: str) -> str:
+    """What ``ce`` (the detector's own loss) is for ``detector``."""
+    if detector in train_detector.ONE_STAGE:
+        return "focal"
+    return "vfl" if detector in train_detector.DETRS else "ce"
+
+
+# the product's claim: a detector trained with BRS is at most this far below its own loss (mAP)
+GOAL_MARGIN = 0.01
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Per detector of summary.csv's rows, whether BRS's mAP (mean over its seeds) reaches the
+    detector's own loss's minus ``GOAL_MARGIN``, in words."""
+    maps = {(row["detector"], row["loss"]): float(row["map"]) for row in rows}
+    lines = []
+    for detector in dict.fromkeys(row["detector"] for row in rows):
+        name, own = DETECTOR_NAMES.get(detector, detector), own_loss_label(detector)
+        goal = f"BRS ≥ {own} − {100 * GOAL_MARGIN:g} AP"
+        if (detector, "ce") not in maps or (detector, "brs") not in maps:
+            missing = "brs" if (detector, "ce") in maps else own
+            lines.append(f"- {name}: the goal {goal} is not measured yet (no {missing} row).")
+            continue
+        brs, baseline = maps[(detector, "brs")], maps[(detector, "ce")]
+        verdict = "met" if brs >= baseline - GOAL_MARGIN else "NOT met"
+        lines.append(f"- {name}: the goal {goal} is {verdict}: BRS {brs:.3f}, {own} {baseline:.3f} "
+                     f"({100 * (brs - baseline):+.1f} AP).")
+    return lines
+
+
 def study_table(rows: list[dict]) -> str:
     """The study's results as a markdown table, from the rows of summary.csv: each loss at its
-    tuned setting, mAP as mean ± half the range over the seeds, and the runs it comes from."""
+    tuned setting, mAP as mean ± half the range over the seeds, and the runs it comes from; then
+    whether each detector meets the goal (``goal_lines``)."""
     lines = ["| detector | loss | iterations | seeds | mAP | mAP50 | mAP75 | LR | clip | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        label = row["loss"]
-        if row["loss"] == "ce" and row["detector"] in train_detector.ONE_STAGE:
-            label = "focal"
-        elif row["loss"] == "ce" and row["detector"] in train_detector.DETRS:
-            label = "vfl"
+        label = own_loss_label(row["detector"]) if row["loss"] == "ce" else row["loss"]
         clip = float(row["clip"] or 0)  # 0 or empty: no clipping
         lines.append(f"| {DETECTOR_NAMES.get(row['detector'], row['detector'])} | {label} | {row['iters']} | "
                      f"{row['seeds']} | {float(row['map']):.3f} ± {float(row['map_spread']):.3f} | "
                      f"{float(row['map50']):.3f} | {float(row['map75']):.3f} | {float(row['lr']):.4g} | "
                      f"{f'{clip:g}' if clip else 'none'} | {len(row['runs'].split(';'))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *goal_lines(rows)]) + "\n"
 
 
 def write_table(path: Path, table: str) -> None:

@@ -498,6 +498,67 @@ def test_compare_losses_tries_the_other_clipping_norms_at_the_best_learning_rate
     assert calls[4:] == [(1, 1.0, chosen_clip)] and summary["clip"] == chosen_clip
 
 
+
+def test_compare_losses_runs_each_detector_with_its_protocol_unless_the_command_line_sets_one():
+    import compare_losses
+
+    args = compare_losses.parse_args(["--detectors", "fasterrcnn,rtdetr,retinanet"])
+    assert compare_losses.protocol(args, "rtdetr") == compare_losses.Protocol(2000, 2000, (0.5, 1.0, 2.0), (0.1,))
+    assert compare_losses.protocol(args, "fasterrcnn").clips == (10.0, 0.0)
+    assert compare_losses.protocol(args, "retinanet") == compare_losses.DEFAULT_PROTOCOL
+    given = compare_losses.parse_args(["--detectors", "rtdetr", "--iters", "7", "--clips", "3", "0"])
+    assert compare_losses.protocol(given, "rtdetr") == compare_losses.Protocol(7, 2000, (0.5, 1.0, 2.0), (3.0, 0.0))
+    assert compare_losses.seed_folder(given, "rtdetr", "brs", 1, 0.0008, 3.0).name == "seed1_7it_lr0.0008_clip3.0"
+
+
+def test_compare_losses_keeps_the_rows_of_the_detectors_and_losses_a_call_does_not_name(tmp_path, monkeypatch):
+    """A study is made by several calls (one detector, one loss, at a time): each call's files
+    hold every detector and loss studied in --out, each row from its latest call."""
+    import compare_losses
+
+    def fake_run(args, detector, loss, seed, iters, lr, clip, out):
+        at_recipe = lr == pytest.approx(compare_losses.recipe_lr(detector, loss, 4))  # the best rate, inside the grid
+        score = ({"fasterrcnn": 0.6, "rtdetr": 0.5}[detector] + 0.01 * seed + (0.001 if loss == "brs" else 0)
+                 - (0 if at_recipe else 0.1))
+        return {"mAP": score, "mAP50": score, "mAP75": score, "lr": lr, "clip": clip, "iterations": iters,
+                "evaluations": [{"iteration": iters, "mAP": score}], "seconds_per_iteration": 1.0,
+                "classification_loss_ms_per_iteration": 1.0}
+
+    monkeypatch.setattr(compare_losses, "run_once", fake_run)
+    page = tmp_path / "page.md"
+    page.write_text(f"{compare_losses.TABLE_START}\n{compare_losses.TABLE_END}\n")
+    common = ["--seeds", "0", "1", "--timing-iters", "0", "--out", str(tmp_path / "study"), "--table", str(page)]
+    compare_losses.main(["--detectors", "fasterrcnn", "--losses", "ce,brs", *common])
+    compare_losses.main(["--detectors", "rtdetr", "--losses", "ce", *common])
+    compare_losses.main(["--detectors", "fasterrcnn", "--losses", "brs", "--iters", "5", *common])
+    rows = compare_losses.read_summary(tmp_path / "study" / "summary.csv")
+    assert [(r["detector"], r["loss"], r["iters"]) for r in rows] == [
+        ("fasterrcnn", "ce", "1000"), ("fasterrcnn", "brs", "5"), ("rtdetr", "ce", "2000")]
+    runs = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
+    # each loss's tuning runs (three rates, then one more norm for Faster R-CNN) and its two seeds
+    assert sum(r["detector"] == "fasterrcnn" and r["loss"] == "ce" for r in runs) == 4 + 2
+    assert sum(r["detector"] == "rtdetr" for r in runs) == 3 + 2
+    # --iters replaced the seeds' budget only: the tuning runs keep Faster R-CNN's
+    assert {(r["phase"], r["iterations"]) for r in runs if r["loss"] == "brs"} == {("tune", "1000"), ("study", "5")}
+    summary = (tmp_path / "study" / "summary.md").read_text()
+    assert "| fasterrcnn | ce | 1000 | 2 |" in summary and "| rtdetr | ce | 2000 | 2 |" in summary
+    table = page.read_text()
+    assert "| RT-DETR | vfl | 2000 | 2 | 0.505 ± 0.005 |" in table
+    assert "- Faster R-CNN: the goal BRS ≥ ce − 1 AP is met: BRS 0.606, ce 0.605 (+0.1 AP)." in table
+    assert "- RT-DETR: the goal BRS ≥ vfl − 1 AP is not measured yet (no brs row)." in table
+
+
+@pytest.mark.parametrize("brs, verdict", [(0.545, "met"), (0.539, "NOT met")])
+def test_the_study_table_says_whether_brs_reaches_the_detectors_own_loss_minus_1_ap(brs, verdict):
+    import compare_losses
+
+    rows = [{"detector": "rtdetr", "loss": loss, "iters": "2000", "seeds": "2", "map": str(value), "map_spread": "0",
+             "map50": "0", "map75": "0", "lr": "0.0004", "clip": "0.1", "runs": "a;b"}
+            for loss, value in (("ce", 0.55), ("brs", brs))]
+    lines = compare_losses.study_table(rows).splitlines()
+    assert lines[-1].startswith(f"- RT-DETR: the goal BRS ≥ vfl − 1 AP is {verdict}: BRS {brs:.3f}, vfl 0.550")
+
+
 # the study's runs (examples/study/<detector>/<loss>/<run>); examples/study/localisation holds experiments
 COMMITTED_STUDY_RUNS = sorted(path for detector in ("fasterrcnn", "fcos", "rtdetr")
                               for path in (REPOSITORY / "examples" / "study" / detector).glob("*/*/metrics.json"))
