@@ -431,7 +431,8 @@ def init_box_predictor(predictor: nn.Module) -> nn.Module:
 
 
 def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                          rpn_weight: float = 0.2, box_balance: str | None = None, box_weighting: str = "uniform"):
+                          rpn_weight: float = 0.2, box_balance: str | None = None, box_weighting: str = "uniform",
+                          matcher_class_scale: float | None = None):
     """Turn a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` into its rank-based
     version (RS-R-CNN, RS-Mask R-CNN, and the RS papers' one-stage recipe), in place; or a Hugging
     Face transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2, whose ``loss_function`` becomes the
@@ -457,6 +458,9 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
             box``). transformers' DETRs: ``"weights"`` (the default for None: the config's box
             loss weights) or ``"classification"``, see
             :func:`brl_triton.detection_detr.convert_detr_to_rank_based`.
+        matcher_class_scale: transformers' DETRs only: a factor on the config's matcher class
+            cost (None: the default of
+            :func:`brl_triton.detection_detr.convert_detr_to_rank_based`).
         box_weighting: the positives' weights in the box loss: ``"uniform"`` (default) or
             ``"score"`` (their detached scores for the ground-truth class, RS-R-CNN's).
             RS-R-CNN's pair localised worse than cross-entropy on the example: its box loss
@@ -530,8 +534,12 @@ def convert_to_rank_based(model, loss: str = "brs", *, delta: float | None = Non
         # imported here: transformers is an optional extra, and importing it is slow
         from .detection_detr import convert_detr_to_rank_based
 
+        detr_options = {} if matcher_class_scale is None else {"matcher_class_scale": matcher_class_scale}
         return convert_detr_to_rank_based(model, loss, delta=delta, backend=backend,
-                                          box_balance="weights" if box_balance is None else box_balance)
+                                          box_balance="weights" if box_balance is None else box_balance, **detr_options)
+    if matcher_class_scale is not None:
+        raise ValueError("matcher_class_scale applies to transformers' DETRs only (their Hungarian matcher); "
+                         f"got it for a {type(model).__name__}")
     ranking = RankingLoss(loss, delta, backend, "unit" if box_balance is None else box_balance, box_weighting)
     if isinstance(model, FasterRCNN):  # MaskRCNN and KeypointRCNN are FasterRCNNs
         if model.roi_heads.has_keypoint():

@@ -205,6 +205,13 @@ def _check_box_balance(box_balance: str) -> None:
                          f"detectors, got {box_balance!r}")
 
 
+def _check_matcher_class_scale(matcher_class_scale: float) -> None:
+    if not (isinstance(matcher_class_scale, (int, float)) and math.isfinite(matcher_class_scale)
+            and matcher_class_scale > 0):
+        raise ValueError(f"matcher_class_scale must be a finite number > 0 (a factor on the config's "
+                         f"matcher_class_cost), got {matcher_class_scale!r}")
+
+
 def _term_suffixes(losses: dict, key: str) -> list[str]:
     """The suffixes (``""``, ``"_aux_0"``, ``"_dn_1"``, ...) of the terms named ``key + suffix``."""
     pattern = re.compile(re.escape(key) + f"({_TERM_SUFFIX})")
@@ -283,23 +290,26 @@ class RankBasedDetrLoss:
     """
 
     def __init__(self, family: _Family, ranking: RankingLoss, balance: SelfBalancingWeight | None = None,
-                 box_balance: str = "weights"):
+                 box_balance: str = "weights", matcher_class_scale: float = 1.0):
         _check_box_balance(box_balance)
+        _check_matcher_class_scale(matcher_class_scale)
         self.family = family
         self.ranking = ranking
         self.balance = balance
         self.box_balance = box_balance
+        self.matcher_class_scale = matcher_class_scale
         self.key = f"loss_{ranking.loss}"
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.family.criterion.__name__}, {self.ranking}, "
-                f"box_balance={self.box_balance!r})")
+                f"box_balance={self.box_balance!r}, matcher_class_scale={self.matcher_class_scale!r})")
 
     def criterion(self, config) -> RTDetrLoss:
         """transformers' criterion of the family for ``config``, with the ranking loss in place
         of its classification loss (and for aLRP also of its ground-truth box regression)."""
         criterion = self.family.criterion(config)
         criterion.ranking, criterion.ranking_key = self.ranking, self.key
+        criterion.matcher.class_cost = config.matcher_class_cost * self.matcher_class_scale
         replaced_key = f"loss_{self.family.replaced}"
         weight = getattr(config, f"weight_{replaced_key}")
         weights = {name: value for name, value in criterion.weight_dict.items() if name != replaced_key}
@@ -358,7 +368,7 @@ def _family_of(model) -> _Family:
 
 
 def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None = None, backend: str = "auto",
-                               box_balance: str = "weights"):
+                               box_balance: str = "weights", matcher_class_scale: float = 1.0):
     """Give a transformers RT-DETR, RT-DETRv2, D-FINE or DEIMv2 a rank-based loss, in place (see
     the module docstring and ``docs/detection_detr.md``); called by
     :func:`brl_triton.detection.convert_to_rank_based`.
@@ -373,6 +383,9 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
         box_balance: the L1, GIoU and FGL terms' weights: ``"weights"`` (the config's) or
             ``"classification"`` (each scaled to its term's classification loss by a detached
             factor). aLRP replaces these terms and ignores it.
+        matcher_class_scale: a factor on the config's ``matcher_class_cost`` in the Hungarian
+            matching of the converted loss (the config itself is unchanged). The official
+            Co-DETR BRS config matches with twice its focal baseline's class cost (4 against 2).
 
     Returns:
         The same model, whose ``loss_function`` is a :class:`RankBasedDetrLoss`. For aLRP it
@@ -381,7 +394,8 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
 
     Raises:
         TypeError: for another model (the message lists the supported ones).
-        ValueError: for an unknown ``loss`` or ``box_balance``.
+        ValueError: for an unknown ``loss`` or ``box_balance``, or a ``matcher_class_scale`` that
+            is not a finite number > 0.
 
     Example:
         >>> from transformers import RTDetrConfig, RTDetrForObjectDetection
@@ -392,11 +406,12 @@ def convert_detr_to_rank_based(model, loss: str = "brs", *, delta: float | None 
     family = _family_of(model)
     ranking = RankingLoss(loss, delta, backend)
     _check_box_balance(box_balance)  # before the model changes
+    _check_matcher_class_scale(matcher_class_scale)
     balance = None
     if LOSSES_BY_SHORT[ranking.loss].regression:
         balance = TensorStateBalancingWeight(ALRP_BALANCE_PERIOD)
         model.alrp_balance = balance
     elif "alrp_balance" in model._modules:  # converted to aLRP before: its weight has no use now
         del model.alrp_balance
-    model.loss_function = RankBasedDetrLoss(family, ranking, balance, box_balance)
+    model.loss_function = RankBasedDetrLoss(family, ranking, balance, box_balance, matcher_class_scale)
     return model

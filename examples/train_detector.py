@@ -169,8 +169,11 @@ def build_model(args, num_classes: int):
                 raise SystemExit("--loss mal is RT-DETR's criterion with MAL in place of VFL: --detector rtdetr")
             detr.loss_function = matching_aware_loss
         elif args.loss != "ce":
-            convert_to_rank_based(detr, args.loss, box_balance=args.box_balance)
+            convert_to_rank_based(detr, args.loss, box_balance=args.box_balance,
+                                  matcher_class_scale=args.matcher_class_scale)
         return TorchvisionInterface(detr)
+    if args.matcher_class_scale is not None:
+        raise SystemExit("--matcher-class-scale is a DETR option (its Hungarian matcher): --detector rtdetr|dfine")
     if args.loss == "mal":
         raise SystemExit("--loss mal is a DETR loss: --detector rtdetr")
     if args.model == "effnet_lite0":
@@ -450,6 +453,9 @@ def parse_args(argv=None):
     parser.add_argument("--box-balance", choices=["unit", "classification", "weights"], default=None,
                         help="rank-based heads: the box losses' balance (convert_to_rank_based); default: "
                              "unit for torchvision's detectors, weights (the config's) for the DETRs")
+    parser.add_argument("--matcher-class-scale", type=float, default=None,
+                        help="rank-based DETRs: a factor on the config's matcher class cost (convert_to_rank_based; "
+                             "default: the library's)")
     parser.add_argument("--box-weighting", choices=["uniform", "score"], default="uniform",
                         help="rank-based heads: the positives' weights in the box loss (convert_to_rank_based)")
     parser.add_argument("--timing-repeats", type=int, default=3,

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")
@@ -333,6 +334,45 @@ def test_final_encoder_and_denoising_terms_equal_the_library_loss_of_matched_iou
     last = DECODER_LAYERS - 1
     torch.testing.assert_close(loss_dict[f"loss_brs_dn_{last}"], expected(
         outputs_class[:, last, :split[0]], outputs_coord[:, last, :split[0]], dn_indices))
+
+
+@pytest.mark.parametrize("name", ["rt_detr", "deimv2"])
+def test_matcher_class_scale_multiplies_the_class_cost_of_the_matching_the_ranking_terms_use(name):
+    """The final term is the library's loss of the targets that a matcher with ``scale`` times the
+    config's class cost assigns; the config stays as it was. The scale is large enough that the
+    assignment differs from the config's own on this call (checked), so the test tells them apart."""
+    scale = 1000.0
+    model = convert_to_rank_based(_build(name), "brs", matcher_class_scale=scale)
+    own_cost = model.config.matcher_class_cost
+    labels = _labels()
+    args, kwargs, (_, loss_dict, _) = _recorded_training_call(model, labels)
+    logits, _, _, pred_boxes, config, _, _ = args
+    assert config.matcher_class_cost == own_cost
+    split = kwargs["denoising_meta_values"]["dn_num_split"]
+    final = {"logits": logits[:, split[0]:], "pred_boxes": pred_boxes[:, split[0]:]}
+    if name == "deimv2":  # transformers' D-FINE family clamps the boxes it matches
+        final["pred_boxes"] = final["pred_boxes"].clamp(0, 1)
+    scaled_config = copy.copy(config)
+    scaled_config.matcher_class_cost = own_cost * scale
+    indices = RTDetrHungarianMatcher(scaled_config)(final, labels)
+    own_indices = RTDetrHungarianMatcher(config)(final, labels)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(indices, own_indices))
+    targets = _quality_targets(final["logits"], final["pred_boxes"], labels, indices)
+    ranking, sorting = brl_triton.bucketed_rank_sort_loss(final["logits"].detach(), targets)
+    weight = config.weight_loss_mal if name == "deimv2" else config.weight_loss_vfl
+    torch.testing.assert_close(loss_dict["loss_brs"], weight * (ranking + sorting))
+
+
+def test_matcher_class_scale_is_checked_and_is_the_detrs_only():
+    model = _build("rt_detr")
+    own_loss = model.loss_function
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="matcher_class_scale must be a finite number > 0"):
+            convert_to_rank_based(model, "brs", matcher_class_scale=bad)
+    assert model.loss_function == own_loss  # refused before anything changed
+    fcos = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    with pytest.raises(ValueError, match="matcher_class_scale applies to transformers' DETRs only"):
+        convert_to_rank_based(fcos, "brs", matcher_class_scale=2.0)
 
 
 @pytest.mark.parametrize("loss", ["alrp", "balrp"])
