@@ -9,7 +9,8 @@ weight, below) and inference are unchanged. ``docs/detection_detr.md`` has the d
 What the loss computes, for every term of transformers' criterion (the final decoder layer, each
 auxiliary decoder layer, the encoder's top-k proposals and each decoder layer's denoising queries):
 
-- Matching: transformers' own (``RTDetrHungarianMatcher`` with the config's costs; the denoising
+- Matching: transformers' own (``RTDetrHungarianMatcher`` with the config's costs, the class
+  cost times ``matcher_class_scale``, 1 by default; the denoising
   queries are matched to their ground truth by construction, DEIMv2's dense one-to-one union for
   its box terms), through transformers' criterion classes, which this module subclasses.
 - Classification: the ranking loss of the registry's ``loss`` over all (image, query, class)
