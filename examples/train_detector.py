@@ -164,6 +164,10 @@ def build_model(args, num_classes: int):
 
         # the DETR's classes are the category ids, as torchvision's (its class 0 is never a target)
         detr = build_detr(args.detector, num_classes, efficientnet_lite0_features())
+        if args.classification_weight is not None:
+            # every loss of a DETR here (VFL, MAL, the ranking losses) weighs its classification
+            # terms by the config's VFL weight, read at each call
+            detr.config.weight_loss_vfl = args.classification_weight
         if args.loss == "mal":
             if args.detector != "rtdetr":
                 raise SystemExit("--loss mal is RT-DETR's criterion with MAL in place of VFL: --detector rtdetr")
@@ -174,6 +178,9 @@ def build_model(args, num_classes: int):
         return TorchvisionInterface(detr)
     if args.matcher_class_scale is not None:
         raise SystemExit("--matcher-class-scale is a DETR option (its Hungarian matcher): --detector rtdetr|dfine")
+    if args.classification_weight is not None:
+        raise SystemExit("--classification-weight is a DETR option (its config's weight_loss_vfl): "
+                         "--detector rtdetr|dfine")
     if args.loss == "mal":
         raise SystemExit("--loss mal is a DETR loss: --detector rtdetr")
     if args.model == "effnet_lite0":
@@ -456,6 +463,9 @@ def parse_args(argv=None):
     parser.add_argument("--matcher-class-scale", type=float, default=None,
                         help="rank-based DETRs: a factor on the config's matcher class cost (convert_to_rank_based; "
                              "default: the library's)")
+    parser.add_argument("--classification-weight", type=float, default=None,
+                        help="DETRs: the weight of every classification term, VFL's or the loss's in its place "
+                             "(the config's weight_loss_vfl; default: the config's, 1)")
     parser.add_argument("--box-weighting", choices=["uniform", "score"], default="uniform",
                         help="rank-based heads: the positives' weights in the box loss (convert_to_rank_based)")
     parser.add_argument("--timing-repeats", type=int, default=3,
@@ -464,7 +474,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
     parser.add_argument("--checkpoint", type=Path, help="resume from this checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.classification_weight is not None and not 0 < args.classification_weight < float("inf"):
+        parser.error(f"--classification-weight must be a finite number > 0, got {args.classification_weight}")
+    return args
 
 
 def main(argv=None):

@@ -620,3 +620,39 @@ def test_the_localisation_table_is_generated_from_the_committed_experiments():
         wanted = vars(experiments.train_detector.parse_args(experiments.run_arguments(experiment, loss, seed)))
         for key in set(recorded) & set(wanted) - {"out", "data", "checkpoint", "device", *experiment.predates}:
             assert recorded[key] == wanted[key], (metrics, key)
+
+
+@pytest.mark.parametrize("loss", ["ce", "brs"])
+def test_classification_weight_scales_every_classification_term_of_a_detr_and_no_box_term(loss):
+    """``--classification-weight 2``: the same model and batch give every classification term (VFL's
+    or the ranking loss's, final, auxiliary, encoder and denoising) twice its value at the config's
+    weight, and the box terms unchanged."""
+    pytest.importorskip("transformers")
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 50.0, 34.0], [30.0, 2.0, 60.0, 20.0]]),
+                "labels": torch.tensor([2, 3])}]
+
+    def losses(*weight):
+        args = train_detector.parse_args(["--detector", "rtdetr", "--loss", loss, *weight])
+        torch.manual_seed(0)
+        model = train_detector.build_model(args, num_classes=4).train()
+        torch.manual_seed(1)  # the denoising queries are random: the same draw for both calls
+        return {name: value.detach() for name, value in model(images, targets).items()}
+
+    config, doubled = losses(), losses("--classification-weight", "2")
+    assert sorted(doubled) == sorted(config)
+    classification = "loss_vfl" if loss == "ce" else f"loss_{loss}"
+    assert sum(name.startswith(classification) for name in config) >= 4  # final, auxiliary, encoder, denoising
+    for name, value in config.items():
+        expected = 2 * value if name.startswith(classification) else value
+        torch.testing.assert_close(doubled[name], expected, msg=name)
+
+
+def test_classification_weight_is_checked_and_is_the_detrs_only():
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            train_detector.parse_args(["--detector", "rtdetr", "--classification-weight", bad])
+    args = train_detector.parse_args(["--detector", "fcos", "--classification-weight", "2"])
+    with pytest.raises(SystemExit, match="--classification-weight is a DETR option"):
+        train_detector.build_model(args, num_classes=4)
