@@ -503,11 +503,15 @@ def test_compare_losses_runs_each_detector_with_its_protocol_unless_the_command_
     import compare_losses
 
     args = compare_losses.parse_args(["--detectors", "fasterrcnn,rtdetr,retinanet"])
-    assert compare_losses.protocol(args, "rtdetr") == compare_losses.Protocol(2000, 2000, (0.5, 1.0, 2.0), (0.1,))
+    assert compare_losses.protocol(args, "rtdetr") == compare_losses.Protocol(2000, 2000, (0.5, 1.0, 2.0), (0.1,),
+                                                                              extend_edges=2)
     assert compare_losses.protocol(args, "fasterrcnn").clips == (10.0, 0.0)
+    assert compare_losses.protocol(args, "fasterrcnn").extend_edges == 1
     assert compare_losses.protocol(args, "retinanet") == compare_losses.DEFAULT_PROTOCOL
-    given = compare_losses.parse_args(["--detectors", "rtdetr", "--iters", "7", "--clips", "3", "0"])
-    assert compare_losses.protocol(given, "rtdetr") == compare_losses.Protocol(7, 2000, (0.5, 1.0, 2.0), (3.0, 0.0))
+    given = compare_losses.parse_args(["--detectors", "rtdetr", "--iters", "7", "--clips", "3", "0",
+                                       "--extend-edges", "0"])
+    assert compare_losses.protocol(given, "rtdetr") == compare_losses.Protocol(7, 2000, (0.5, 1.0, 2.0), (3.0, 0.0),
+                                                                               extend_edges=0)
     assert compare_losses.seed_folder(given, "rtdetr", "brs", 1, 0.0008, 3.0).name == "seed1_7it_lr0.0008_clip3.0"
 
 
