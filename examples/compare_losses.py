@@ -394,30 +394,44 @@ def _setting(run_folder: str) -> tuple[float, float]:
     return float(lr), float(clip)
 
 
-def search_table(args, pairs: list[tuple[str, str]] | None = None) -> str:
-    """The search at a glance, from the finished runs in --out: per detector and loss (``pairs``;
-    every ``--detectors`` with every ``--losses`` by default), the tuning runs' mAP at each
-    multiple of the recipe's learning rate (at the detector's first clipping norm), then one column
-    per other norm (its run at the best learning rate, whose multiple it gives), the best in bold;
-    the other seeds' mAP at the best, and the mean ± half the range over all seeds."""
-    if pairs is None:
-        pairs = [(detector, loss) for detector in args.detectors for loss in args.losses]
+def seed_of(folder: str) -> int:
+    """The seed of a run folder's name; a tuning run (``tune_...``) is seed 0's."""
+    name = Path(folder).name
+    return 0 if name.startswith("tune_") else int(name.split("_")[0].removeprefix("seed"))
+
+
+def search_table(args, summary_rows: list[dict] | None = None) -> str:
+    """The search at a glance, from the finished runs in --out: per detector and loss (those of
+    ``summary_rows``, with each row's own seed runs; every ``--detectors`` with every
+    ``--losses`` and ``--seeds`` by default), the tuning runs' mAP at each multiple of the
+    recipe's learning rate (at the detector's first clipping norm), then one column per other norm
+    (its run at the best learning rate, whose multiple it gives), the best in bold; the other
+    seeds' mAP at the best, and the mean ± half the range over all seeds."""
+    if summary_rows is None:
+        pairs = {(detector, loss): None for detector in args.detectors for loss in args.losses}
+    else:
+        pairs = {(row["detector"], row["loss"]): row["runs"].split(";") for row in summary_rows}
     rows = []
-    for detector, loss in pairs:
-        plan = protocol(args, detector)
+    for (detector, loss), seed_runs in pairs.items():
+        # a row this call did not make keeps its own protocol, not the command line's
+        made_now = detector in args.detectors and loss in args.losses
+        plan = protocol(args, detector) if made_now else PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
         # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
-        pattern = tune_folder(args, detector, loss, "*", "*")
+        folder = args.out / detector / loss
         tuned = {setting: json.loads(path.read_text())["mAP"]
-                 for path in pattern.parent.glob(f"{pattern.name}/metrics.json")
+                 for path in folder.glob(f"tune_{plan.tune_iters}it_lr*_clip*/metrics.json")
                  if (setting := _setting(path.parent.name))[1] in plan.clips}
         if not tuned:
             continue
         best = max(tuned, key=lambda setting: _ranking((tuned[setting], *setting)))
-        lr = best[0] * recipe_lr(detector, loss, args.batch_size)
-        seeds = {seed: json.loads(path.read_text())["mAP"] for seed in args.seeds
-                 if (path := seed_folder(args, detector, loss, seed, lr, best[1]) / "metrics.json").exists()}
-        if plan.tune_iters == plan.iters and 0 in args.seeds:
-            seeds.setdefault(0, tuned[best])  # the chosen tuning run is seed 0's run
+        if seed_runs is None:  # the seeds of the command line, where they have run at the best
+            lr = best[0] * recipe_lr(detector, loss, args.batch_size)
+            seed_runs = [str(seed_folder(args, detector, loss, seed, lr, best[1]).relative_to(args.out))
+                         for seed in args.seeds]
+            if plan.tune_iters == plan.iters and 0 in args.seeds:
+                seed_runs[args.seeds.index(0)] = str(tune_folder(args, detector, loss, *best).relative_to(args.out))
+        seeds = {seed_of(run): json.loads(path.read_text())["mAP"] for run in seed_runs
+                 if (path := args.out / run / "metrics.json").exists()}
         rows.append((detector, loss, plan, tuned, best, seeds))
     if not rows:
         return ""
@@ -475,7 +489,8 @@ def main(argv=None):
     # the files hold every detector and loss studied in --out, not only this call's
     all_runs = write_merged(runs, args.out / "runs.csv")
     all_summary = write_merged(summary, args.out / "summary.csv")
-    search = search_table(args, [(row["detector"], row["loss"]) for row in all_summary])
+    # each row's own seeds: a call for some losses keeps the others' rows, with their seeds
+    search = search_table(args, all_summary)
     (args.out / "summary.md").write_text(markdown(all_summary, args)
                                          + (f"\nThe search (tuning runs' mAP):\n\n{search}" if search else ""))
     plot(all_runs, args.out / "map_curves.png")

@@ -524,16 +524,19 @@ def test_compare_losses_keeps_the_rows_of_the_detectors_and_losses_a_call_does_n
         at_recipe = lr == pytest.approx(compare_losses.recipe_lr(detector, loss, 4))  # the best rate, inside the grid
         score = ({"fasterrcnn": 0.6, "rtdetr": 0.5}[detector] + 0.01 * seed + (0.001 if loss == "brs" else 0)
                  - (0 if at_recipe else 0.1))
-        return {"mAP": score, "mAP50": score, "mAP75": score, "lr": lr, "clip": clip, "iterations": iters,
-                "evaluations": [{"iteration": iters, "mAP": score}], "seconds_per_iteration": 1.0,
-                "classification_loss_ms_per_iteration": 1.0}
+        result = {"mAP": score, "mAP50": score, "mAP75": score, "lr": lr, "clip": clip, "iterations": iters,
+                  "evaluations": [{"iteration": iters, "mAP": score}], "seconds_per_iteration": 1.0,
+                  "classification_loss_ms_per_iteration": 1.0}
+        out.mkdir(parents=True, exist_ok=True)  # the search table reads the finished runs
+        (out / "metrics.json").write_text(json.dumps(result))
+        return result
 
     monkeypatch.setattr(compare_losses, "run_once", fake_run)
     page = tmp_path / "page.md"
     page.write_text(f"{compare_losses.TABLE_START}\n{compare_losses.TABLE_END}\n")
     common = ["--seeds", "0", "1", "--timing-iters", "0", "--out", str(tmp_path / "study"), "--table", str(page)]
     compare_losses.main(["--detectors", "fasterrcnn", "--losses", "ce,brs", *common])
-    compare_losses.main(["--detectors", "rtdetr", "--losses", "ce", *common])
+    compare_losses.main(["--detectors", "rtdetr", "--losses", "ce", *common, "--seeds", "0", "1", "2"])
     compare_losses.main(["--detectors", "fasterrcnn", "--losses", "brs", "--iters", "5", *common])
     rows = compare_losses.read_summary(tmp_path / "study" / "summary.csv")
     assert [(r["detector"], r["loss"], r["iters"]) for r in rows] == [
@@ -541,13 +544,15 @@ def test_compare_losses_keeps_the_rows_of_the_detectors_and_losses_a_call_does_n
     runs = list(csv.DictReader((tmp_path / "study" / "runs.csv").open()))
     # each loss's tuning runs (three rates, then one more norm for Faster R-CNN) and its two seeds
     assert sum(r["detector"] == "fasterrcnn" and r["loss"] == "ce" for r in runs) == 4 + 2
-    assert sum(r["detector"] == "rtdetr" for r in runs) == 3 + 2
+    assert sum(r["detector"] == "rtdetr" for r in runs) == 3 + 3
     # --iters replaced the seeds' budget only: the tuning runs keep Faster R-CNN's
     assert {(r["phase"], r["iterations"]) for r in runs if r["loss"] == "brs"} == {("tune", "1000"), ("study", "5")}
     summary = (tmp_path / "study" / "summary.md").read_text()
-    assert "| fasterrcnn | ce | 1000 | 2 |" in summary and "| rtdetr | ce | 2000 | 2 |" in summary
+    assert "| fasterrcnn | ce | 1000 | 2 |" in summary and "| rtdetr | ce | 2000 | 3 |" in summary
+    # the search table keeps each row's seeds too, not the last call's --seeds
+    assert "| 0.510 (seed 1), 0.520 (seed 2) | 0.510 ± 0.010 (3 seeds) |" in summary
     table = page.read_text()
-    assert "| RT-DETR | vfl | 2000 | 2 | 0.505 ± 0.005 |" in table
+    assert "| RT-DETR | vfl | 2000 | 3 | 0.510 ± 0.010 |" in table
     assert "- Faster R-CNN: the goal BRS ≥ ce − 1 AP is met: BRS 0.606, ce 0.605 (+0.1 AP)." in table
     assert "- RT-DETR: the goal BRS ≥ vfl − 1 AP is not measured yet (no brs row)." in table
 
