@@ -144,8 +144,10 @@ def with_map75(args, detector: str, loss: str, seed: int, out: Path, result: dic
 
 # The run folders' names hold everything a run depends on, so that a resumed study never reuses a
 # run made with other settings; search_table finds the runs by the same names.
-def tune_folder(args, detector: str, loss: str, scale, clip) -> Path:
-    return args.out / detector / loss / f"tune_{protocol(args, detector).tune_iters}it_lr{scale}_clip{clip}"
+def tune_folder(args, detector: str, loss: str, scale, clip, plan: Protocol | None = None) -> Path:
+    """A tuning run's folder, under ``plan`` (the call's protocol for ``detector`` by default)."""
+    tune_iters = (plan or protocol(args, detector)).tune_iters
+    return args.out / detector / loss / f"tune_{tune_iters}it_lr{scale}_clip{clip}"
 
 
 def seed_folder(args, detector: str, loss: str, seed: int, lr: float, clip) -> Path:
@@ -417,9 +419,9 @@ def search_table(args, summary_rows: list[dict] | None = None) -> str:
         made_now = detector in args.detectors and loss in args.losses
         plan = protocol(args, detector) if made_now else PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
         # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
-        folder = args.out / detector / loss
+        pattern = tune_folder(args, detector, loss, "*", "*", plan)
         tuned = {setting: json.loads(path.read_text())["mAP"]
-                 for path in folder.glob(f"tune_{plan.tune_iters}it_lr*_clip*/metrics.json")
+                 for path in pattern.parent.glob(f"{pattern.name}/metrics.json")
                  if (setting := _setting(path.parent.name))[1] in plan.clips}
         if not tuned:
             continue
