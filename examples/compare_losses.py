@@ -79,11 +79,16 @@ PROTOCOLS = {"fasterrcnn": Protocol(1000, 1000, (0.5, 1.0, 2.0), (10.0, 0.0)),
 DEFAULT_PROTOCOL = Protocol(1000, 300, (0.5, 1.0, 2.0), (10.0, 0.0))
 
 
+def own_protocol(detector: str) -> Protocol:
+    """``detector``'s own protocol, as no command line changes it."""
+    return PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
+
+
 def protocol(args, detector: str) -> Protocol:
     """``detector``'s protocol, with what the command line sets (``--iters``, ``--tune-iters``,
     ``--lr-scales``, ``--clips``, ``--extend-edges``) in place of its own for every detector of
     the call."""
-    own = PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
+    own = own_protocol(detector)
     given = {name: value for name, value in (("iters", args.iters), ("tune_iters", args.tune_iters),
                                              ("lr_scales", args.lr_scales), ("clips", args.clips),
                                              ("extend_edges", args.extend_edges))
@@ -417,7 +422,7 @@ def search_table(args, summary_rows: list[dict] | None = None) -> str:
     for (detector, loss), seed_runs in pairs.items():
         # a row this call did not make keeps its own protocol, not the command line's
         made_now = detector in args.detectors and loss in args.losses
-        plan = protocol(args, detector) if made_now else PROTOCOLS.get(detector, DEFAULT_PROTOCOL)
+        plan = protocol(args, detector) if made_now else own_protocol(detector)
         # this study's tuning runs: its budget and clipping norms (the learning rates include edge steps)
         pattern = tune_folder(args, detector, loss, "*", "*", plan)
         tuned = {setting: json.loads(path.read_text())["mAP"]
